@@ -1,0 +1,121 @@
+"""Figures at the edge: NumPy / PIL / matplotlib appear here and nowhere in the core.
+
+Overlays blend a colour-mapped heat map over the input at ``DEFAULT_ALPHA`` (0.5): each output
+pixel is ``(1 - alpha) * image + alpha * colormap(map)``. ``jet`` is the default for parity with
+the paper's figures; ``inferno`` and ``turbo`` (or any matplotlib colormap name) work too.
+"""
+
+from __future__ import annotations
+
+import os
+import textwrap
+from typing import Sequence
+
+import numpy as np
+import torch
+from torch import Tensor
+
+__all__ = ["DEFAULT_ALPHA", "DEFAULT_COLORMAP", "to_rgb_array", "colorize", "overlay", "save_overlay_grid"]
+
+DEFAULT_ALPHA = 0.5
+DEFAULT_COLORMAP = "jet"
+
+
+def to_rgb_array(image, mean: Sequence[float] | None = None, std: Sequence[float] | None = None) -> np.ndarray:
+    """An image as ``uint8 (H, W, 3)``.
+
+    Accepts a torch tensor ``(3, H, W)`` / ``(1, H, W)`` / ``(H, W)`` (float in ``[0, 1]``, or
+    normalised with ``mean``/``std`` which are undone first, or uint8), a PIL image, or a NumPy
+    array ``(H, W[, 3])``.
+    """
+    if isinstance(image, Tensor):
+        tensor = image.detach().to("cpu")
+        if tensor.ndim == 2:
+            tensor = tensor.unsqueeze(0)
+        if tensor.ndim != 3:
+            raise ValueError(f"expected an image (C, H, W), got shape {tuple(tensor.shape)}")
+        if tensor.dtype == torch.uint8:
+            tensor = tensor.float() / 255
+        tensor = tensor.float()
+        if mean is not None and std is not None:
+            tensor = tensor * torch.tensor(std).view(-1, 1, 1) + torch.tensor(mean).view(-1, 1, 1)
+        if tensor.shape[0] == 1:
+            tensor = tensor.expand(3, -1, -1)
+        return (tensor.clamp(0, 1).permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)
+    array = np.asarray(image)
+    if array.ndim == 2:
+        array = np.stack([array] * 3, axis=-1)
+    if array.shape[-1] == 4:
+        array = array[..., :3]
+    if array.dtype != np.uint8:
+        array = (np.clip(array.astype(np.float32), 0, 1) * 255).round().astype(np.uint8)
+    return array
+
+
+def colorize(heatmap, colormap: str = DEFAULT_COLORMAP) -> np.ndarray:
+    """A map in ``[0, 1]`` (tensor or array ``(H, W)``) as ``uint8 (H, W, 3)`` colours."""
+    import matplotlib
+
+    values = heatmap.detach().float().cpu().numpy() if isinstance(heatmap, Tensor) else np.asarray(heatmap, np.float32)
+    rgba = matplotlib.colormaps[colormap](np.clip(values, 0, 1))
+    return (rgba[..., :3] * 255).round().astype(np.uint8)
+
+
+def overlay(image, heatmap, alpha: float = DEFAULT_ALPHA, colormap: str = DEFAULT_COLORMAP) -> np.ndarray:
+    """Blend a ``[0, 1]`` heat map over an image; the map is resized (bilinear) to the image."""
+    rgb = to_rgb_array(image)
+    height, width = rgb.shape[:2]
+    values = heatmap if isinstance(heatmap, Tensor) else torch.as_tensor(np.asarray(heatmap, np.float32))
+    values = values.detach().float().cpu()
+    if values.ndim != 2:
+        raise ValueError(f"expected a 2D heat map, got shape {tuple(values.shape)}")
+    if tuple(values.shape) != (height, width):
+        values = torch.nn.functional.interpolate(values[None, None], size=(height, width), mode="bilinear", align_corners=False)[0, 0]
+    heat = colorize(values, colormap).astype(np.float32)
+    return ((1 - alpha) * rgb.astype(np.float32) + alpha * heat).round().clip(0, 255).astype(np.uint8)
+
+
+def save_overlay_grid(
+    path: str | os.PathLike,
+    image,
+    heatmaps: Sequence,
+    titles: Sequence[str],
+    *,
+    image_title: str = "input",
+    ncols: int = 4,
+    alpha: float = DEFAULT_ALPHA,
+    colormap: str = DEFAULT_COLORMAP,
+    suptitle: str | None = None,
+    wrap: int = 22,
+    panel_inches: float = 2.2,
+    dpi: int = 100,
+) -> str:
+    """Write a PNG grid: the input, then one overlay per heat map with its (wrapped) title,
+    and one colour bar for the map scale. Returns the path written."""
+    import matplotlib
+
+    matplotlib.use("Agg", force=False)
+    import matplotlib.pyplot as plt
+    from matplotlib.cm import ScalarMappable
+    from matplotlib.colors import Normalize
+
+    if len(heatmaps) != len(titles):
+        raise ValueError(f"{len(heatmaps)} heat maps but {len(titles)} titles")
+    panels = 1 + len(heatmaps)
+    ncols = max(1, min(ncols, panels))
+    nrows = -(-panels // ncols)
+    fig, axes = plt.subplots(nrows, ncols, figsize=(panel_inches * ncols + 0.6, panel_inches * nrows + (0.5 if suptitle else 0.2)), squeeze=False)
+    rgb = to_rgb_array(image)
+    cells = [(rgb, image_title)] + [(overlay(rgb, h, alpha, colormap), t) for h, t in zip(heatmaps, titles)]
+    for ax, (picture, title) in zip(axes.flat, cells):
+        ax.imshow(picture)
+        ax.set_title("\n".join(textwrap.wrap(str(title), wrap)) or " ", fontsize=9)
+    for ax in axes.flat:
+        ax.axis("off")
+    if suptitle:
+        fig.suptitle("\n".join(textwrap.wrap(suptitle, 20 * ncols)), fontsize=10)
+    fig.colorbar(ScalarMappable(Normalize(0, 1), colormap), ax=axes.ravel().tolist(), fraction=0.02, pad=0.02, label="relevance")
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    fig.savefig(path, dpi=dpi, bbox_inches="tight")
+    plt.close(fig)
+    return str(path)
