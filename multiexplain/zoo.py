@@ -1,0 +1,490 @@
+"""Model SPECs: one string form for every model source the command line and the demo accept.
+
+=============================================  ==============================================================
+SPEC                                           what it loads
+=============================================  ==============================================================
+``torchvision:resnet50``                       a torchvision classifier with its default pretrained weights
+``torchvision:resnet50@IMAGENET1K_V2``         ... with a named weights enum member
+``torchvision:resnet50@none``                  ... randomly initialised (no download)
+``hf:google/vit-base-patch16-224``             a Hugging Face image classifier from the Hub
+``hf:/path/to/saved_dir``                      ... from a directory written by ``save_pretrained``
+``pytorchvideo:x3d_s`` / ``...@none``          a pytorchvideo hub model, pretrained (Kinetics-400) or random
+``builtin:scene-classifier``                   a model shipped with multiexplain (``builtin:list`` lists them)
+``weights.pt`` together with ``arch=SPEC``     a state dict loaded into the architecture ``SPEC`` builds
+=============================================  ==============================================================
+
+Downloads happen only where the source's host is reachable. Offline, a model that is not in the
+local cache raises :class:`OfflineError` whose message says so and shows the local-path
+alternative (a ``save_pretrained`` directory for ``hf:``, a state-dict ``.pt`` with ``--arch``
+for torchvision and pytorchvideo).
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+import socket
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+from torch import Tensor, nn
+
+__all__ = [
+    "BUILTIN_MODELS",
+    "IMAGENET_MEAN",
+    "IMAGENET_STD",
+    "LoadedModel",
+    "ModelSpec",
+    "OfflineError",
+    "SpecError",
+    "host_reachable",
+    "load_model",
+    "parse_spec",
+    "resolve_device",
+]
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+KINETICS_MEAN = (0.45, 0.45, 0.45)
+KINETICS_STD = (0.225, 0.225, 0.225)
+
+SOURCES = ("torchvision", "hf", "pytorchvideo", "builtin", "file")
+
+# Where each source downloads from (only used to decide whether we are offline).
+_HOSTS = {"torchvision": "download.pytorch.org", "hf": "huggingface.co", "pytorchvideo": "dl.fbaipublicfiles.com"}
+
+# Clip geometry of pytorchvideo's Kinetics-400 hub models: (frames, side, suggested layer).
+_PYTORCHVIDEO_CLIPS: dict[str, tuple[int, int, str]] = {
+    "x3d_xs": (4, 182, "blocks.4"),
+    "x3d_s": (13, 182, "blocks.4"),
+    "x3d_m": (16, 256, "blocks.4"),
+    "x3d_l": (16, 356, "blocks.4"),
+    "slow_r50": (8, 256, "blocks.4"),
+    "c2d_r50": (8, 256, "blocks.4"),
+    "i3d_r50": (8, 256, "blocks.4"),
+    "r2plus1d_r50": (16, 256, "blocks.4"),
+    "csn_r101": (32, 256, "blocks.4"),
+}
+
+
+@dataclass(frozen=True)
+class BuiltinModel:
+    """A model shipped with multiexplain: ``loader`` is ``"module:function"`` returning the model."""
+
+    task: str
+    loader: str
+    description: str
+
+
+# Shipped models, by task. Each loader lives in the task's adapter and loads a checkpoint from
+# multiexplain/checkpoints/; nothing is downloaded.
+BUILTIN_MODELS: dict[str, BuiltinModel] = {
+    "scene-classifier": BuiltinModel(
+        "classification", "multiexplain.adapters.classification:load_scene_classifier",
+        "small CNN trained on the synthetic multi-instance shape scenes"),
+    "show-and-tell": BuiltinModel(
+        "captioning", "multiexplain.adapters.captioning:load_show_and_tell",
+        "CNN encoder + LSTM decoder trained on the synthetic captioned scenes"),
+    "action-c3d": BuiltinModel(
+        "video", "multiexplain.adapters.video:load_action_c3d",
+        "small C3D-style 3D-conv net trained on the synthetic action clips"),
+    "distill-pair": BuiltinModel(
+        "distillation", "multiexplain.adapters.distillation:load_distillation_pair",
+        "teacher and explanation-distilled student (returns both)"),
+}
+
+
+class SpecError(ValueError):
+    """A model SPEC that cannot be parsed or does not name a known model."""
+
+
+class OfflineError(RuntimeError):
+    """A model needs a download but its host cannot be reached."""
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """A parsed SPEC: ``source`` is one of ``torchvision``, ``hf``, ``pytorchvideo``, ``builtin``,
+    ``file``; ``weights`` is the part after ``@`` (``None`` means the default pretrained weights)."""
+
+    source: str
+    name: str
+    weights: str | None = None
+
+    def __str__(self) -> str:
+        if self.source == "file":
+            return self.name
+        return f"{self.source}:{self.name}" + (f"@{self.weights}" if self.weights else "")
+
+
+@dataclass
+class LoadedModel:
+    """A model plus what is needed to feed and explain it.
+
+    Attributes:
+        model: the module, in eval mode, on the requested device.
+        spec: the parsed SPEC it came from.
+        task: ``classification``, ``captioning``, ``video`` or ``distillation`` (``None`` if unknown).
+        preprocess: PIL image -> normalised ``(3, H, W)`` float tensor (images only).
+        labels: class names, index-aligned with the logits, when known.
+        layer: suggested layer to explain (a dotted name or ``"auto"``).
+        reshape: channels-first rule for token outputs (Hugging Face ViTs), else ``None``.
+        mean, std: the input normalisation (to undo it for display).
+        extra: source-specific details (clip frames/size for video models, the HF processor, ...).
+    """
+
+    model: nn.Module
+    spec: ModelSpec
+    task: str | None = None
+    preprocess: Callable[[Any], Tensor] | None = None
+    labels: list[str] | None = None
+    layer: str = "auto"
+    reshape: Callable[[Tensor], Tensor] | None = None
+    mean: tuple[float, ...] = IMAGENET_MEAN
+    std: tuple[float, ...] = IMAGENET_STD
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def device(self) -> torch.device:
+        parameter = next(self.model.parameters(), None)
+        return parameter.device if parameter is not None else torch.device("cpu")
+
+
+def resolve_device(name: str | torch.device | None = "auto") -> torch.device:
+    """``"auto"`` -> CUDA when available, else CPU; ``"cuda"`` without a GPU is an error."""
+    if isinstance(name, torch.device):
+        return name
+    name = (name or "auto").lower()
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise RuntimeError("--device cuda was requested but no CUDA GPU is available; use --device cpu or auto")
+    if name != "cpu" and not name.startswith("cuda"):
+        raise ValueError(f"unknown device {name!r}: choose cpu, cuda or auto")
+    return torch.device(name)
+
+
+def host_reachable(host: str, port: int = 443, timeout: float = 1.5) -> bool:
+    """Whether a TCP connection to ``host:port`` opens within ``timeout`` seconds.
+    ``MULTIEXPLAIN_OFFLINE=1`` forces ``False`` (used by the tests and for air-gapped runs)."""
+    if os.environ.get("MULTIEXPLAIN_OFFLINE", "") not in ("", "0"):
+        return False
+    try:
+        with socket.create_connection((host, port), timeout=timeout):
+            return True
+    except OSError:
+        return False
+
+
+def parse_spec(spec: str) -> ModelSpec:
+    """Parse a SPEC string (see the module docstring). A string ending in ``.pt``/``.pth`` or
+    naming an existing file is a ``file`` spec."""
+    if not isinstance(spec, str) or not spec.strip():
+        raise SpecError("empty model SPEC; use e.g. torchvision:resnet50, hf:DIR, pytorchvideo:x3d_s, builtin:NAME or a .pt path")
+    spec = spec.strip()
+    source, sep, rest = spec.partition(":")
+    if sep and source in ("torchvision", "hf", "pytorchvideo", "builtin"):
+        if not rest:
+            raise SpecError(f"model SPEC {spec!r} names no model after {source!r}")
+        name, weights = rest, None
+        if source != "hf" and "@" in rest:  # HF names and paths may legitimately contain '@'
+            name, _, weights = rest.partition("@")
+            if not weights:
+                raise SpecError(f"model SPEC {spec!r} has an empty weights name after '@'")
+        return ModelSpec(source, name, weights)
+    if spec.endswith((".pt", ".pth")) or Path(spec).is_file():
+        return ModelSpec("file", spec)
+    raise SpecError(
+        f"cannot parse model SPEC {spec!r}: expected torchvision:NAME[@WEIGHTS|@none], hf:NAME-or-DIR, "
+        "pytorchvideo:NAME[@none], builtin:NAME or a .pt/.pth state dict with --arch SPEC"
+    )
+
+
+def load_model(
+    spec: str | ModelSpec,
+    *,
+    arch: str | None = None,
+    task: str | None = None,
+    device: str | torch.device = "cpu",
+) -> LoadedModel:
+    """Load the model a SPEC names, in eval mode, on ``device``.
+
+    Args:
+        spec: a SPEC string (see the module docstring) or a parsed :class:`ModelSpec`.
+        arch: for a ``.pt`` state dict, the SPEC of the architecture to load it into
+            (``torchvision:resnet18@none``, ``builtin:scene-classifier``, ``hf:DIR``, ...).
+        task: the task the caller wants (checked against builtin models; picks the HF auto class).
+        device: ``cpu``, ``cuda``, ``auto`` or a torch device.
+
+    Raises:
+        SpecError: unknown source, model name, weights name, or a builtin for another task.
+        OfflineError: the weights must be downloaded and the host cannot be reached.
+        FileNotFoundError: a ``.pt`` file or HF directory that does not exist.
+    """
+    parsed = parse_spec(spec) if isinstance(spec, str) else spec
+    target = resolve_device(device)
+    if parsed.source == "torchvision":
+        loaded = _load_torchvision(parsed)
+    elif parsed.source == "hf":
+        loaded = _load_hf(parsed, task)
+    elif parsed.source == "pytorchvideo":
+        loaded = _load_pytorchvideo(parsed)
+    elif parsed.source == "builtin":
+        loaded = _load_builtin(parsed, task)
+    else:
+        loaded = _load_file(parsed, arch, task)
+    if task is not None and loaded.task is not None and loaded.task != task:
+        raise SpecError(f"model {parsed} is a {loaded.task} model, not a {task} model")
+    loaded.model.eval().to(target)
+    for other in loaded.extra.values():  # e.g. the student of a distillation pair
+        if isinstance(other, nn.Module):
+            other.eval().to(target)
+    return loaded
+
+
+# -- torchvision --------------------------------------------------------------------------------
+def _offline_message(parsed: ModelSpec, what: str, alternative: str) -> str:
+    return (
+        f"{parsed} needs {what} from {_HOSTS[parsed.source]}, which cannot be reached (offline?). "
+        f"Local alternative: {alternative}"
+    )
+
+
+def _torchvision_weights(parsed: ModelSpec):
+    import torchvision
+
+    try:
+        enum = torchvision.models.get_model_weights(parsed.name)
+    except ValueError:
+        available = ", ".join(sorted(torchvision.models.list_models())[:12])
+        raise SpecError(f"torchvision has no model named {parsed.name!r} (e.g. {available}, ...)") from None
+    if parsed.weights is None or parsed.weights.lower() == "default":
+        return enum, enum.DEFAULT
+    if parsed.weights.lower() == "none":
+        return enum, None
+    try:
+        return enum, enum[parsed.weights]
+    except KeyError:
+        members = ", ".join(m.name for m in enum)
+        raise SpecError(f"{parsed.name} has no weights {parsed.weights!r}; choose one of: {members}, none") from None
+
+
+def _cached(url: str) -> bool:
+    return (Path(torch.hub.get_dir()) / "checkpoints" / os.path.basename(url)).is_file()
+
+
+def _load_torchvision(parsed: ModelSpec) -> LoadedModel:
+    import torchvision
+
+    enum, weights = _torchvision_weights(parsed)
+    if weights is not None and not _cached(weights.url) and not host_reachable(_HOSTS["torchvision"]):
+        raise OfflineError(_offline_message(
+            parsed, f"the pretrained weights {os.path.basename(weights.url)}",
+            f"on a machine with internet run torch.save(torchvision.models.{parsed.name}(weights='DEFAULT')"
+            f".state_dict(), '{parsed.name}.pt'), copy the file here and pass "
+            f"--model {parsed.name}.pt --arch torchvision:{parsed.name}@none (or put the file in "
+            f"{Path(torch.hub.get_dir()) / 'checkpoints'}); torchvision:{parsed.name}@none gives random weights",
+        ))
+    model = torchvision.models.get_model(parsed.name, weights=weights)
+    # The preprocessing of the weights family applies to random weights too (same input convention).
+    reference = weights if weights is not None else enum.DEFAULT
+    labels = list(reference.meta.get("categories") or []) or None
+    return LoadedModel(model, parsed, "classification", preprocess=reference.transforms(), labels=labels)
+
+
+# -- Hugging Face -------------------------------------------------------------------------------
+def _load_hf(parsed: ModelSpec, task: str | None) -> LoadedModel:
+    import transformers
+
+    name = parsed.name
+    local = Path(name).expanduser()
+    is_dir = local.is_dir()
+    if not is_dir and (name.startswith((".", "/", "~")) or name.count("/") > 1):
+        raise FileNotFoundError(f"hf:{name}: no such directory (a local model is a directory written by save_pretrained)")
+    if task not in (None, "classification"):
+        raise SpecError(f"hf: models are supported for classification here; for {task} use the task's builtin model")
+    offline = not is_dir and not host_reachable(_HOSTS["hf"])
+    source = str(local) if is_dir else name
+    try:
+        model = transformers.AutoModelForImageClassification.from_pretrained(source, local_files_only=offline or is_dir)
+    except OSError as error:
+        if offline:
+            raise OfflineError(_offline_message(
+                parsed, "the model files",
+                f"on a machine with internet run AutoModelForImageClassification.from_pretrained('{name}')"
+                f".save_pretrained('DIR') (and the same for AutoImageProcessor), copy DIR here and pass --model hf:DIR",
+            )) from None
+        raise SpecError(f"cannot load hf:{name}: {error}") from None
+    processor = None
+    try:
+        processor = transformers.AutoImageProcessor.from_pretrained(source, local_files_only=offline or is_dir)
+    except (OSError, ValueError):
+        processor = None
+    config = model.config
+    mean = tuple(getattr(processor, "image_mean", None) or (0.5, 0.5, 0.5))
+    std = tuple(getattr(processor, "image_std", None) or (0.5, 0.5, 0.5))
+    size = int(getattr(config, "image_size", 224) or 224)
+    preprocess = _hf_preprocess(processor, size, mean, std)
+    labels = None
+    id2label = getattr(config, "id2label", None)
+    if id2label and not all(str(v).startswith("LABEL_") for v in id2label.values()):
+        labels = [str(id2label[i]) for i in sorted(id2label)]
+    layer, reshape = _hf_layer(model)
+    return LoadedModel(model, parsed, "classification", preprocess=preprocess, labels=labels, layer=layer,
+                       reshape=reshape, mean=mean, std=std, extra={"processor": processor})
+
+
+def _hf_preprocess(processor: Any, size: int, mean: tuple[float, ...], std: tuple[float, ...]) -> Callable[[Any], Tensor]:
+    def preprocess(image: Any) -> Tensor:
+        if processor is not None:
+            return processor(images=image.convert("RGB"), return_tensors="pt")["pixel_values"][0]
+        return _plain_preprocess(image, size, mean, std)
+
+    return preprocess
+
+
+def _plain_preprocess(image: Any, size: int, mean: tuple[float, ...], std: tuple[float, ...]) -> Tensor:
+    """PIL image -> ``(3, size, size)`` normalised float tensor (bilinear resize, no crop)."""
+    import numpy as np
+
+    rgb = image.convert("RGB").resize((size, size))
+    tensor = torch.from_numpy(np.asarray(rgb, dtype=np.float32) / 255.0).permute(2, 0, 1)
+    return (tensor - torch.tensor(mean).view(3, 1, 1)) / torch.tensor(std).view(3, 1, 1)
+
+
+def _hf_layer(model: nn.Module) -> tuple[str, Callable[[Tensor], Tensor] | None]:
+    """The layer to explain in an HF image classifier: the last encoder block's first layer norm for
+    ViT-style token models (with the matching TokenReshape), else ``auto``."""
+    from .layers import TokenReshape
+
+    model_type = getattr(model.config, "model_type", "")
+    if model_type in ("vit", "deit", "dinov2", "beit", "data2vec-vision"):
+        base = getattr(model, "base_model_prefix", "vit")
+        backbone = getattr(model, base, None)
+        encoder = getattr(backbone, "encoder", None)
+        layers = getattr(encoder, "layer", None)
+        if layers is not None and len(layers) > 0:
+            prefix = 2 if (model_type == "deit" and hasattr(backbone.embeddings, "distillation_token")) else 1
+            registers = int(getattr(model.config, "num_register_tokens", 0) or 0)
+            norm = "layernorm_before" if hasattr(layers[-1], "layernorm_before") else "norm1"
+            return f"{base}.encoder.layer.{len(layers) - 1}.{norm}", TokenReshape(num_prefix_tokens=prefix + registers)
+    return "auto", None
+
+
+# -- pytorchvideo -------------------------------------------------------------------------------
+def _load_pytorchvideo(parsed: ModelSpec) -> LoadedModel:
+    import pytorchvideo.models.hub as hub
+
+    factory = getattr(hub, parsed.name, None)
+    if factory is None or not callable(factory) or parsed.name.startswith("_"):
+        known = ", ".join(sorted(_PYTORCHVIDEO_CLIPS))
+        raise SpecError(f"pytorchvideo has no hub model {parsed.name!r} (e.g. {known})")
+    if parsed.weights not in (None, "none", "default"):
+        raise SpecError(f"pytorchvideo:{parsed.name} takes @none (random) or no weights suffix, not @{parsed.weights}")
+    pretrained = parsed.weights in (None, "default")
+    if pretrained and not host_reachable(_HOSTS["pytorchvideo"]):
+        # torch.hub caches by file name; a cached checkpoint loads without the network.
+        cached = list((Path(torch.hub.get_dir()) / "checkpoints").glob(f"*{parsed.name.upper()}*")) + \
+            list((Path(torch.hub.get_dir()) / "checkpoints").glob(f"*{parsed.name}*"))
+        if not cached:
+            raise OfflineError(_offline_message(
+                parsed, "its Kinetics-400 weights",
+                f"on a machine with internet run torch.save(pytorchvideo.models.hub.{parsed.name}(pretrained=True)"
+                f".state_dict(), '{parsed.name}.pt'), copy the file here and pass "
+                f"--model {parsed.name}.pt --arch pytorchvideo:{parsed.name}@none",
+            ))
+    model = factory(pretrained=pretrained)
+    frames, side, layer = _PYTORCHVIDEO_CLIPS.get(parsed.name, (8, 224, "auto"))
+    labels = None
+    return LoadedModel(model, parsed, "video", labels=labels, layer=layer, mean=KINETICS_MEAN, std=KINETICS_STD,
+                       extra={"frames": frames, "size": side})
+
+
+# -- builtin ------------------------------------------------------------------------------------
+def _import_loader(path: str) -> Callable[..., Any]:
+    module_name, _, function = path.partition(":")
+    module = importlib.import_module(module_name)
+    return getattr(module, function)
+
+
+def _load_builtin(parsed: ModelSpec, task: str | None) -> LoadedModel:
+    entry = BUILTIN_MODELS.get(parsed.name)
+    if entry is None:
+        listing = ", ".join(f"{n} ({b.task})" for n, b in BUILTIN_MODELS.items())
+        raise SpecError(f"no builtin model {parsed.name!r}; shipped models: {listing}")
+    if task is not None and entry.task != task:
+        matching = [n for n, b in BUILTIN_MODELS.items() if b.task == task]
+        raise SpecError(f"builtin:{parsed.name} is a {entry.task} model; for {task} use builtin:{matching[0] if matching else '?'}")
+    try:
+        loader = _import_loader(entry.loader)
+    except (ImportError, AttributeError) as error:
+        raise SpecError(f"builtin:{parsed.name} needs {entry.loader}, which is not available: {error}") from None
+    result = loader()
+    extra: dict[str, Any] = {}
+    if isinstance(result, tuple):  # the distillation pair: (teacher, student)
+        model, *others = result
+        extra.update({"student": others[0]} if others else {})
+    else:
+        model = result
+    loaded = LoadedModel(model, parsed, entry.task, extra=extra)
+    if entry.task == "classification":
+        loaded.labels = _builtin_labels(model)
+        loaded.mean, loaded.std = (0.0, 0.0, 0.0), (1.0, 1.0, 1.0)
+    return loaded
+
+
+def _builtin_labels(model: nn.Module) -> list[str] | None:
+    for attribute in ("labels", "classes", "class_names"):
+        value = getattr(model, attribute, None)
+        if isinstance(value, (list, tuple)) and value:
+            return [str(v) for v in value]
+    return None
+
+
+# -- state-dict files -----------------------------------------------------------------------------
+def _state_dict(payload: Any) -> Mapping[str, Tensor] | None:
+    if isinstance(payload, Mapping):
+        if payload and all(isinstance(v, Tensor) for v in payload.values()):
+            return payload
+        for key in ("state_dict", "model_state_dict", "model"):
+            inner = payload.get(key)
+            if isinstance(inner, Mapping) and inner and all(isinstance(v, Tensor) for v in inner.values()):
+                return inner
+    return None
+
+
+def _load_file(parsed: ModelSpec, arch: str | None, task: str | None) -> LoadedModel:
+    path = Path(parsed.name).expanduser()
+    if not path.is_file():
+        raise FileNotFoundError(f"model file {parsed.name!r} does not exist")
+    if arch is None:
+        raise SpecError(
+            f"{parsed.name} is a weights file: also give the architecture it belongs to with --arch SPEC "
+            "(e.g. --arch torchvision:resnet50@none, --arch pytorchvideo:x3d_s@none, --arch builtin:scene-classifier)"
+        )
+    arch_spec = parse_spec(arch)
+    if arch_spec.source == "file":
+        raise SpecError("--arch must be a model SPEC (torchvision:, hf:, pytorchvideo:, builtin:), not another file")
+    if arch_spec.source in ("torchvision", "pytorchvideo") and arch_spec.weights is None:
+        arch_spec = ModelSpec(arch_spec.source, arch_spec.name, "none")  # the file supplies the weights
+    try:
+        payload = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:  # noqa: BLE001 - any unpickling failure means "not a plain state dict"
+        raise SpecError(
+            f"{parsed.name} is not a plain state dict ({type(error).__name__}); save it with "
+            "torch.save(model.state_dict(), path)"
+        ) from None
+    state = _state_dict(payload)
+    if state is None:
+        raise SpecError(f"{parsed.name} holds no state dict (a mapping of parameter names to tensors)")
+    loaded = load_model(arch_spec, task=task, device="cpu")
+    try:
+        loaded.model.load_state_dict(state, strict=True)
+    except RuntimeError as error:
+        first = str(error).splitlines()[0:3]
+        raise SpecError(f"{parsed.name} does not fit the architecture {arch_spec}: {' '.join(first)}") from None
+    loaded.spec = parsed
+    return loaded
