@@ -1,0 +1,308 @@
+"""The explainer classes: peers, multi-target, differentiable mode, hygiene and errors."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+import torchvision
+from torch import nn
+
+from multiexplain import GradCAM, GradCAMPlusPlus, TokenReshape, core
+
+
+def _all_hooks(model: nn.Module) -> int:
+    return sum(
+        len(m._forward_hooks) + len(m._forward_pre_hooks) + len(m._backward_hooks) for m in model.modules()
+    )
+
+
+class TinyNet(nn.Module):
+    """conv -> ReLU(inplace) -> conv -> ReLU(inplace) -> pool -> fc; all piecewise linear."""
+
+    def __init__(self, classes: int = 5):
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 8, 3, padding=1)
+        self.act1 = nn.ReLU(inplace=True)
+        self.conv2 = nn.Conv2d(8, 6, 3, padding=1, stride=2)
+        self.act2 = nn.ReLU(inplace=True)
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.fc = nn.Linear(6, classes)
+
+    def forward(self, x):
+        x = self.act2(self.conv2(self.act1(self.conv1(x))))
+        return self.fc(self.pool(x).flatten(1))
+
+
+def independent_gradcampp(model: TinyNet, x: torch.Tensor, target: int) -> torch.Tensor:
+    """The same map from a hand-split forward in float64: A = conv2 output (pre-ReLU)."""
+    model = model.double()
+    a = model.conv2(torch.relu(model.conv1(x.double()))).detach().requires_grad_(True)
+    score = model.fc(model.pool(torch.relu(a)).flatten(1))[:, target].sum()
+    (g,) = torch.autograd.grad(score, a)
+    model.float()
+    _, cam = core.class_activation_map(a.detach(), g)
+    return cam
+
+
+@pytest.fixture
+def tiny():
+    torch.manual_seed(0)
+    return TinyNet().eval()
+
+
+def test_inplace_relu_after_layer_does_not_corrupt_activations(tiny):
+    x = torch.randn(3, 3, 16, 16)
+    explanation = GradCAMPlusPlus(tiny, "conv2")(x, targets=[0, 2, 4])
+    for i, target in enumerate([0, 2, 4]):
+        reference = independent_gradcampp(tiny, x[i : i + 1], target)
+        torch.testing.assert_close(explanation.raw[i : i + 1].double(), reference, rtol=1e-4, atol=1e-6)
+    assert explanation.maps.shape == (3, 16, 16)
+    assert explanation.maps.min() >= 0 and explanation.maps.max() <= 1
+    assert explanation.targets.tolist() == [0, 2, 4]
+    torch.testing.assert_close(explanation.scores, tiny(x)[torch.arange(3), torch.tensor([0, 2, 4])])
+
+
+def _peer_layer_maps(model: nn.Module, layer: nn.Module, x: torch.Tensor, targets: list[int]) -> tuple[np.ndarray, np.ndarray]:
+    """pytorch-grad-cam's Grad-CAM++ final maps and its layer-resolution maps (its own capture)."""
+    from pytorch_grad_cam import GradCAMPlusPlus as PeerGradCAMPlusPlus
+    from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
+
+    peer_targets = [ClassifierOutputTarget(t) for t in targets]
+    with PeerGradCAMPlusPlus(model=model, target_layers=[layer]) as cam:
+        final = cam(input_tensor=x, targets=peer_targets)
+        activations = cam.activations_and_grads.activations[0].numpy()
+        gradients = cam.activations_and_grads.gradients[0].numpy()
+        raw = cam.get_cam_image(x, layer, peer_targets, activations, gradients, eigen_smooth=False)
+    return final, np.maximum(raw, 0)
+
+
+@pytest.mark.parametrize(
+    "arch, layer_name",
+    [("resnet18", "layer4"), ("vgg11", "features.20"), ("mobilenet_v2", "features")],
+)
+def test_matches_pytorch_grad_cam_where_its_epsilon_is_negligible(arch, layer_name):
+    """pytorch-grad-cam adds 1e-6 to the alpha denominator (and 1e-7 in its min-max); scaling
+    the classifier up makes gradients large enough for the alpha epsilon to vanish, and then the
+    maps must agree after the same normalisation."""
+    torch.manual_seed(1)
+    model = getattr(torchvision.models, arch)(num_classes=10).eval()
+    classifier = [m for m in model.modules() if isinstance(m, nn.Linear)][-1]
+    with torch.no_grad():
+        classifier.weight.mul_(1e4)
+    x = torch.randn(2, 3, 64, 64)
+    targets = [3, 7]
+    ours = GradCAMPlusPlus(model, layer_name)(x, targets)
+    peer_final, peer_raw = _peer_layer_maps(model, model.get_submodule(layer_name), x, targets)
+    same = lambda maps: core.normalize_maps(torch.as_tensor(maps, dtype=torch.float64), 2)  # noqa: E731
+    assert (same(ours.raw) - same(peer_raw)).abs().max() < 1e-4
+    # End to end (upsampled maps) where the peer's 1e-7 in its min-max is negligible too.
+    if ours.raw.amax() > 1e-2:
+        from pytorch_grad_cam.utils.image import scale_cam_image
+
+        assert np.abs(scale_cam_image(ours.raw.numpy(), target_size=(64, 64)) - peer_final).max() < 1e-4
+
+
+def test_auto_layer_picks_last_spatial_block():
+    resnet = torchvision.models.resnet18(num_classes=3).eval()
+    assert GradCAMPlusPlus(resnet)(torch.randn(1, 3, 64, 64)).layer == "layer4"
+    vgg = torchvision.models.vgg11(num_classes=3).eval()
+    assert GradCAMPlusPlus(vgg)(torch.randn(1, 3, 64, 64)).layer == "features"
+
+
+def test_multi_target_from_one_forward_equals_separate_calls(tiny):
+    x = torch.randn(2, 3, 16, 16)
+    targets = [[0, 1, 4], [3, 3, 2]]
+    calls = []
+    handle = tiny.register_forward_hook(lambda *_: calls.append(1))
+    try:
+        explanation = GradCAMPlusPlus(tiny, "conv2")(x, targets)
+    finally:
+        handle.remove()
+    assert len(calls) == 1, "K targets must come from one forward pass"
+    assert explanation.maps.shape == (2, 3, 16, 16) and explanation.weights.shape == (2, 3, 6)
+    for k in range(3):
+        single = GradCAMPlusPlus(tiny, "conv2")(x, [row[k] for row in targets])
+        torch.testing.assert_close(explanation.maps[:, k], single.maps)
+        torch.testing.assert_close(explanation.raw[:, k], single.raw)
+        torch.testing.assert_close(explanation.scores[:, k], single.scores)
+
+
+def test_target_callable_and_model_output_types(tiny):
+    x = torch.randn(2, 3, 16, 16)
+
+    class DictOut(nn.Module):
+        def __init__(self, inner):
+            super().__init__()
+            self.inner = inner
+
+        def forward(self, pixel_values):
+            return {"hidden": pixel_values.mean(), "logits": self.inner(pixel_values)}
+
+    wrapped = DictOut(tiny)
+    from_dict = GradCAMPlusPlus(wrapped, "inner.conv2")({"pixel_values": x}, targets=1)
+    plain = GradCAMPlusPlus(tiny, "conv2")(x, targets=1)
+    torch.testing.assert_close(from_dict.maps, plain.maps)
+    # A callable target: the log-softmax of two classes as K=2 scores per sample.
+    scores_fn = lambda out: torch.log_softmax(out["logits"], dim=1)[:, [1, 2]]  # noqa: E731
+    multi = GradCAMPlusPlus(wrapped, "inner.conv2")({"pixel_values": x}, targets=scores_fn)
+    assert multi.maps.shape == (2, 2, 16, 16) and multi.targets is None
+    tuple_model = nn.Sequential()  # tuple inputs are unpacked as positional arguments
+
+    class TwoInputs(nn.Module):
+        def __init__(self, inner):
+            super().__init__()
+            self.inner = inner
+
+        def forward(self, a, b):
+            return (self.inner(a + b), None)
+
+    two = GradCAMPlusPlus(TwoInputs(tiny), "inner.conv2")((x, torch.zeros_like(x)), targets=1)
+    torch.testing.assert_close(two.maps, plain.maps)
+    del tuple_model
+
+
+def test_gradcam_differs_from_gradcampp_and_matches_reference(tiny):
+    x = torch.randn(2, 3, 16, 16)
+    explanation = GradCAM(tiny, "conv2")(x, targets=[1, 2])
+    a = tiny.conv2(torch.relu(tiny.conv1(x))).detach().requires_grad_(True)
+    score = tiny.fc(tiny.pool(torch.relu(a)).flatten(1)).gather(1, torch.tensor([[1], [2]])).sum()
+    (g,) = torch.autograd.grad(score, a)
+    torch.testing.assert_close(explanation.weights, g.mean(dim=(2, 3)))
+    assert explanation.method == "gradcam"
+
+
+def test_differentiable_mode_backpropagates_to_parameters_below_the_layer(tiny):
+    tiny.train()
+    x = torch.randn(2, 3, 16, 16)
+    explanation = GradCAMPlusPlus(tiny, "conv2", create_graph=True)(x, targets=[0, 1])
+    assert explanation.maps.requires_grad
+    loss = (explanation.maps - 0.5).pow(2).mean()
+    grads = torch.autograd.grad(loss, [tiny.conv1.weight, tiny.conv2.weight])
+    for grad in grads:
+        assert torch.isfinite(grad).all() and grad.abs().sum() > 0
+    assert tiny.training, "the explainer must not switch the model to eval"
+    assert all(p.grad is None for p in tiny.parameters())
+
+
+def test_inference_mode_records_no_graph_below_the_layer(tiny):
+    x = torch.randn(1, 3, 16, 16, requires_grad=True)
+    explanation = GradCAMPlusPlus(tiny, "conv2")(x)
+    assert not explanation.maps.requires_grad
+    assert x.grad is None and all(p.grad is None for p in tiny.parameters())
+
+
+def test_hooks_removed_and_state_restored_after_success_and_exception(tiny):
+    tiny.train()
+    flags = [p.requires_grad for p in tiny.parameters()]
+    explainer = GradCAMPlusPlus(tiny, "conv2")
+    explainer(torch.randn(1, 3, 16, 16))
+    assert _all_hooks(tiny) == 0 and tiny.training
+
+    class Boom(nn.Module):
+        def forward(self, x):
+            raise RuntimeError("boom")
+
+    tiny.pool = Boom()
+    with torch.no_grad():
+        with pytest.raises(RuntimeError, match="boom"):
+            explainer(torch.randn(1, 3, 16, 16))
+        assert not torch.is_grad_enabled(), "grad mode must be restored after a failing forward"
+    assert torch.is_grad_enabled()
+    assert _all_hooks(tiny) == 0 and tiny.training
+    assert [p.requires_grad for p in tiny.parameters()] == flags
+    assert all(p.grad is None for p in tiny.parameters())
+
+
+def test_explaining_under_no_grad_works_and_inference_mode_says_why(tiny):
+    x = torch.randn(1, 3, 16, 16)
+    expected = GradCAMPlusPlus(tiny, "conv2")(x).maps
+    with torch.no_grad():
+        torch.testing.assert_close(GradCAMPlusPlus(tiny, "conv2")(x).maps, expected)
+    with torch.inference_mode():
+        with pytest.raises(RuntimeError, match="inference_mode"):
+            GradCAMPlusPlus(tiny, "conv2")(x)
+    assert _all_hooks(tiny) == 0
+
+
+def test_zero_gradient_sample_gets_zero_map_and_flag():
+    model = nn.Sequential(nn.Conv2d(1, 2, 3, padding=1), nn.ReLU(), nn.AdaptiveMaxPool2d(1), nn.Flatten(), nn.Linear(2, 2))
+    with torch.no_grad():
+        model[0].weight.fill_(-1.0)
+        model[0].bias.fill_(-1.0)  # conv output < 0 everywhere for non-negative input: ReLU kills all gradients
+    x = torch.rand(2, 1, 8, 8)
+    explanation = GradCAMPlusPlus(model, "0")(x, targets=0)
+    assert explanation.zero_gradient.all()
+    assert torch.equal(explanation.maps, torch.zeros_like(explanation.maps))
+    assert torch.isfinite(explanation.raw).all()
+
+
+def test_layer_called_twice_needs_layer_call():
+    class Shared(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv2d(3, 3, 3, padding=1)
+            self.fc = nn.Linear(3, 4)
+
+        def forward(self, x):
+            return self.fc(self.conv(torch.relu(self.conv(x))).mean(dim=(2, 3)))
+
+    model = Shared()
+    x = torch.randn(2, 3, 8, 8)
+    with pytest.raises(RuntimeError, match="more than once.*layer_call"):
+        GradCAMPlusPlus(model, "conv")(x)
+    assert _all_hooks(model) == 0
+    first = GradCAMPlusPlus(model, "conv", layer_call=0)(x, targets=1)
+    second = GradCAMPlusPlus(model, "conv", layer_call=1)(x, targets=1)
+    assert not torch.allclose(first.raw, second.raw)
+    with pytest.raises(RuntimeError, match="out of range"):
+        GradCAMPlusPlus(model, "conv", layer_call=2)(x)
+
+
+def test_token_reshape_for_vit_style_tokens():
+    class TokenNet(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.embed = nn.Conv2d(3, 8, 4, stride=4)
+            self.block = nn.Linear(8, 8)
+            self.head = nn.Linear(8, 3)
+
+        def forward(self, x):
+            tokens = self.embed(x).flatten(2).transpose(1, 2)  # (N, 16, 8)
+            cls = tokens.mean(dim=1, keepdim=True)
+            tokens = torch.relu(self.block(torch.cat([cls, tokens], dim=1)))  # (N, 17, 8)
+            return self.head(tokens[:, 1:].mean(dim=1))
+
+    model = TokenNet()
+    x = torch.randn(2, 3, 16, 16)
+    explanation = GradCAMPlusPlus(model, "block", reshape=TokenReshape(num_prefix_tokens=1))(x)
+    assert explanation.raw.shape == (2, 4, 4) and explanation.maps.shape == (2, 16, 16)
+    with pytest.raises(ValueError, match="no spatial axes|spatial"):
+        GradCAMPlusPlus(model, "head")(x)
+    with pytest.raises(ValueError, match="grid"):
+        GradCAMPlusPlus(model, "block", reshape=TokenReshape(grid=(3, 5)))(x)
+
+
+def test_clear_errors(tiny):
+    x = torch.randn(2, 3, 16, 16)
+    with pytest.raises(ValueError, match="no layer named 'conv3'.*conv2"):
+        GradCAMPlusPlus(tiny, "conv3")
+    with pytest.raises(ValueError, match="no spatial axes"):
+        GradCAMPlusPlus(tiny, "fc")(x)
+    with pytest.raises(ValueError, match="out of range.*5 classes"):
+        GradCAMPlusPlus(tiny, "conv2")(x, targets=[0, 5])
+    with pytest.raises(ValueError, match="out of range"):
+        GradCAMPlusPlus(tiny, "conv2")(x, targets=-1)
+    with pytest.raises(ValueError, match="3 targets for a batch of 2"):
+        GradCAMPlusPlus(tiny, "conv2")(x, targets=[0, 1, 2])
+    with pytest.raises(ValueError, match=r"batched channels-first input"):
+        GradCAMPlusPlus(tiny, "conv2")(torch.randn(16, 16))
+    with pytest.raises(TypeError, match="class indices"):
+        GradCAMPlusPlus(tiny, "conv2")(x, targets=torch.tensor([0.5, 1.0]))
+    assert _all_hooks(tiny) == 0
+
+
+def test_context_manager_use(tiny):
+    with GradCAMPlusPlus(tiny, "conv2") as explainer:
+        explanation = explainer(torch.randn(1, 3, 16, 16), targets=2)
+    assert explanation.maps.shape == (1, 16, 16) and _all_hooks(tiny) == 0

@@ -1,0 +1,186 @@
+"""The functional core against independent float64 references (1D, 2D and 3D spatial axes)."""
+
+from __future__ import annotations
+
+import itertools
+import math
+
+import pytest
+import torch
+
+from multiexplain import core
+
+
+def reference_gradcampp(activations: torch.Tensor, gradients: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Paper eq. 19/20 written element by element in float64, for (N, C, *spatial)."""
+    a = activations.double()
+    g = gradients.double()
+    n, c = a.shape[:2]
+    positions = list(itertools.product(*(range(s) for s in a.shape[2:])))
+    weights = torch.zeros(n, c, dtype=torch.float64)
+    for i in range(n):
+        for k in range(c):
+            total = sum(a[i, k][p].item() for p in positions)
+            w = 0.0
+            for p in positions:
+                gp = g[i, k][p].item()
+                denominator = 2 * gp**2 + total * gp**3
+                alpha = 0.0 if gp == 0 or denominator == 0 else gp**2 / denominator
+                w += alpha * max(gp, 0.0)
+            weights[i, k] = w
+    cam = torch.zeros(n, *a.shape[2:], dtype=torch.float64)
+    for i in range(n):
+        for p in positions:
+            cam[i][p] = max(0.0, sum(weights[i, k].item() * a[i, k][p].item() for k in range(c)))
+    return weights, cam
+
+
+def reference_gradcam(activations: torch.Tensor, gradients: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    a, g = activations.double(), gradients.double()
+    weights = torch.stack([torch.stack([g[i, k].mean() for k in range(a.shape[1])]) for i in range(a.shape[0])])
+    cam = torch.relu(torch.einsum("nc,nc...->n...", weights, a))
+    return weights, cam
+
+
+SPATIAL_SHAPES = [(7,), (4, 5), (3, 4, 5)]
+
+
+@pytest.mark.parametrize("spatial", SPATIAL_SHAPES, ids=["1d", "2d", "3d"])
+def test_gradcampp_matches_float64_reference(spatial):
+    gen = torch.Generator().manual_seed(len(spatial))
+    a = torch.rand(2, 3, *spatial, generator=gen, dtype=torch.float64) * 2
+    g = torch.randn(2, 3, *spatial, generator=gen, dtype=torch.float64)
+    g[0, 0] = 0  # a channel with no gradient at all
+    g[1, 1].view(-1)[::2] = 0  # scattered zeros
+    weights, cam = core.class_activation_map(a, g, "gradcam++")
+    ref_weights, ref_cam = reference_gradcampp(a, g)
+    assert weights.shape == (2, 3) and cam.shape == (2, *spatial)
+    torch.testing.assert_close(weights, ref_weights, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(cam, ref_cam, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("spatial", SPATIAL_SHAPES, ids=["1d", "2d", "3d"])
+def test_gradcam_matches_float64_reference(spatial):
+    gen = torch.Generator().manual_seed(10 + len(spatial))
+    a = torch.rand(2, 4, *spatial, generator=gen, dtype=torch.float64)
+    g = torch.randn(2, 4, *spatial, generator=gen, dtype=torch.float64)
+    weights, cam = core.class_activation_map(a, g, "gradcam")
+    ref_weights, ref_cam = reference_gradcam(a, g)
+    torch.testing.assert_close(weights, ref_weights)
+    torch.testing.assert_close(cam, ref_cam)
+
+
+def test_zero_denominator_and_zero_gradient_give_zero_alpha_not_nan():
+    # Activation sum s and gradient g with 2 g^2 + s g^3 = 0  <=>  s g = -2.
+    a = torch.tensor([[[-1.0, -1.0]]], dtype=torch.float64)  # s = -2
+    g = torch.tensor([[[1.0, 0.0]]], dtype=torch.float64)  # g=1 -> denominator 0; g=0 -> 0/0
+    alpha = core.grad_cam_plus_plus_alpha(a, g)
+    assert torch.equal(alpha, torch.zeros_like(alpha))
+    weights, cam = core.class_activation_map(a, g)
+    assert torch.isfinite(weights).all() and torch.isfinite(cam).all()
+    zeros = torch.zeros(1, 2, 3, 3)
+    weights, cam = core.class_activation_map(torch.rand(1, 2, 3, 3), zeros)
+    assert torch.equal(cam, torch.zeros(1, 3, 3)) and torch.equal(weights, torch.zeros(1, 2))
+    assert torch.equal(core.normalize_maps(cam, 2), torch.zeros(1, 3, 3))
+
+
+def test_denominator_uses_spatial_sum_of_activations_times_g_cubed():
+    """The paper's alpha uses (sum_q A(q)) * g(p)^3, not sum_q A(q) g(q)^3 (torchcam/M3d-CAM)."""
+    a = torch.tensor([[[1.0, 3.0]]], dtype=torch.float64)
+    g = torch.tensor([[[0.5, 2.0]]], dtype=torch.float64)
+    alpha = core.grad_cam_plus_plus_alpha(a, g)
+    expected = torch.tensor([[[0.25 / (0.5 + 4 * 0.125), 4.0 / (8.0 + 4 * 8.0)]]], dtype=torch.float64)
+    torch.testing.assert_close(alpha, expected)
+
+
+def test_per_slice_weights_equal_independent_slices():
+    """pool_axes=(1, 2) on (T, H, W) = explaining every time slice as its own 2D map."""
+    gen = torch.Generator().manual_seed(3)
+    a = torch.rand(2, 3, 4, 5, 6, generator=gen, dtype=torch.float64)
+    g = torch.randn(2, 3, 4, 5, 6, generator=gen, dtype=torch.float64)
+    weights, cam = core.class_activation_map(a, g, pool_axes=(1, 2))
+    assert weights.shape == (2, 3, 4) and cam.shape == (2, 4, 5, 6)
+    for t in range(4):
+        w_t, cam_t = reference_gradcampp(a[:, :, t], g[:, :, t])
+        torch.testing.assert_close(weights[:, :, t], w_t)
+        torch.testing.assert_close(cam[:, t], cam_t)
+
+
+def test_multi_target_broadcasting_equals_separate_calls():
+    gen = torch.Generator().manual_seed(4)
+    a = torch.rand(2, 3, 4, 4, generator=gen)
+    g = torch.randn(2, 5, 3, 4, 4, generator=gen)
+    weights, cam = core.class_activation_map(a.unsqueeze(1), g, spatial_ndim=2)
+    assert weights.shape == (2, 5, 3) and cam.shape == (2, 5, 4, 4)
+    for k in range(5):
+        w_k, cam_k = core.class_activation_map(a, g[:, k])
+        torch.testing.assert_close(weights[:, k], w_k)
+        torch.testing.assert_close(cam[:, k], cam_k)
+
+
+def test_core_is_differentiable_and_leaves_inputs_untouched():
+    a = torch.rand(1, 2, 3, 3, dtype=torch.float64, requires_grad=True)
+    g = torch.randn(1, 2, 3, 3, dtype=torch.float64, requires_grad=True)
+    a_before, g_before = a.detach().clone(), g.detach().clone()
+    _, cam = core.class_activation_map(a, g)
+    assert cam.requires_grad
+    assert torch.autograd.gradcheck(lambda x, y: core.class_activation_map(x, y)[1], (a, g))
+    assert torch.equal(a.detach(), a_before) and torch.equal(g.detach(), g_before)
+
+
+def test_half_precision_inputs_are_computed_in_float32():
+    a = torch.rand(1, 4, 5, 5).half() * 50
+    g = (torch.randn(1, 4, 5, 5) * 100).half()  # g^3 overflows float16
+    weights, cam = core.class_activation_map(a, g)
+    assert weights.dtype == torch.float32 and torch.isfinite(cam).all()
+    ref_w, ref_cam = reference_gradcampp(a.float(), g.float())
+    torch.testing.assert_close(weights.double(), ref_w, rtol=1e-4, atol=1e-6)
+
+
+def test_upsample_and_normalise():
+    maps = torch.tensor([[[0.0, 2.0], [4.0, 6.0]]])
+    up = core.upsample_maps(maps, (4, 4))
+    assert up.shape == (1, 4, 4)
+    norm = core.normalize_maps(up, 2)
+    assert norm.min() == 0 and norm.max() == 1
+    video = core.upsample_maps(torch.rand(2, 3, 2, 2), (6, 8, 8))
+    assert video.shape == (2, 6, 8, 8)
+    assert core.upsample_maps(torch.rand(2, 5), (9,)).shape == (2, 9)
+    with pytest.raises(ValueError, match="spatial"):
+        core.class_activation_map(torch.rand(2, 3), torch.rand(2, 3))
+    with pytest.raises(ValueError, match="unknown CAM method"):
+        core.class_activation_map(torch.rand(1, 2, 3), torch.rand(1, 2, 3), method="scorecam")
+
+
+def test_closed_form_equals_general_formula_with_true_higher_derivatives():
+    """Paper eq. 10 with autograd's true diagonal 2nd/3rd derivatives of Y = exp(S) equals the
+    closed form (eq. 19) on a piecewise-linear head, with weights scaled by exactly exp(S)."""
+    torch.manual_seed(0)
+    c, h, w = 2, 3, 3
+    head = torch.nn.Sequential(
+        torch.nn.Flatten(), torch.nn.Linear(c * h * w, 16), torch.nn.ReLU(), torch.nn.Linear(16, 1)
+    ).double()
+    a = torch.rand(1, c, h, w, dtype=torch.float64, requires_grad=True)
+
+    y = torch.exp(head(a).squeeze())
+    (dy,) = torch.autograd.grad(y, a, create_graph=True)
+    d2 = torch.zeros_like(a)
+    d3 = torch.zeros_like(a)
+    flat_dy = dy.reshape(-1)
+    for i in range(flat_dy.numel()):
+        (row,) = torch.autograd.grad(flat_dy[i], a, create_graph=True)
+        second = row.reshape(-1)[i]
+        d2.view(-1)[i] = second.detach()
+        (third_row,) = torch.autograd.grad(second, a, retain_graph=True)
+        d3.view(-1)[i] = third_row.reshape(-1)[i]
+    total = a.detach().sum(dim=(2, 3), keepdim=True)
+    alpha_general = d2 / (2 * d2 + total * d3)
+    weights_general = (alpha_general * torch.relu(dy.detach())).sum(dim=(2, 3))
+
+    s = head(a).squeeze()
+    (g,) = torch.autograd.grad(s, a)
+    weights_closed, cam_closed = core.class_activation_map(a.detach(), g)
+    assert weights_closed.abs().max() > 0
+    torch.testing.assert_close(weights_general, weights_closed * math.exp(s.item()), rtol=1e-9, atol=1e-12)
+    cam_general = torch.relu((weights_general[..., None, None] * a.detach()).sum(1))
+    torch.testing.assert_close(core.normalize_maps(cam_general, 2), core.normalize_maps(cam_closed, 2))
