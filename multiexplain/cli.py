@@ -1,21 +1,297 @@
-"""The ``multiexplain`` command line."""
+"""The ``multiexplain`` command line.
+
+Subcommands (each has ``--help``)::
+
+    multiexplain demo     [--out DIR]                                  all four tasks, shipped models, index.html
+    multiexplain classify IMAGE... --model SPEC [--layer NAME] [--target CLASS | --topk K]
+    multiexplain caption  IMAGE... [--model SPEC] [--caption TEXT]   per-word maps
+    multiexplain video    FILE.mp4 [--model SPEC] [--frames T] [--class C]   GIF + MP4 + strip
+    multiexplain evaluate --task TASK [--model SPEC] [--data DIR|synthetic]  metrics table + JSON
+    multiexplain distill  --config FILE.yaml|toml                     explanation distillation
+
+A model SPEC is ``torchvision:NAME[@WEIGHTS|@none]``, ``hf:NAME-or-DIR``, ``pytorchvideo:NAME[@none]``,
+``builtin:NAME`` or a ``.pt`` state dict with ``--arch SPEC`` (see :mod:`multiexplain.zoo`).
+Every command writes its figures and an ``index.html`` report into ``--out`` and prints where.
+Unreadable inputs are reported by name; the others are still processed (exit status 1 only
+when nothing could be processed).
+"""
 
 from __future__ import annotations
 
 import argparse
+import json
 import sys
-from typing import Sequence
+from pathlib import Path
+from typing import Any, Callable, Sequence
 
 from . import __version__
+
+EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
+TASKS = ("classification", "captioning", "video", "distillation")
+DEFAULT_MODELS = {
+    "classification": "builtin:scene-classifier",
+    "captioning": "builtin:show-and-tell",
+    "video": "builtin:action-c3d",
+    "distillation": "builtin:distill-pair",
+}
+
+
+class CommandError(Exception):
+    """A problem the user can fix (bad SPEC, offline, bad file): printed without a traceback."""
+
+
+# -- shared helpers ------------------------------------------------------------------------------
+def _log(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+def _progress(iterable, total: int, desc: str, unit: str = "batch"):
+    """A tqdm bar when there is more than one step (to stderr), else the plain iterable."""
+    if total <= 1:
+        return iterable
+    from tqdm.auto import tqdm
+
+    return tqdm(iterable, total=total, desc=desc, unit=unit, file=sys.stderr, leave=False)
+
+
+def read_images(paths: Sequence[str]) -> tuple[list[tuple[str, Any]], list[tuple[str, str]]]:
+    """Open every image with PIL. Returns ``(ok, failed)``: ``[(path, RGB image)]`` and
+    ``[(path, reason)]``; a bad file never stops the others."""
+    from PIL import Image, UnidentifiedImageError
+
+    ok, failed = [], []
+    for path in paths:
+        try:
+            with Image.open(path) as image:
+                ok.append((path, image.convert("RGB")))
+        except FileNotFoundError:
+            failed.append((path, "no such file"))
+        except (UnidentifiedImageError, OSError, ValueError) as error:
+            failed.append((path, f"not a readable image ({type(error).__name__}: {error})"))
+    for path, reason in failed:
+        _log(f"multiexplain: skipping {path}: {reason}")
+    return ok, failed
+
+
+def _load(spec: str, arch: str | None, task: str, device: str):
+    from . import zoo
+
+    try:
+        return zoo.load_model(spec, arch=arch, task=task, device=device)
+    except (zoo.SpecError, zoo.OfflineError, FileNotFoundError) as error:
+        raise CommandError(str(error)) from None
+
+
+def _stem(path: str, index: int) -> str:
+    name = "".join(c if c.isalnum() or c in "-_" else "_" for c in Path(path).stem)[:40]
+    return f"{index:03d}_{name or 'input'}"
+
+
+def _finish(report, out: Path) -> Path:
+    from .report import write_report
+
+    index = write_report(report, out)
+    print(f"report: {index}")
+    return index
+
+
+# -- classify ------------------------------------------------------------------------------------
+def _parse_class(value: str, labels: list[str] | None, num_classes: int) -> int:
+    if value.lstrip("-").isdigit():
+        index = int(value)
+    elif labels is not None:
+        lowered = [label.lower() for label in labels]
+        if value.lower() not in lowered:
+            import difflib
+
+            close = difflib.get_close_matches(value.lower(), lowered, n=3)
+            raise CommandError(f"unknown class {value!r}" + (f"; did you mean {', '.join(close)}?" if close else ""))
+        index = lowered.index(value.lower())
+    else:
+        raise CommandError(f"class {value!r} is not an index and the model has no class names")
+    if not 0 <= index < num_classes:
+        raise CommandError(f"class {index} is out of range: the model has {num_classes} classes")
+    return index
+
+
+def cmd_classify(args: argparse.Namespace) -> int:
+    import torch
+
+    from . import GradCAM, GradCAMPlusPlus, model_logits
+    from .report import Figure, Report
+    from .viz import save_overlay_grid, to_rgb_array
+
+    if args.target is not None and args.topk != 1:
+        raise CommandError("give either --target or --topk, not both")
+    loaded = _load(args.model, args.arch, "classification", args.device)
+    if loaded.preprocess is None:
+        from .zoo import _plain_preprocess
+
+        size = args.size or 64
+        loaded.preprocess = lambda image: _plain_preprocess(image, size, loaded.mean, loaded.std)
+    images, failed = read_images(args.images)
+    if not images:
+        _log("multiexplain: no readable image")
+        return EXIT_FAILED
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    layer = args.layer or loaded.layer
+    explainers = {
+        "Grad-CAM++": GradCAMPlusPlus(loaded.model, layer, reshape=loaded.reshape),
+        "Grad-CAM": GradCAM(loaded.model, layer, reshape=loaded.reshape),
+    }
+    report = Report("multiexplain classify", intro=f"Model {args.model}: Grad-CAM++ and Grad-CAM for each image.")
+    section = report.section("classification", "Classification")
+    figures, results = [], []
+    batches = [images[i : i + args.batch_size] for i in range(0, len(images), args.batch_size)]
+    device = loaded.device
+    for batch in _progress(batches, len(batches), "classify"):
+        inputs = torch.stack([loaded.preprocess(image) for _, image in batch]).to(device)
+        with torch.no_grad():
+            logits = model_logits(loaded.model(inputs))
+        num_classes = logits.shape[1]
+        if args.target is not None:
+            targets = [[_parse_class(args.target, loaded.labels, num_classes)] for _ in batch]
+        else:
+            k = min(args.topk, num_classes)
+            targets = logits.topk(k, dim=1).indices.tolist()
+        probabilities = logits.softmax(dim=1)
+        maps = {name: explainer(inputs, targets).maps for name, explainer in explainers.items()}
+        for row, (path, _) in enumerate(batch):
+            index = len(results)
+            heatmaps, titles = [], []
+            entry = {"image": path, "targets": []}
+            for column, cls in enumerate(targets[row]):
+                label = loaded.labels[cls] if loaded.labels and cls < len(loaded.labels) else str(cls)
+                p = float(probabilities[row, cls])
+                entry["targets"].append({"class": cls, "label": label, "probability": p})
+                for name in explainers:
+                    heatmaps.append(maps[name][row, column])
+                    titles.append(f"{name}: {label} (p={p:.2f})")
+            picture = to_rgb_array(inputs[row], loaded.mean, loaded.std)
+            figure = out / f"{_stem(path, index)}.png"
+            save_overlay_grid(figure, picture, heatmaps, titles, ncols=min(len(heatmaps) + 1, 5),
+                              alpha=args.alpha, colormap=args.colormap, image_title=Path(path).name)
+            entry["figure"] = figure.name
+            results.append(entry)
+            figures.append(Figure(figure.name, f"{Path(path).name}: " + ", ".join(
+                f"{t['label']} ({t['probability']:.2f})" for t in entry["targets"])))
+    section.add_figures(figures, "Grad-CAM++ vs Grad-CAM")
+    if failed:
+        section.add_note("Skipped unreadable files: " + "; ".join(f"{p} ({r})" for p, r in failed))
+    settings = {"model": args.model, "layer": explainers["Grad-CAM++"].layer_name, "device": str(device),
+                "colormap": args.colormap, "alpha": args.alpha}
+    section.add_settings(settings)
+    (out / "predictions.json").write_text(json.dumps({"settings": settings, "results": results,
+                                                      "skipped": [p for p, _ in failed]}, indent=2))
+    for entry in results:
+        print(f"{entry['image']}: " + ", ".join(f"{t['label']} {t['probability']:.3f}" for t in entry["targets"]))
+    _finish(report, out)
+    return EXIT_OK
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    raise CommandError("demo: not yet available")
+
+
+def cmd_caption(args: argparse.Namespace) -> int:
+    raise CommandError("caption: not yet available")
+
+
+def cmd_video(args: argparse.Namespace) -> int:
+    raise CommandError("video: not yet available")
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    raise CommandError("evaluate: not yet available")
+
+
+def cmd_distill(args: argparse.Namespace) -> int:
+    raise CommandError("distill: not yet available")
+
+
+# -- parser ----------------------------------------------------------------------------------------
+def _common(parser: argparse.ArgumentParser, out: str) -> None:
+    parser.add_argument("--device", default="auto", choices=("cpu", "cuda", "auto"),
+                        help="where to run (auto: CUDA if available; default %(default)s)")
+    parser.add_argument("--out", default=out, help="output folder for figures and index.html (default %(default)s)")
+    parser.add_argument("--colormap", default="jet", help="matplotlib colormap for overlays: jet, inferno, turbo, ... (default %(default)s)")
+    parser.add_argument("--alpha", type=float, default=0.5, help="heat-map opacity over the input, 0..1 (default %(default)s)")
+
+
+def _model(parser: argparse.ArgumentParser, default: str | None) -> None:
+    parser.add_argument("--model", default=default, required=default is None, metavar="SPEC",
+                        help="torchvision:NAME[@WEIGHTS|@none], hf:NAME-or-DIR, pytorchvideo:NAME[@none], "
+                        "builtin:NAME, or a .pt state dict with --arch" + (f" (default {default})" if default else ""))
+    parser.add_argument("--arch", metavar="SPEC", help="architecture SPEC a .pt state dict is loaded into")
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="multiexplain",
         description="Grad-CAM++ explanations for classification, captioning, video and distillation.",
+        epilog="Start with `multiexplain demo`; every subcommand has --help.",
     )
     parser.add_argument("--version", action="version", version=f"multiexplain {__version__}")
-    parser.add_subparsers(dest="command", metavar="COMMAND")
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    demo = commands.add_parser("demo", help="explain all four tasks with the shipped models; writes DIR/index.html",
+                               description="Explain all four tasks (classification, captioning, video, distillation) "
+                               "on freshly generated synthetic data with the shipped models, Grad-CAM++ next to "
+                               "Grad-CAM, compute the headline metrics on a small held-out batch and write a static "
+                               "report DIR/index.html.")
+    _common(demo, "multiexplain-demo")
+    demo.add_argument("--seed", type=int, default=0, help="seed of the generated data (default %(default)s)")
+    demo.add_argument("--eval-size", type=int, default=None, help="held-out samples per task for the metrics (default: per task)")
+    demo.add_argument("--tasks", default=",".join(TASKS), help="comma-separated subset of %(default)s")
+    demo.set_defaults(handler=cmd_demo)
+
+    classify = commands.add_parser("classify", help="class maps for images",
+                                   description="Grad-CAM++ and Grad-CAM maps for the top class(es) of each image.")
+    classify.add_argument("images", nargs="+", metavar="IMAGE")
+    _model(classify, None)
+    classify.add_argument("--layer", help="dotted layer name to explain (default: the model's suggested layer or auto)")
+    group = classify.add_mutually_exclusive_group()
+    group.add_argument("--target", metavar="CLASS", help="explain this class (index or name) in every image")
+    group.add_argument("--topk", type=int, default=1, metavar="K", help="explain the K top classes (default 1)")
+    classify.add_argument("--batch-size", type=int, default=8, help="images per forward pass (default %(default)s)")
+    classify.add_argument("--size", type=int, default=None, help="input side for models without their own preprocessing")
+    _common(classify, "multiexplain-classify")
+    classify.set_defaults(handler=cmd_classify)
+
+    caption = commands.add_parser("caption", help="per-word maps of a caption",
+                                  description="Generate (or score a given) caption and explain every word.")
+    caption.add_argument("images", nargs="+", metavar="IMAGE")
+    _model(caption, DEFAULT_MODELS["captioning"])
+    caption.add_argument("--caption", metavar="TEXT", help="explain this caption instead of the generated one")
+    _common(caption, "multiexplain-caption")
+    caption.set_defaults(handler=cmd_caption)
+
+    video = commands.add_parser("video", help="space-time maps of a clip (GIF + MP4 + strip)",
+                                description="Explain an action-recognition model on a video clip.")
+    video.add_argument("videos", nargs="+", metavar="FILE")
+    _model(video, DEFAULT_MODELS["video"])
+    video.add_argument("--frames", type=int, default=None, metavar="T", help="frames per clip (default: the model's)")
+    video.add_argument("--class", dest="target", metavar="C", help="explain this class (index or name; default: top-1)")
+    _common(video, "multiexplain-video")
+    video.set_defaults(handler=cmd_video)
+
+    evaluate = commands.add_parser("evaluate", help="the paper's metrics for Grad-CAM++ vs Grad-CAM",
+                                   description="Average Drop, Increase in Confidence, Win %% and localisation "
+                                   "metrics for Grad-CAM++ and Grad-CAM; prints a table and writes JSON.")
+    evaluate.add_argument("--task", required=True, choices=TASKS)
+    _model(evaluate, "")
+    evaluate.add_argument("--data", default="synthetic", help="'synthetic' (freshly generated, seeded) or a folder")
+    evaluate.add_argument("-n", "--num-samples", type=int, default=64, help="samples for synthetic data (default %(default)s)")
+    evaluate.add_argument("--seed", type=int, default=1234, help="seed of the synthetic data (default %(default)s)")
+    _common(evaluate, "multiexplain-evaluate")
+    evaluate.set_defaults(handler=cmd_evaluate)
+
+    distill = commands.add_parser("distill", help="train a student with the explanation loss",
+                                  description="Teacher-student training with CE (+KD) + a*||L_student - L_teacher||^2.")
+    distill.add_argument("--config", required=True, help="a .yaml/.yml/.toml/.json file of trainer settings")
+    _common(distill, "multiexplain-distill")
+    distill.set_defaults(handler=cmd_distill)
     return parser
 
 
@@ -24,9 +300,24 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.command is None:
         parser.print_help()
-        return 0
-    return int(args.handler(args) or 0)
+        return EXIT_OK
+    if not 0.0 <= getattr(args, "alpha", 0.5) <= 1.0:
+        parser.error("--alpha must lie in [0, 1]")
+    import matplotlib
 
+    if getattr(args, "colormap", None) is not None and args.colormap not in matplotlib.colormaps:
+        parser.error(f"unknown colormap {args.colormap!r} (try jet, inferno, turbo, viridis)")
+    from .zoo import resolve_device
+
+    try:
+        args.device = str(resolve_device(args.device))
+    except (RuntimeError, ValueError) as error:
+        parser.error(str(error))
+    try:
+        return int(args.handler(args) or 0)
+    except CommandError as error:
+        _log(f"multiexplain {args.command}: error: {error}")
+        return EXIT_FAILED
 
 if __name__ == "__main__":
     sys.exit(main())
