@@ -362,15 +362,18 @@ def _hf_layer(model: nn.Module) -> tuple[str, Callable[[Tensor], Tensor] | None]
 
     model_type = getattr(model.config, "model_type", "")
     if model_type in ("vit", "deit", "dinov2", "beit", "data2vec-vision"):
-        base = getattr(model, "base_model_prefix", "vit")
-        backbone = getattr(model, base, None)
-        encoder = getattr(backbone, "encoder", None)
-        layers = getattr(encoder, "layer", None)
-        if layers is not None and len(layers) > 0:
-            prefix = 2 if (model_type == "deit" and hasattr(backbone.embeddings, "distillation_token")) else 1
-            registers = int(getattr(model.config, "num_register_tokens", 0) or 0)
-            norm = "layernorm_before" if hasattr(layers[-1], "layernorm_before") else "norm1"
-            return f"{base}.encoder.layer.{len(layers) - 1}.{norm}", TokenReshape(num_prefix_tokens=prefix + registers)
+        # The block list moved between transformers versions (``vit.encoder.layer`` in 4.x,
+        # ``vit.layers`` in 5.x): take the module list whose blocks have a pre-norm.
+        for name, module in model.named_modules():
+            if isinstance(module, nn.ModuleList) and len(module) > 0:
+                last = module[-1]
+                norm = next((n for n in ("layernorm_before", "norm1") if hasattr(last, n)), None)
+                if norm is None:
+                    continue
+                embeddings = getattr(getattr(model, getattr(model, "base_model_prefix", ""), None), "embeddings", None)
+                prefix = 2 if getattr(embeddings, "distillation_token", None) is not None else 1
+                registers = int(getattr(model.config, "num_register_tokens", 0) or 0)
+                return f"{name}.{len(module) - 1}.{norm}", TokenReshape(num_prefix_tokens=prefix + registers)
     return "auto", None
 
 

@@ -1,0 +1,198 @@
+"""The command line and the model SPECs: parsing, loading from local files, offline errors,
+and the subcommands run end to end on tiny models and real files."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torchvision
+from PIL import Image
+
+from multiexplain import GradCAM, GradCAMPlusPlus, cli, zoo
+
+
+@pytest.fixture(autouse=True)
+def _offline_and_few_threads(monkeypatch):
+    # Tests never reach the network: the zoo must answer from local files or say it is offline.
+    monkeypatch.setenv("MULTIEXPLAIN_OFFLINE", "1")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    torch.set_num_threads(2)
+
+
+@pytest.fixture
+def images(tmp_path: Path) -> list[str]:
+    rng = np.random.default_rng(0)
+    paths = []
+    for name, size in (("a.png", (70, 90)), ("b.jpg", (64, 64))):
+        path = tmp_path / name
+        Image.fromarray((rng.random((*size, 3)) * 255).astype(np.uint8)).save(path)
+        paths.append(str(path))
+    return paths
+
+
+@pytest.fixture(scope="module")
+def resnet_state(tmp_path_factory) -> str:
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("weights") / "resnet18.pt"
+    torch.save(torchvision.models.resnet18(num_classes=1000).state_dict(), path)
+    return str(path)
+
+
+# -- SPEC parsing --------------------------------------------------------------------------------
+@pytest.mark.parametrize(
+    "spec, expected",
+    [
+        ("torchvision:resnet50", zoo.ModelSpec("torchvision", "resnet50", None)),
+        ("torchvision:resnet50@none", zoo.ModelSpec("torchvision", "resnet50", "none")),
+        ("torchvision:vit_b_16@IMAGENET1K_V1", zoo.ModelSpec("torchvision", "vit_b_16", "IMAGENET1K_V1")),
+        ("hf:google/vit-base-patch16-224", zoo.ModelSpec("hf", "google/vit-base-patch16-224", None)),
+        ("hf:/models/my@vit", zoo.ModelSpec("hf", "/models/my@vit", None)),
+        ("pytorchvideo:x3d_s", zoo.ModelSpec("pytorchvideo", "x3d_s", None)),
+        ("builtin:scene-classifier", zoo.ModelSpec("builtin", "scene-classifier", None)),
+        ("weights/model.pt", zoo.ModelSpec("file", "weights/model.pt", None)),
+    ],
+)
+def test_parse_spec(spec, expected):
+    parsed = zoo.parse_spec(spec)
+    assert parsed == expected
+    assert str(parsed) == spec
+
+
+@pytest.mark.parametrize("spec", ["", "resnet50", "torchvision:", "torchvision:resnet50@", "s3:bucket/x"])
+def test_parse_spec_rejects_bad_strings(spec):
+    with pytest.raises(zoo.SpecError):
+        zoo.parse_spec(spec)
+
+
+def test_unknown_names_are_clear_errors():
+    with pytest.raises(zoo.SpecError, match="no model named 'resnet5000'"):
+        zoo.load_model("torchvision:resnet5000@none")
+    with pytest.raises(zoo.SpecError, match="has no weights 'BOGUS'.*IMAGENET1K_V1"):
+        zoo.load_model("torchvision:resnet18@BOGUS")
+    with pytest.raises(zoo.SpecError, match="no builtin model 'nope'.*scene-classifier"):
+        zoo.load_model("builtin:nope")
+    with pytest.raises(zoo.SpecError, match="pytorchvideo has no hub model"):
+        zoo.load_model("pytorchvideo:not_a_model@none")
+
+
+def test_offline_errors_say_so_and_show_the_local_alternative(tmp_path, monkeypatch):
+    monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path))  # an empty weights cache
+    with pytest.raises(zoo.OfflineError, match=r"cannot be reached \(offline\?\).*--arch torchvision:resnet18@none"):
+        zoo.load_model("torchvision:resnet18")
+    with pytest.raises(zoo.OfflineError, match=r"offline.*save_pretrained.*--model hf:DIR"):
+        zoo.load_model("hf:google/vit-base-patch16-224")
+    with pytest.raises(zoo.OfflineError, match=r"offline.*--arch pytorchvideo:x3d_s@none"):
+        zoo.load_model("pytorchvideo:x3d_s")
+
+
+def test_state_dict_with_arch_loads_the_same_weights(resnet_state):
+    loaded = zoo.load_model(resnet_state, arch="torchvision:resnet18", device="cpu")
+    reference = torchvision.models.resnet18()
+    reference.load_state_dict(torch.load(resnet_state, weights_only=True))
+    reference.eval()
+    x = torch.rand(1, 3, 64, 64)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded.model(x), reference(x))
+    assert not loaded.model.training
+    assert loaded.labels is not None and len(loaded.labels) == 1000 and loaded.preprocess is not None
+
+
+def test_state_dict_errors(resnet_state, tmp_path):
+    with pytest.raises(zoo.SpecError, match="--arch"):
+        zoo.load_model(resnet_state)
+    with pytest.raises(zoo.SpecError, match="does not fit the architecture"):
+        zoo.load_model(resnet_state, arch="torchvision:resnet34@none")
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        zoo.load_model(str(tmp_path / "missing.pt"), arch="torchvision:resnet18@none")
+
+
+def test_hf_local_directory_and_token_layer(tmp_path):
+    from transformers import ViTConfig, ViTForImageClassification, ViTImageProcessor
+
+    config = ViTConfig(image_size=32, patch_size=8, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                       intermediate_size=64, num_labels=3, id2label={0: "cat", 1: "dog", 2: "fox"},
+                       label2id={"cat": 0, "dog": 1, "fox": 2})
+    torch.manual_seed(0)
+    ViTForImageClassification(config).save_pretrained(tmp_path / "vit")
+    ViTImageProcessor(size={"height": 32, "width": 32}).save_pretrained(tmp_path / "vit")
+    loaded = zoo.load_model(f"hf:{tmp_path / 'vit'}", device="cpu")
+    assert loaded.labels == ["cat", "dog", "fox"]
+    assert loaded.layer in ("vit.layers.1.layernorm_before", "vit.encoder.layer.1.layernorm_before")
+    x = loaded.preprocess(Image.new("RGB", (50, 40), "red")).unsqueeze(0)
+    assert x.shape == (1, 3, 32, 32)
+    explanation = GradCAMPlusPlus(loaded.model, loaded.layer, reshape=loaded.reshape)(x, 2)
+    assert explanation.raw.shape == (1, 4, 4) and explanation.maps.shape == (1, 32, 32)
+    with pytest.raises(FileNotFoundError, match="no such directory"):
+        zoo.load_model(f"hf:{tmp_path / 'absent'}")
+
+
+def test_resolve_device():
+    assert zoo.resolve_device("cpu") == torch.device("cpu")
+    assert zoo.resolve_device("auto").type == ("cuda" if torch.cuda.is_available() else "cpu")
+    with pytest.raises(ValueError, match="unknown device"):
+        zoo.resolve_device("tpu")
+
+
+# -- the command line ------------------------------------------------------------------------------
+@pytest.mark.parametrize("command", ["demo", "classify", "caption", "video", "evaluate", "distill"])
+def test_every_subcommand_has_help(command, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main([command, "--help"])
+    assert exit_info.value.code == 0
+    text = capsys.readouterr().out
+    assert "--device" in text and "--out" in text
+
+
+def test_classify_end_to_end_with_an_unreadable_file(images, resnet_state, tmp_path, capsys):
+    bad = tmp_path / "broken.png"
+    bad.write_text("not an image")
+    out = tmp_path / "out"
+    code = cli.main(["classify", images[0], str(bad), images[1], str(tmp_path / "missing.jpg"), "--model", resnet_state,
+                     "--arch", "torchvision:resnet18", "--topk", "2", "--out", str(out), "--device", "cpu"])
+    captured = capsys.readouterr()
+    assert code == 0
+    assert "broken.png" in captured.err and "missing.jpg" in captured.err and "no such file" in captured.err
+    assert f"report: {out / 'index.html'}" in captured.out
+    predictions = json.loads((out / "predictions.json").read_text())
+    assert [Path(r["image"]).name for r in predictions["results"]] == ["a.png", "b.jpg"]
+    assert all(len(r["targets"]) == 2 for r in predictions["results"])
+    assert {Path(p).name for p in predictions["skipped"]} == {"broken.png", "missing.jpg"}
+    for result in predictions["results"]:
+        with Image.open(out / result["figure"]) as figure:
+            assert figure.width > 400  # input + 4 overlays + colour bar
+    page = (out / "index.html").read_text()
+    assert "broken.png" in page and predictions["results"][0]["figure"] in page
+
+
+def test_classify_target_by_name_matches_the_explainer(images, resnet_state, tmp_path):
+    out = tmp_path / "out"
+    assert cli.main(["classify", images[0], "--model", resnet_state, "--arch", "torchvision:resnet18@none",
+                     "--target", "goldfish", "--out", str(out), "--device", "cpu"]) == 0
+    result = json.loads((out / "predictions.json").read_text())["results"][0]
+    assert result["targets"][0]["class"] == 1 and result["targets"][0]["label"] == "goldfish"
+    # The CLI's probability is the softmax of the same model on the same preprocessed input.
+    loaded = zoo.load_model(resnet_state, arch="torchvision:resnet18", device="cpu")
+    x = loaded.preprocess(Image.open(images[0]).convert("RGB")).unsqueeze(0)
+    with torch.no_grad():
+        p = loaded.model(x).softmax(1)[0, 1].item()
+    assert result["targets"][0]["probability"] == pytest.approx(p, rel=1e-4)
+
+
+def test_classify_errors(images, resnet_state, tmp_path, capsys):
+    out = str(tmp_path / "out")
+    assert cli.main(["classify", str(tmp_path / "none.png"), "--model", resnet_state, "--arch",
+                     "torchvision:resnet18", "--out", out, "--device", "cpu"]) == 1
+    assert "no readable image" in capsys.readouterr().err
+    assert cli.main(["classify", images[0], "--model", "torchvision:resnet18@none", "--target", "zebraa",
+                     "--out", out, "--device", "cpu"]) == 1
+    assert "did you mean zebra" in capsys.readouterr().err
+    assert cli.main(["classify", images[0], "--model", resnet_state, "--out", out, "--device", "cpu"]) == 1
+    assert "--arch" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        cli.main(["classify", images[0], "--model", "torchvision:resnet18@none", "--alpha", "2"])
+    with pytest.raises(SystemExit):
+        cli.main(["classify", images[0], "--model", "torchvision:resnet18@none", "--colormap", "nocmap"])
