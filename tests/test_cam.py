@@ -187,7 +187,18 @@ def test_differentiable_mode_backpropagates_to_parameters_below_the_layer(tiny):
 
 def test_inference_mode_records_no_graph_below_the_layer(tiny):
     x = torch.randn(1, 3, 16, 16, requires_grad=True)
-    explanation = GradCAMPlusPlus(tiny, "conv2")(x)
+    seen = {}
+    handles = [
+        getattr(tiny, name).register_forward_hook(lambda m, i, o, name=name: seen.__setitem__(name, o.requires_grad))
+        for name in ("conv1", "conv2", "fc")
+    ]
+    try:
+        explanation = GradCAMPlusPlus(tiny, "conv2")(x)
+    finally:
+        for handle in handles:
+            handle.remove()
+    # Below and at the layer: no graph even though x and the weights require grad; above: a graph.
+    assert seen == {"conv1": False, "conv2": False, "fc": True}
     assert not explanation.maps.requires_grad
     assert x.grad is None and all(p.grad is None for p in tiny.parameters())
 
