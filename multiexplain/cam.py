@@ -17,7 +17,7 @@ import torch
 from torch import Tensor, nn
 
 from . import core
-from .layers import find_auto_layer, layer_name, resolve_layer
+from .layers import AutoLayer, auto_layer, layer_name, resolve_layer
 
 __all__ = ["Explanation", "BaseCAM", "GradCAM", "GradCAMPlusPlus", "model_logits", "Inputs", "Targets"]
 
@@ -240,6 +240,7 @@ class BaseCAM:
             raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
         self.model = model
         self.layer: nn.Module | None = None if target_layer == "auto" else resolve_layer(model, target_layer)
+        self.auto: AutoLayer | None = None  # what the "auto" pick found, once it ran
         self.reshape = reshape
         self.layer_call = layer_call
         self.logits = logits or model_logits
@@ -266,11 +267,32 @@ class BaseCAM:
     def layer_name(self) -> str | None:
         return None if self.layer is None else layer_name(self.model, self.layer)
 
-    def resolve_auto_layer(self, inputs: Inputs) -> nn.Module:
-        """Pick (once) the ``"auto"`` layer with one traced forward on ``inputs``."""
+    def resolve_auto_layer(
+        self, inputs: Inputs, targets: Targets = None, input_size: Sequence[int] | None = None
+    ) -> nn.Module:
+        """Pick (once) the ``"auto"`` layer with one traced forward on ``inputs``.
+
+        The pick is the last layer whose output is a feature map (channels-first, channels-last or
+        tokens on a patch grid) on which the scores of ``targets`` have a non-zero gradient, see
+        :func:`multiexplain.layers.auto_layer`. A token or channels-last layout also sets
+        ``self.reshape`` (unless one was given), so ViT / MViT / Swin-style outputs need no options.
+        """
         if self.layer is None:
-            batch = primary_input(inputs).shape[0]
-            self.layer = find_auto_layer(self.model, lambda: call_model(self.model, inputs), batch)
+            reference = primary_input(inputs)
+            n = reference.shape[0]
+            spatial = tuple(input_size) if input_size is not None else tuple(reference.shape[2:])
+            found = auto_layer(
+                self.model,
+                lambda: call_model(self.model, inputs),
+                (n, 0, *spatial),  # (N, channels unused, *spatial)
+                score=lambda output: self._scores(output, targets, n)[0],
+            )
+            self.layer = found.module
+            self.auto = found
+            if self.reshape is None:
+                self.reshape = found.reshape
+            if self.layer_call is None and found.call_index > 0:
+                self.layer_call = found.call_index
         return self.layer
 
     def __call__(
@@ -315,7 +337,7 @@ class BaseCAM:
                 f"expected a batched channels-first input (N, C, *spatial), got shape {tuple(reference.shape)}; "
                 "add the batch axis (x.unsqueeze(0)) or pass input_size="
             )
-        layer = self.resolve_auto_layer(inputs)
+        layer = self.resolve_auto_layer(inputs, targets, input_size)
         capture = _LayerCapture(layer, layer_name(self.model, layer), not differentiable, self.layer_call)
         grad_mode = torch.is_grad_enabled()
         try:
