@@ -191,7 +191,27 @@ def cmd_classify(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    raise CommandError("demo: not yet available")
+    import time
+
+    import torch
+
+    from .demo import DemoSettings, run_demo
+
+    tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
+    unknown = sorted(set(tasks) - set(TASKS))
+    if unknown:
+        raise CommandError(f"unknown task(s) {unknown} in --tasks; choose from {', '.join(TASKS)}")
+    settings = DemoSettings(Path(args.out), device=torch.device(args.device), seed=args.seed, tasks=tasks,
+                            colormap=args.colormap, alpha=args.alpha)
+    if args.eval_size is not None:
+        settings.eval_size = {task: args.eval_size for task in settings.eval_size}
+    started = time.perf_counter()
+    result = run_demo(settings)
+    for task, state in result.status.items():
+        print(f"{task:>15}: {state} ({result.seconds[task]:.1f} s)")
+    print(f"demo finished in {time.perf_counter() - started:.1f} s")
+    print(f"report: {result.index}")
+    return EXIT_FAILED if "failed" in result.status.values() else EXIT_OK
 
 
 def cmd_caption(args: argparse.Namespace) -> int:
