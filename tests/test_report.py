@@ -1,0 +1,157 @@
+"""The static HTML report: what it writes, that it is self-contained, and that the demo's report
+renders in headless Chromium with every image loaded and every task's section present."""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from multiexplain import report as rp
+from multiexplain.demo import TASKS, DemoSettings, run_demo
+from multiexplain.viz import save_overlay_grid
+
+needs_chromium = pytest.mark.skipif(rp.find_chromium() is None, reason="chromium is not installed (.ci/run installs it)")
+CHECKPOINTS = Path(__file__).resolve().parents[1] / "multiexplain" / "checkpoints"
+# The shipped checkpoint each demo task needs (the section is "unavailable" without it).
+TASK_CHECKPOINTS = {
+    "classification": ["scene_cnn.pt"],
+    "captioning": ["show_and_tell.pt"],
+    "video": ["action_c3d.pt"],
+    "distillation": ["distill_teacher.pt", "distill_student.pt"],
+}
+
+
+def _figure(path: Path, seed: int = 0) -> Path:
+    torch.manual_seed(seed)
+    yy, xx = torch.meshgrid(torch.linspace(-1, 1, 32), torch.linspace(-1, 1, 32), indexing="ij")
+    save_overlay_grid(path, torch.rand(3, 32, 32), [torch.exp(-(xx**2 + yy**2) * 4)], ["Grad-CAM++: <b>cat</b>"])
+    return path
+
+
+def _gif(path: Path) -> Path:
+    frames = [Image.fromarray(np.full((24, 32, 3), 40 * i, np.uint8)) for i in range(4)]
+    frames[0].save(path, save_all=True, append_images=frames[1:], duration=125, loop=0)
+    return path
+
+
+def _sample_report(root: Path, outside: Path) -> rp.Report:
+    (root / "cls").mkdir(parents=True)
+    _figure(root / "cls" / "a.png")
+    _gif(root / "clip.gif")
+    (root / "clip.mp4").write_bytes(b"\x00")  # only linked, never rendered
+    report = rp.Report("Test <report>", intro="first paragraph\n\nsecond & last")
+    first = report.section("classification", "Classification")
+    first.add_text("maps for <all> classes").add_figures(
+        [rp.Figure("cls/a.png", "scene <0>"), rp.Figure(_figure(outside / "elsewhere.png", 1), "copied in")], "Figures")
+    first.add_table(["metric", "Grad-CAM++", "Grad-CAM"], [["Average Drop %", 12.3456, 20.0], ["Win %", 70.0, float("nan")]],
+                    "caption <x>", highlight=[1, None])
+    first.add_settings({"layer": "features", "alpha": 0.5})
+    second = report.section("video", "Video")
+    second.add_figures([rp.Figure(root / "clip.gif", "a clip", links={"MP4": "clip.mp4"})]).add_note("note & warning")
+    return report
+
+
+def test_write_report_is_self_contained_and_escaped(tmp_path):
+    root, outside = tmp_path / "out", tmp_path / "elsewhere"
+    outside.mkdir()
+    index = rp.write_report(_sample_report(root, outside), root)
+    page = index.read_text()
+    assert index == root.resolve() / "index.html"
+    assert page.startswith("<!DOCTYPE html>")
+    assert not re.search(r"(https?:)?//[a-z]", page.replace("<!DOCTYPE", "")), "no external URLs"
+    assert "<script" not in page and "<link" not in page
+    sources = re.findall(r'<img src="([^"]+)"', page)
+    assert sources == ["cls/a.png", "assets/000_elsewhere.png", "clip.gif"]
+    for source in sources:
+        assert not Path(source).is_absolute() and (root / source).is_file()
+    assert '<a href="clip.mp4">MP4</a>' in page
+    # Everything user-supplied is escaped.
+    assert "Test &lt;report&gt;" in page and "scene &lt;0&gt;" in page and "caption &lt;x&gt;" in page
+    assert "maps for &lt;all&gt; classes" in page and "note &amp; warning" in page
+    assert '<td class=best>12.35</td>' in page and "<td>n/a</td>" in page
+    assert page.count("<section id=") == 2 and '<a href="#video">Video</a>' in page
+    # Image sizes are declared so the layout does not jump while loading.
+    width, height = Image.open(root / "cls" / "a.png").size
+    assert f'width="{width}" height="{height}"' in page
+    data = json.loads((root / "report.json").read_text())
+    assert [s["id"] for s in data["sections"]] == ["classification", "video"]
+    table = next(b for b in data["sections"][0]["blocks"] if b["kind"] == "table")
+    assert table["content"]["rows"][0] == ["Average Drop %", 12.3456, 20.0]
+
+
+def test_report_errors(tmp_path):
+    report = rp.Report("x")
+    report.section("a", "A")
+    with pytest.raises(ValueError, match="duplicate section id"):
+        report.section("a", "again")
+    with pytest.raises(ValueError, match="must be non-empty letters"):
+        report.section("bad id", "B")
+    report.sections[0].add_figures([rp.Figure("missing.png")])
+    with pytest.raises(FileNotFoundError, match="missing.png"):
+        rp.write_report(report, tmp_path)
+    table_report = rp.Report("t")
+    table_report.section("t", "T").add_table(["a", "b"], [[1]])
+    with pytest.raises(ValueError, match="row 0 has 1 cells for 2 headers"):
+        rp.write_report(table_report, tmp_path)
+
+
+@needs_chromium
+def test_chromium_sees_every_image_and_catches_a_broken_one(tmp_path):
+    root, outside = tmp_path / "out", tmp_path / "elsewhere"
+    outside.mkdir()
+    index = rp.write_report(_sample_report(root, outside), root)
+    shot = tmp_path / "shot.png"
+    probe = rp.render_in_chromium(index, screenshot=shot, window=(1000, 800))
+    assert probe["sections"] == ["classification", "video"]
+    assert [i["src"] for i in probe["images"]] == ["cls/a.png", "assets/000_elsewhere.png", "clip.gif"]
+    assert all(i["complete"] and i["naturalWidth"] > 0 for i in probe["images"])
+    with Image.open(shot) as image:
+        assert image.size == (1000, 800)
+        assert np.asarray(image.convert("L")).std() > 5  # rendered content, not a blank page
+    # The probe is not vacuous: a missing file shows up as an image that did not load.
+    (root / "clip.gif").unlink()
+    broken = rp.render_in_chromium(index)
+    assert [i["naturalWidth"] > 0 for i in broken["images"]] == [True, True, False]
+    assert not list(root.glob(".probe_*")), "the probe page is removed"
+
+
+@needs_chromium
+@pytest.mark.slow
+def test_demo_report_renders_with_all_sections(tmp_path):
+    """The demo on small batches: every task's section exists, every image loads, and a task whose
+    shipped checkpoint exists ran (status ok, at least one figure)."""
+    torch.set_num_threads(2)
+    settings = DemoSettings(tmp_path / "demo", seed=3, progress=False,
+                            eval_size={"classification": 16, "captioning": 3, "video": 4, "distillation": 16},
+                            show={"classification": 1, "captioning": 1, "video": 1, "distillation": 1})
+    result = run_demo(settings)
+    assert "failed" not in result.status.values(), result.status
+    for task, files in TASK_CHECKPOINTS.items():
+        if all((CHECKPOINTS / f).is_file() for f in files):
+            assert result.status[task] == "ok", (task, result.status)
+    shot = tmp_path / "demo.png"
+    probe = rp.render_in_chromium(result.index, screenshot=shot, window=(1300, 1600))
+    assert set(TASKS) <= set(probe["sections"])
+    if "ok" in result.status.values():
+        assert probe["images"], "the report shows images"
+    broken = [i["src"] for i in probe["images"] if not (i["complete"] and i["naturalWidth"] > 0)]
+    assert not broken, f"images that did not load: {broken}"
+    page = result.index.read_text()
+    for task, state in result.status.items():
+        block = page.split(f'<section id="{task}">', 1)[1].split("</section>", 1)[0]
+        if state == "ok":
+            assert "<img " in block and "<table>" in block and "Grad-CAM++" in block
+        else:
+            assert "not available here" in block
+    with Image.open(shot) as image:
+        assert image.size == (1300, 1600) and np.asarray(image.convert("L")).std() > 5
+    metrics_json = json.loads((settings.out / "metrics.json").read_text())
+    assert metrics_json["status"] == result.status
+    shutil.rmtree(settings.out)
