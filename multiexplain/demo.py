@@ -295,7 +295,66 @@ def _arch_name(model: torch.nn.Module) -> str:
 
 # -- captioning ----------------------------------------------------------------------------------------
 def _captioning(settings: DemoSettings, section: Section) -> dict[str, Any]:
-    raise Unavailable("the captioning section is not wired yet")
+    try:
+        from .adapters import captioning as adapter
+    except ImportError as error:
+        raise Unavailable(f"the captioning adapter is not available ({error})") from None
+    try:
+        model, vocabulary = adapter.load_show_and_tell(device=settings.device)
+    except FileNotFoundError as error:
+        raise Unavailable(str(error)) from None
+    section.add_text(
+        "A Show-Attend-Tell captioner (CNN encoder + LSTM decoder) writes a caption for each scene; every "
+        "word is then scored by its log-probability given the image and the words before it, and all word "
+        "maps come from one teacher-forced forward pass. The last panel explains the whole caption (its "
+        "log-probability), which is what the paper explains. Count words should cover every object of "
+        "their group, colour and shape words the objects they name."
+    )
+    out = settings.out / "captioning"
+    out.mkdir(parents=True, exist_ok=True)
+    scenes = adapter.make_captioned_scenes(settings.show["captioning"], settings.data_seed)
+    figures = []
+    for i in _progress(range(len(scenes)), settings, "captions"):
+        explanation = adapter.explain_caption(model, scenes.images[i], tokenizer=vocabulary)
+        for method in METHOD_NAMES:
+            path = out / f"scene_{i}_{method.replace('+', 'p')}.png"
+            explanation.save_figure(str(path), method, alpha=settings.alpha, colormap=settings.colormap)
+            figures.append(Figure(path.relative_to(settings.out),
+                                  f"Scene {i}, {METHOD_NAMES[method]}: generated \"{explanation.caption}\" "
+                                  f"(ground truth \"{scenes.captions[i]}\")"))
+    section.add_figures(figures, "Per-word maps of generated captions (Grad-CAM++ and Grad-CAM)")
+
+    # Held-out metrics: the ground-truth caption of each scene is explained word by word, and each
+    # word's map is compared with the exact mask of the objects the word names.
+    n = settings.eval_size["captioning"]
+    held_out = adapter.make_captioned_scenes(n, settings.data_seed + 1)
+    explanations = adapter.explain_caption(model, held_out.images.to(settings.device), list(held_out.captions),
+                                           tokenizer=vocabulary)
+    word_maps: dict[str, list[Tensor]] = {m: [] for m in METHOD_NAMES}
+    word_masks: list[Tensor] = []
+    for i, explanation in enumerate(explanations):
+        if explanation.words != held_out.words[i]:
+            continue  # tokenisation differs from the data set's words: nothing to align
+        keep = [j for j, kind in enumerate(held_out.word_kinds[i]) if kind != "other" and held_out.word_masks[i][j].any()]
+        for method in METHOD_NAMES:
+            word_maps[method].append(explanation.for_method(method).maps[keep])
+        word_masks.append(held_out.word_masks[i][keep])
+    if not word_masks:
+        raise RuntimeError("no held-out caption could be aligned with its word masks")
+    maps = {m: torch.cat(word_maps[m]) for m in METHOD_NAMES}
+    masks = torch.cat(word_masks).to(maps["gradcam++"].device)
+    results = _localisation(maps, masks)
+    ids = model.generate(held_out.images.to(settings.device))  # greedy, as in the figures
+    captions = [vocabulary.decode(row.tolist()) for row in ids]
+    exact = 100.0 * sum(c == t for c, t in zip(captions, held_out.captions)) / n
+    _metrics_table(section, results, f"{masks.shape[0]} content words (count, colour, shape) of {n} held-out scenes "
+                   f"(seed {settings.data_seed + 1}); ground truth = the pixels of the objects each word names. "
+                   f"Generated captions match the ground truth exactly for {exact:.0f}% of these scenes.")
+    section.add_settings({"model": "builtin:show-and-tell (ShowAttendTell)", "layer": explanations[0].layer,
+                          "score": "log p(word | image, previous words)", "decoding": "greedy",
+                          "colormap": settings.colormap, "alpha": settings.alpha})
+    results["exact caption match %"] = exact
+    return results
 
 
 # -- video ----------------------------------------------------------------------------------------------
