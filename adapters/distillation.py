@@ -43,6 +43,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+import multiexplain
 from multiexplain import core
 from multiexplain.cam import METHODS, BaseCAM, Inputs, call_model, model_logits, primary_input
 from multiexplain.distill_data import DISTILL_CLASSES, DistillDataset, make_distill_dataset
@@ -69,7 +70,8 @@ __all__ = [
 ]
 
 NORMALIZATIONS = ("none", "l2", "max", "minmax")
-CHECKPOINT_DIR = Path(__file__).resolve().parent.parent / "multiexplain" / "checkpoints"
+#: Where the shipped checkpoints live: ``multiexplain/checkpoints`` inside the installed package.
+CHECKPOINT_DIR = Path(multiexplain.__file__).resolve().parent / "checkpoints"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -322,7 +324,8 @@ class ExplanationLoss(LossTerm):
             layer = self._layers[role]
             if layer == "auto":
                 # Trace the unwrapped model: a DDP forward would prepare its reducer for a backward.
-                layer = find_auto_layer(inner, lambda: call_model(inner, inputs), primary_input(inputs).shape[0])
+                reference = primary_input(inputs)
+                layer = find_auto_layer(inner, lambda: call_model(inner, inputs), reference.shape[0], input_shape=tuple(reference.shape))
             else:
                 layer = resolve_layer(inner, layer)
             self._explainers[role] = METHODS[self.method](model, layer, create_graph=role == "student")
