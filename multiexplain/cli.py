@@ -215,7 +215,45 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def cmd_caption(args: argparse.Namespace) -> int:
-    raise CommandError("caption: not yet available")
+    from .adapters.captioning import explain_caption
+    from .report import Figure, Report
+
+    loaded = _load(args.model, args.arch, "captioning", args.device)
+    images, failed = read_images(args.images)
+    if not images:
+        _log("multiexplain: no readable image")
+        return EXIT_FAILED
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    processor, tokenizer = loaded.extra.get("processor"), loaded.extra.get("tokenizer")
+    side = getattr(loaded.model, "image_size", None)
+    report = Report("multiexplain caption", intro=f"Model {args.model}: one Grad-CAM++ (and Grad-CAM) map per word.")
+    section = report.section("captioning", "Captioning")
+    figures, results = [], []
+    for index, (path, image) in enumerate(_progress(images, len(images), "caption", "image")):
+        if processor is None and isinstance(side, int):
+            image = image.resize((side, side))  # the shipped captioner takes side x side inputs
+        explanation = explain_caption(loaded.model, image, args.caption, processor=processor, tokenizer=tokenizer)
+        entry = {"image": path, "caption": explanation.caption, "generated": explanation.generated,
+                 "words": explanation.words, "word_log_probabilities": [float(v) for v in explanation.scores],
+                 "caption_log_probability": float(explanation.caption_score), "figures": {}}
+        for method, name in (("gradcam++", "Grad-CAM++"), ("gradcam", "Grad-CAM")):
+            figure = out / f"{_stem(path, index)}_{method.replace('+', 'p')}.png"
+            explanation.save_figure(str(figure), method, alpha=args.alpha, colormap=args.colormap)
+            entry["figures"][method] = figure.name
+            figures.append(Figure(figure.name, f"{Path(path).name}, {name}: \"{explanation.caption}\""))
+        results.append(entry)
+        print(f"{path}: {explanation.caption}")
+    section.add_figures(figures, "Per-word maps")
+    if failed:
+        section.add_note("Skipped unreadable files: " + "; ".join(f"{p} ({r})" for p, r in failed))
+    settings = {"model": args.model, "caption": args.caption or "generated (greedy)", "device": args.device,
+                "colormap": args.colormap, "alpha": args.alpha}
+    section.add_settings(settings)
+    (out / "captions.json").write_text(json.dumps({"settings": settings, "results": results,
+                                                   "skipped": [p for p, _ in failed]}, indent=2))
+    _finish(report, out)
+    return EXIT_OK
 
 
 def cmd_video(args: argparse.Namespace) -> int:

@@ -304,10 +304,13 @@ def _load_hf(parsed: ModelSpec, task: str | None) -> LoadedModel:
     is_dir = local.is_dir()
     if not is_dir and (name.startswith((".", "/", "~")) or name.count("/") > 1):
         raise FileNotFoundError(f"hf:{name}: no such directory (a local model is a directory written by save_pretrained)")
-    if task not in (None, "classification"):
-        raise SpecError(f"hf: models are supported for classification here; for {task} use the task's builtin model")
+    if task not in (None, "classification", "captioning"):
+        raise SpecError(f"hf: models are supported for classification and captioning; for {task} use "
+                        "pytorchvideo:, builtin: or a .pt file with --arch")
     offline = not is_dir and not host_reachable(_HOSTS["hf"])
     source = str(local) if is_dir else name
+    if task == "captioning":
+        return _load_hf_captioner(parsed, source, offline or is_dir, offline)
     try:
         model = transformers.AutoModelForImageClassification.from_pretrained(source, local_files_only=offline or is_dir)
     except OSError as error:
@@ -335,6 +338,38 @@ def _load_hf(parsed: ModelSpec, task: str | None) -> LoadedModel:
     layer, reshape = _hf_layer(model)
     return LoadedModel(model, parsed, "classification", preprocess=preprocess, labels=labels, layer=layer,
                        reshape=reshape, mean=mean, std=std, extra={"processor": processor})
+
+
+def _load_hf_captioner(parsed: ModelSpec, source: str, local_only: bool, offline: bool) -> LoadedModel:
+    """A Hugging Face captioner: BLIP (``model_type == "blip"``) or a VisionEncoderDecoderModel,
+    with its processor (image processor + tokenizer) when the directory / Hub repo has one."""
+    import transformers
+
+    try:
+        config = transformers.AutoConfig.from_pretrained(source, local_files_only=local_only)
+        if config.model_type == "blip":
+            model = transformers.BlipForConditionalGeneration.from_pretrained(source, local_files_only=local_only)
+        elif config.model_type == "vision-encoder-decoder":
+            model = transformers.VisionEncoderDecoderModel.from_pretrained(source, local_files_only=local_only)
+        else:
+            raise SpecError(f"hf:{parsed.name} is a {config.model_type!r} model; captioning supports BLIP and "
+                            "VisionEncoderDecoder models")
+    except OSError as error:
+        if offline:
+            raise OfflineError(_offline_message(
+                parsed, "the model files",
+                f"on a machine with internet save the model, its processor and tokenizer with "
+                f"save_pretrained('DIR') (e.g. VisionEncoderDecoderModel.from_pretrained('{parsed.name}')), "
+                "copy DIR here and pass --model hf:DIR",
+            )) from None
+        raise SpecError(f"cannot load hf:{parsed.name}: {error}") from None
+    extra: dict[str, Any] = {}
+    for key, factory in (("processor", transformers.AutoProcessor), ("tokenizer", transformers.AutoTokenizer)):
+        try:
+            extra[key] = factory.from_pretrained(source, local_files_only=local_only)
+        except (OSError, ValueError, KeyError, TypeError):
+            pass
+    return LoadedModel(model, parsed, "captioning", extra=extra)
 
 
 def _hf_preprocess(processor: Any, size: int, mean: tuple[float, ...], std: tuple[float, ...]) -> Callable[[Any], Tensor]:
@@ -427,14 +462,22 @@ def _load_builtin(parsed: ModelSpec, task: str | None) -> LoadedModel:
         raise SpecError(f"builtin:{parsed.name} needs {entry.loader}, which is not available: {error}") from None
     result = loader()
     extra: dict[str, Any] = {}
-    if isinstance(result, tuple):  # the distillation pair: (teacher, student)
+    labels: list[str] | None = None
+    model = result
+    if isinstance(result, tuple):
+        # Loaders return (model, companion): the distillation pair's student, the video model's
+        # class names, or the captioner's vocabulary (used as its tokenizer).
         model, *others = result
-        extra.update({"student": others[0]} if others else {})
-    else:
-        model = result
-    loaded = LoadedModel(model, parsed, entry.task, extra=extra)
-    if entry.task == "classification":
-        loaded.labels = _builtin_labels(model)
+        for other in others:
+            if isinstance(other, nn.Module):
+                extra["student"] = other
+            elif isinstance(other, (list, tuple)) and all(isinstance(v, str) for v in other):
+                labels = list(other)
+            else:
+                extra["tokenizer"] = other
+    loaded = LoadedModel(model, parsed, entry.task, labels=labels or _builtin_labels(model), extra=extra)
+    if entry.task in ("classification", "captioning", "video", "distillation"):
+        # The shipped models take inputs in [0, 1] and normalise inside (or not at all).
         loaded.mean, loaded.std = (0.0, 0.0, 0.0), (1.0, 1.0, 1.0)
     return loaded
 
