@@ -106,13 +106,16 @@ def grad_cam_plus_plus_alpha(
     activations = activations.to(dtype)
     gradients = gradients.to(dtype)
     activation_sums = activations.sum(dim=dims, keepdim=True)
-    g2 = gradients * gradients
-    denominator = 2 * g2 + activation_sums * g2 * gradients
-    defined = denominator != 0
+    # Wherever g != 0, g^2 / (2 g^2 + sum(A) g^3) = 1 / (2 + sum(A) g): the same alpha without
+    # forming g^2 and g^3, which underflow to 0 (|g| < ~1e-19) or overflow to inf (|g| > ~1e12)
+    # in float32 and turned alpha into 0 (a silently empty map) or NaN. The undefined set is the
+    # same: g == 0, or 2 + sum(A) g == 0.
+    denominator = 2 + activation_sums * gradients
+    defined = (gradients != 0) & (denominator != 0)
     # A safe denominator instead of dividing by zero and masking afterwards: torch.where with a
     # NaN in the untaken branch still leaks NaN into the backward pass (double backprop).
     safe_denominator = torch.where(defined, denominator, torch.ones_like(denominator))
-    return torch.where(defined, g2 / safe_denominator, torch.zeros_like(denominator))
+    return torch.where(defined, 1 / safe_denominator, torch.zeros_like(denominator))
 
 
 def grad_cam_plus_plus_weights(
