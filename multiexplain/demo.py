@@ -151,6 +151,31 @@ def _batches(n: int, size: int) -> list[slice]:
 
 
 # -- classification ----------------------------------------------------------------------------------
+def evaluate_classification(model: torch.nn.Module, n: int, seed: int, device: torch.device | str = "cpu") -> dict[str, dict[str, float]]:
+    """Metrics of Grad-CAM++ and Grad-CAM for the shipped scene classifier on ``make_scenes(n, seed)``.
+
+    Each scene is explained for its highest-scoring class that is present. Returns
+    ``{method: {metric: value}}``: Average Drop / Increase in Confidence / Win % (sigmoid
+    confidences, eq. 25 explanation input), Loc(delta), pointing game, energy inside the class's
+    pixels and the share of the class's instances the map covers.
+    """
+    from .adapters import classification as adapter
+
+    held_out = adapter.make_scenes(n, seed)
+    inputs = held_out.images.to(device)
+    with torch.no_grad():
+        logits = model(inputs)
+    present = held_out.labels.to(device) > 0
+    targets = torch.where(present, logits, torch.full_like(logits, -torch.inf)).argmax(dim=1)
+    maps = {m: torch.cat([adapter.explain_images(model, inputs[b], method=m, targets=targets[b]).maps
+                          for b in _batches(n, 128)]) for m in METHOD_NAMES}
+    masks = held_out.class_masks.to(device)[torch.arange(n, device=device), targets]
+    instances = held_out.instances_of(targets.cpu()).to(device)
+    coverage = {m: {"Instances covered % (higher is better)": 100 * float(metrics.multi_instance_coverage(maps[m], instances)[0].mean())}
+                for m in METHOD_NAMES}
+    return _merge(_faithfulness(model, inputs, maps, targets, "sigmoid"), _localisation(maps, masks), coverage)
+
+
 def _classification(settings: DemoSettings, section: Section) -> dict[str, Any]:
     try:
         from .adapters import classification as adapter
@@ -193,20 +218,8 @@ def _classification(settings: DemoSettings, section: Section) -> dict[str, Any]:
                               "for every detected class"))
     section.add_figures(figures, "Grad-CAM++ and Grad-CAM per detected class")
 
-    # Held-out metrics: each scene explained for its highest-scoring present class.
     n = settings.eval_size["classification"]
-    held_out = adapter.make_scenes(n, settings.data_seed + 1)
-    inputs = held_out.images.to(settings.device)
-    with torch.no_grad():
-        logits = model(inputs)
-    present = held_out.labels.to(settings.device) > 0
-    targets = torch.where(present, logits, torch.full_like(logits, -torch.inf)).argmax(dim=1)
-    maps = {m: adapter.explain_images(model, inputs, method=m, targets=targets).maps for m in METHOD_NAMES}
-    masks = held_out.class_masks.to(settings.device)[torch.arange(n, device=settings.device), targets]
-    instances = held_out.instances_of(targets.cpu()).to(settings.device)
-    coverage = {m: {"Instances covered % (higher is better)": 100 * float(metrics.multi_instance_coverage(maps[m], instances)[0].mean())}
-                for m in METHOD_NAMES}
-    results = _merge(_faithfulness(model, inputs, maps, targets, "sigmoid"), _localisation(maps, masks), coverage)
+    results = evaluate_classification(model, n, settings.data_seed + 1, settings.device)
     _metrics_table(section, results, f"{n} held-out scenes (seed {settings.data_seed + 1}), each explained for its "
                    "top-scoring present class. Confidences are sigmoid probabilities; the explanation input is the "
                    "map times the image (eq. 25). Masks are the exact pixels of every instance of the class.")
@@ -218,6 +231,36 @@ def _classification(settings: DemoSettings, section: Section) -> dict[str, Any]:
 
 
 # -- distillation ----------------------------------------------------------------------------------
+def evaluate_distillation(teacher: torch.nn.Module, student: torch.nn.Module, n: int, seed: int,
+                          device: torch.device | str = "cpu") -> tuple[dict[str, dict[str, float]], dict[str, float]]:
+    """Map agreement of a teacher/student pair on ``make_distill_dataset(n, seed)`` (true class).
+
+    Returns ``({method: {metric: value}}, {"teacher": error %, "student": error %})``: the mean
+    Pearson correlation of the student's and the teacher's maps, and each model's map energy on
+    the target shape.
+    """
+    from . import GradCAM, GradCAMPlusPlus
+    from .adapters import distillation as adapter
+
+    models = {"teacher": teacher, "student": student}
+    held_out = adapter.make_distill_dataset(n, seed)
+    inputs, targets = held_out.images.to(device), held_out.labels.to(device)
+    masks = held_out.masks.to(device)
+    results: dict[str, dict[str, float]] = {m: {} for m in METHOD_NAMES}
+    errors = {role: adapter.evaluate_student(m, held_out, device=device) for role, m in models.items()}
+    for method, cls in (("gradcam++", GradCAMPlusPlus), ("gradcam", GradCAM)):
+        role_maps = {}
+        for role, model in models.items():
+            explainer = cls(model, getattr(model, "cam_layer", "auto"))
+            role_maps[role] = torch.cat([explainer(inputs[b], targets[b]).maps for b in _batches(n, 128)])
+        results[method]["Student-teacher map correlation (higher is better)"] = float(
+            adapter.map_correlation(role_maps["student"], role_maps["teacher"]).mean())
+        for role in models:
+            energy = metrics.energy_pointing_game(role_maps[role], masks)
+            results[method][f"{role.capitalize()} energy on the target % (higher is better)"] = 100 * float(energy.mean())
+    return results, errors
+
+
 def _distillation(settings: DemoSettings, section: Section) -> dict[str, Any]:
     try:
         from .adapters import distillation as adapter
@@ -265,27 +308,14 @@ def _distillation(settings: DemoSettings, section: Section) -> dict[str, Any]:
     section.add_figures(figures, "Teacher vs student, Grad-CAM++ and Grad-CAM (true class)")
 
     n = settings.eval_size["distillation"]
-    held_out = adapter.make_distill_dataset(n, settings.data_seed + 1)
-    inputs, targets = held_out.images.to(settings.device), held_out.labels.to(settings.device)
-    masks = held_out.masks.to(settings.device)
-    results: dict[str, dict[str, float]] = {m: {} for m in METHOD_NAMES}
-    errors = {role: adapter.evaluate_student(m, held_out, device=settings.device) for role, m in models.items()}
-    for method in METHOD_NAMES:
-        role_maps = {role: torch.cat([explainers[(role, method)](inputs[s], targets[s]).maps for s in _batches(n, 128)])
-                     for role in models}
-        results[method]["Student-teacher map correlation (higher is better)"] = float(
-            adapter.map_correlation(role_maps["student"], role_maps["teacher"]).mean())
-        for role in models:
-            energy = metrics.energy_pointing_game(role_maps[role], masks)
-            results[method][f"{role.capitalize()} energy on the target % (higher is better)"] = 100 * float(energy.mean())
+    results, errors = evaluate_distillation(teacher, student, n, settings.data_seed + 1, settings.device)
     _metrics_table(section, results, f"{n} held-out images (seed {settings.data_seed + 1}), explained for the true class.")
     section.add_table(["model", "test error %"], [[f"teacher ({names['teacher']})", errors["teacher"]],
                                                   [f"student ({names['student']})", errors["student"]]],
                       f"Top-1 error on the same {n} held-out images.")
     section.add_settings({"model": "builtin:distill-pair", "teacher layer": layer["teacher"],
                           "student layer": layer["student"], "colormap": settings.colormap, "alpha": settings.alpha})
-    results["errors"] = errors
-    return results
+    return {**results, "test error %": errors}
 
 
 def _arch_name(model: torch.nn.Module) -> str:
@@ -294,6 +324,39 @@ def _arch_name(model: torch.nn.Module) -> str:
 
 
 # -- captioning ----------------------------------------------------------------------------------------
+def evaluate_captioning(model: torch.nn.Module, vocabulary: Any, n: int, seed: int,
+                        device: torch.device | str = "cpu") -> tuple[dict[str, dict[str, float]], int, float]:
+    """Per-word localisation of Grad-CAM++ and Grad-CAM on ``make_captioned_scenes(n, seed)``.
+
+    The ground-truth caption of each scene is explained word by word and each content word's
+    (count, colour, shape) map is compared with the exact pixels of the objects it names.
+    Returns ``({method: {metric: value}}, number of words scored, exact-match % of the greedy
+    captions)``.
+    """
+    from .adapters import captioning as adapter
+
+    held_out = adapter.make_captioned_scenes(n, seed)
+    explanations = adapter.explain_caption(model, held_out.images.to(device), list(held_out.captions),
+                                           tokenizer=vocabulary)
+    word_maps: dict[str, list[Tensor]] = {m: [] for m in METHOD_NAMES}
+    word_masks: list[Tensor] = []
+    for i, explanation in enumerate(explanations):
+        if explanation.words != held_out.words[i]:
+            continue  # tokenisation differs from the data set's words: nothing to align
+        keep = [j for j, kind in enumerate(held_out.word_kinds[i]) if kind != "other" and held_out.word_masks[i][j].any()]
+        for method in METHOD_NAMES:
+            word_maps[method].append(explanation.for_method(method).maps[keep])
+        word_masks.append(held_out.word_masks[i][keep])
+    if not word_masks:
+        raise RuntimeError("no held-out caption could be aligned with its word masks")
+    maps = {m: torch.cat(word_maps[m]) for m in METHOD_NAMES}
+    masks = torch.cat(word_masks).to(maps["gradcam++"].device)
+    ids = model.generate(held_out.images.to(device))  # greedy, as in the figures
+    captions = [vocabulary.decode(row.tolist()) for row in ids]
+    exact = 100.0 * sum(c == t for c, t in zip(captions, held_out.captions)) / n
+    return _localisation(maps, masks), int(masks.shape[0]), exact
+
+
 def _captioning(settings: DemoSettings, section: Section) -> dict[str, Any]:
     try:
         from .adapters import captioning as adapter
@@ -324,37 +387,15 @@ def _captioning(settings: DemoSettings, section: Section) -> dict[str, Any]:
                                   f"(ground truth \"{scenes.captions[i]}\")"))
     section.add_figures(figures, "Per-word maps of generated captions (Grad-CAM++ and Grad-CAM)")
 
-    # Held-out metrics: the ground-truth caption of each scene is explained word by word, and each
-    # word's map is compared with the exact mask of the objects the word names.
     n = settings.eval_size["captioning"]
-    held_out = adapter.make_captioned_scenes(n, settings.data_seed + 1)
-    explanations = adapter.explain_caption(model, held_out.images.to(settings.device), list(held_out.captions),
-                                           tokenizer=vocabulary)
-    word_maps: dict[str, list[Tensor]] = {m: [] for m in METHOD_NAMES}
-    word_masks: list[Tensor] = []
-    for i, explanation in enumerate(explanations):
-        if explanation.words != held_out.words[i]:
-            continue  # tokenisation differs from the data set's words: nothing to align
-        keep = [j for j, kind in enumerate(held_out.word_kinds[i]) if kind != "other" and held_out.word_masks[i][j].any()]
-        for method in METHOD_NAMES:
-            word_maps[method].append(explanation.for_method(method).maps[keep])
-        word_masks.append(held_out.word_masks[i][keep])
-    if not word_masks:
-        raise RuntimeError("no held-out caption could be aligned with its word masks")
-    maps = {m: torch.cat(word_maps[m]) for m in METHOD_NAMES}
-    masks = torch.cat(word_masks).to(maps["gradcam++"].device)
-    results = _localisation(maps, masks)
-    ids = model.generate(held_out.images.to(settings.device))  # greedy, as in the figures
-    captions = [vocabulary.decode(row.tolist()) for row in ids]
-    exact = 100.0 * sum(c == t for c, t in zip(captions, held_out.captions)) / n
-    _metrics_table(section, results, f"{masks.shape[0]} content words (count, colour, shape) of {n} held-out scenes "
+    results, words, exact = evaluate_captioning(model, vocabulary, n, settings.data_seed + 1, settings.device)
+    _metrics_table(section, results, f"{words} content words (count, colour, shape) of {n} held-out scenes "
                    f"(seed {settings.data_seed + 1}); ground truth = the pixels of the objects each word names. "
                    f"Generated captions match the ground truth exactly for {exact:.0f}% of these scenes.")
-    section.add_settings({"model": "builtin:show-and-tell (ShowAttendTell)", "layer": explanations[0].layer,
+    section.add_settings({"model": "builtin:show-and-tell (ShowAttendTell)", "layer": explanation.layer,
                           "score": "log p(word | image, previous words)", "decoding": "greedy",
                           "colormap": settings.colormap, "alpha": settings.alpha})
-    results["exact caption match %"] = exact
-    return results
+    return {**results, "exact caption match %": exact}
 
 
 # -- video ----------------------------------------------------------------------------------------------
