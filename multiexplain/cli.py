@@ -260,12 +260,169 @@ def cmd_video(args: argparse.Namespace) -> int:
     raise CommandError("video: not yet available")
 
 
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff")
+VIDEO_SUFFIXES = (".mp4", ".avi", ".mov", ".mkv", ".webm")
+
+
+def _format_table(results: dict[str, dict[str, float]]) -> str:
+    """Metrics as a text table: one row per metric, Grad-CAM++ and Grad-CAM side by side."""
+    names = list(results["gradcam++"])
+    width = max(len(n) for n in names)
+    lines = [f"{'metric':<{width}}  {'Grad-CAM++':>10}  {'Grad-CAM':>10}", "-" * (width + 24)]
+    for name in names:
+        lines.append(f"{name:<{width}}  {results['gradcam++'][name]:>10.2f}  {results['gradcam'][name]:>10.2f}")
+    return "\n".join(lines)
+
+
+def _folder_files(folder: Path, suffixes: tuple[str, ...]) -> list[str]:
+    files = sorted(str(p) for p in folder.rglob("*") if p.is_file() and p.suffix.lower() in suffixes)
+    if not files:
+        raise CommandError(f"no {'/'.join(suffixes)} files under {folder}")
+    return files
+
+
+def _evaluate_image_folder(loaded, folder: Path, batch_size: int, device: str) -> tuple[dict, int]:
+    """Faithfulness metrics (no masks in a plain folder) for each image's top-1 class."""
+    import torch
+
+    from . import GradCAM, GradCAMPlusPlus, model_logits
+    from .demo import _faithfulness
+
+    images, _ = read_images(_folder_files(folder, IMAGE_SUFFIXES))
+    if not images:
+        raise CommandError(f"no readable image under {folder}")
+    if loaded.preprocess is None:
+        raise CommandError(f"{loaded.spec} has no image preprocessing; evaluate it on --data synthetic")
+    explainers = {"gradcam++": GradCAMPlusPlus(loaded.model, loaded.layer, reshape=loaded.reshape),
+                  "gradcam": GradCAM(loaded.model, loaded.layer, reshape=loaded.reshape)}
+    score = "sigmoid" if getattr(loaded.model, "multi_label", False) else "softmax"
+    inputs_all, maps_all, targets_all = [], {m: [] for m in explainers}, []
+    batches = [images[i : i + batch_size] for i in range(0, len(images), batch_size)]
+    for batch in _progress(batches, len(batches), "evaluate"):
+        inputs = torch.stack([loaded.preprocess(image) for _, image in batch]).to(device)
+        with torch.no_grad():
+            targets = model_logits(loaded.model(inputs)).argmax(dim=1)
+        for method, explainer in explainers.items():
+            maps_all[method].append(explainer(inputs, targets).maps)
+        inputs_all.append(inputs)
+        targets_all.append(targets)
+    maps = {m: torch.cat(v) for m, v in maps_all.items()}
+    # The explanation input E = L * I multiplies the *normalised* input, as the paper does.
+    return _faithfulness(loaded.model, torch.cat(inputs_all), maps, torch.cat(targets_all), score), len(images)
+
+
+def _distillation_models(args: argparse.Namespace):
+    """The teacher and student to evaluate: the shipped pair, or the shipped teacher and a student
+    checkpoint written by ``multiexplain distill`` (``{"arch", "state_dict"}``)."""
+    import torch
+
+    from .adapters import distillation as adapter
+
+    try:
+        teacher, student = adapter.load_distillation_pair(device=args.device)
+    except FileNotFoundError as error:
+        raise CommandError(str(error)) from None
+    if args.model and args.model != DEFAULT_MODELS["distillation"]:
+        path = Path(args.model)
+        if not path.is_file():
+            raise CommandError(f"--model for distillation is builtin:distill-pair or a student .pt written by "
+                               f"`multiexplain distill`; {args.model!r} is neither")
+        payload = torch.load(path, map_location="cpu", weights_only=True)
+        if not isinstance(payload, dict) or "arch" not in payload or "state_dict" not in payload:
+            raise CommandError(f"{path} is not a student checkpoint of `multiexplain distill` (keys arch, state_dict)")
+        arch = payload["arch"]
+        student = adapter.wide_resnet(int(arch["depth"]), int(arch["widen_factor"]), int(arch["num_classes"]))
+        student.load_state_dict(payload["state_dict"])
+        student = student.to(args.device).eval()
+    return teacher, student
+
+
 def cmd_evaluate(args: argparse.Namespace) -> int:
-    raise CommandError("evaluate: not yet available")
+    from . import demo
+    from .report import Report
+
+    task = args.task
+    spec = args.model or DEFAULT_MODELS[task]
+    synthetic = args.data == "synthetic"
+    folder = None if synthetic else Path(args.data)
+    if folder is not None and not folder.is_dir():
+        raise CommandError(f"--data must be 'synthetic' or a folder; {args.data!r} is neither")
+    if folder is not None and task in ("captioning", "distillation"):
+        raise CommandError(f"{task} is evaluated on --data synthetic (its metrics need the generated masks)")
+    n, extra = args.num_samples, {}
+    if task == "distillation":
+        teacher, student = _distillation_models(args)
+        results, errors = demo.evaluate_distillation(teacher, student, n, args.seed, args.device)
+        extra["test error %"] = errors
+    else:
+        loaded = _load(spec, args.arch, task, args.device)
+        if folder is not None and task == "classification":
+            results, n = _evaluate_image_folder(loaded, folder, 16, args.device)
+        elif folder is not None:
+            results, n = _evaluate_video_folder(loaded, folder, args)
+        elif task == "classification":
+            classes = getattr(getattr(loaded.model, "classifier", None), "out_features", None)
+            if classes != 6 or not getattr(loaded.model, "multi_label", False):
+                raise CommandError("synthetic classification data are the shipped shape scenes: evaluate "
+                                   "builtin:scene-classifier (or a .pt with --arch builtin:scene-classifier), "
+                                   "or give --data FOLDER for other models")
+            results = demo.evaluate_classification(loaded.model, n, args.seed, args.device)
+        elif task == "captioning":
+            if "tokenizer" not in loaded.extra or not hasattr(loaded.model, "generate"):
+                raise CommandError("synthetic captioning data need the shipped captioner (builtin:show-and-tell)")
+            results, words, exact = demo.evaluate_captioning(loaded.model, loaded.extra["tokenizer"], n, args.seed, args.device)
+            extra.update({"words scored": words, "exact caption match %": exact})
+        else:
+            results = demo.evaluate_video(loaded.model, n, args.seed, args.device)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    settings = {"task": task, "model": spec, "data": args.data, "samples": n,
+                "seed": args.seed if synthetic else None, "device": args.device}
+    payload = {"settings": settings, "metrics": results, **extra}
+    (out / "metrics.json").write_text(json.dumps(payload, indent=2))
+    print(_format_table(results))
+    for key, value in extra.items():
+        print(f"{key}: {value}")
+    report = Report(f"multiexplain evaluate: {task}")
+    section = report.section(task, f"{task.capitalize()}: Grad-CAM++ vs Grad-CAM")
+    demo._metrics_table(section, results, f"{n} samples from {args.data}")
+    section.add_settings({k: v for k, v in {**settings, **extra}.items() if v is not None})
+    print(f"metrics: {out / 'metrics.json'}")
+    _finish(report, out)
+    return EXIT_OK
+
+
+def _evaluate_video_folder(loaded, folder: Path, args: argparse.Namespace):
+    raise CommandError("video folders are not supported yet; use --data synthetic")
 
 
 def cmd_distill(args: argparse.Namespace) -> int:
-    raise CommandError("distill: not yet available")
+    from .adapters.distillation import load_config_file, train_from_config
+
+    path = Path(args.config)
+    if not path.is_file():
+        raise CommandError(f"config file {args.config!r} does not exist")
+    try:
+        config = load_config_file(path)
+    except (ValueError, OSError) as error:
+        raise CommandError(f"cannot read {path}: {error}") from None
+    if not isinstance(config, dict):
+        raise CommandError(f"{path} must hold a mapping of settings, got {type(config).__name__}")
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    config.setdefault("output", str(out / "student.pt"))
+    train = dict(config.get("train", {}))
+    train.setdefault("device", args.device)
+    config["train"] = train
+    try:
+        result = train_from_config(config)
+    except (ValueError, KeyError, TypeError) as error:
+        raise CommandError(f"bad config {path}: {error}") from None
+    (out / "distill.json").write_text(json.dumps({"config": config, **result}, indent=2, default=str))
+    print(f"student test error: {result['test_error']:.2f}%")
+    print(f"student: {result['output']}")
+    print(f"log: {out / 'distill.json'}")
+    return EXIT_OK
 
 
 # -- parser ----------------------------------------------------------------------------------------
