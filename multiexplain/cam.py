@@ -82,13 +82,15 @@ def model_logits(output: Any) -> Tensor:
 def call_model(model: nn.Module, inputs: Inputs) -> Any:
     """Call convention: a tensor -> ``model(x)``; a tuple -> ``model(*inputs)``; a list ->
     ``model(inputs)`` (pytorchvideo's SlowFast takes its pathways as one list); a mapping ->
-    ``model(**inputs)`` (Hugging Face keyword inputs)."""
+    ``model(**inputs)`` (Hugging Face keyword inputs). A list is passed as a shallow copy:
+    pytorchvideo's ``MultiPathWayWithFuse`` overwrites its input list in place, which would
+    corrupt the caller's list and break the second forward ("auto" layer search, then explain)."""
     if isinstance(inputs, Tensor):
         return model(inputs)
     if isinstance(inputs, tuple):
         return model(*inputs)
     if isinstance(inputs, list):
-        return model(inputs)
+        return model(list(inputs))
     if isinstance(inputs, Mapping):
         return model(**inputs)
     raise TypeError(f"inputs must be a tensor, a tuple/list of tensors or a dict, got {type(inputs).__name__}")
