@@ -4,6 +4,7 @@ and the subcommands run end to end on tiny models and real files."""
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -196,3 +197,112 @@ def test_classify_errors(images, resnet_state, tmp_path, capsys):
         cli.main(["classify", images[0], "--model", "torchvision:resnet18@none", "--alpha", "2"])
     with pytest.raises(SystemExit):
         cli.main(["classify", images[0], "--model", "torchvision:resnet18@none", "--colormap", "nocmap"])
+
+
+# -- caption / evaluate / distill ------------------------------------------------------------------
+CHECKPOINTS = Path(__file__).resolve().parents[1] / "multiexplain" / "checkpoints"
+
+
+def _shipped(*names: str):
+    missing = [n for n in names if not (CHECKPOINTS / n).is_file()]
+    return pytest.mark.skipif(bool(missing), reason=f"shipped checkpoint(s) {missing} not built yet")
+
+
+def _save_scene(path: Path, image: torch.Tensor) -> str:
+    Image.fromarray((image.permute(1, 2, 0) * 255).round().byte().numpy()).save(path)
+    return str(path)
+
+
+@_shipped("show_and_tell.pt")
+def test_caption_end_to_end(tmp_path, capsys):
+    from multiexplain.captioned_scenes import make_captioned_scenes
+
+    scenes = make_captioned_scenes(2, seed=77)
+    paths = [_save_scene(tmp_path / f"scene{i}.png", scenes.images[i]) for i in range(2)]
+    out = tmp_path / "out"
+    code = cli.main(["caption", paths[0], str(tmp_path / "gone.png"), paths[1], "--out", str(out), "--device", "cpu"])
+    captured = capsys.readouterr()
+    assert code == 0 and "gone.png" in captured.err
+    results = json.loads((out / "captions.json").read_text())["results"]
+    assert len(results) == 2 and all(r["generated"] for r in results)
+    for result in results:
+        assert result["caption"] == " ".join(result["words"]) and len(result["word_log_probabilities"]) == len(result["words"])
+        assert all(v <= 0 for v in result["word_log_probabilities"])
+        for figure in result["figures"].values():
+            with Image.open(out / figure) as image:
+                assert image.width > 300
+        assert f"{Path(result['image']).name}: " not in captured.err
+    # A given caption is explained word for word, even one the model would not write.
+    out2 = tmp_path / "given"
+    assert cli.main(["caption", paths[0], "--caption", "two red diamonds", "--out", str(out2), "--device", "cpu"]) == 0
+    given = json.loads((out2 / "captions.json").read_text())["results"][0]
+    assert given["words"] == ["two", "red", "diamonds"] and given["generated"] is False
+
+
+def test_evaluate_an_image_folder(images, resnet_state, tmp_path, capsys):
+    folder = tmp_path / "data"
+    (folder / "nested").mkdir(parents=True)
+    for i, path in enumerate(images):
+        shutil.copy(path, folder / ("nested" if i else "") / Path(path).name)
+    out = tmp_path / "out"
+    assert cli.main(["evaluate", "--task", "classification", "--model", resnet_state, "--arch", "torchvision:resnet18",
+                     "--data", str(folder), "--out", str(out), "--device", "cpu"]) == 0
+    printed = capsys.readouterr().out
+    assert "Average Drop % (lower is better)" in printed and "Grad-CAM++" in printed
+    payload = json.loads((out / "metrics.json").read_text())
+    assert payload["settings"]["samples"] == 2
+    pp, gc = payload["metrics"]["gradcam++"], payload["metrics"]["gradcam"]
+    assert pp["Win % (higher is better)"] + gc["Win % (higher is better)"] == pytest.approx(100)
+    for row in (pp, gc):
+        assert 0 <= row["Average Drop % (lower is better)"] <= 100
+    assert (out / "index.html").is_file()
+
+
+def test_evaluate_errors(tmp_path, capsys):
+    assert cli.main(["evaluate", "--task", "classification", "--model", "torchvision:resnet18@none",
+                     "--data", str(tmp_path / "nowhere"), "--out", str(tmp_path), "--device", "cpu"]) == 1
+    assert "--data must be 'synthetic' or a folder" in capsys.readouterr().err
+    assert cli.main(["evaluate", "--task", "captioning", "--data", str(tmp_path), "--out", str(tmp_path),
+                     "--device", "cpu"]) == 1
+    assert "evaluated on --data synthetic" in capsys.readouterr().err
+    assert cli.main(["evaluate", "--task", "classification", "--model", "torchvision:resnet18@none",
+                     "--out", str(tmp_path), "--device", "cpu"]) == 1
+    assert "shipped shape scenes" in capsys.readouterr().err
+
+
+@_shipped("scene_cnn.pt")
+def test_evaluate_synthetic_scenes(tmp_path, capsys):
+    out = tmp_path / "out"
+    assert cli.main(["evaluate", "--task", "classification", "-n", "16", "--out", str(out), "--device", "cpu"]) == 0
+    metrics = json.loads((out / "metrics.json").read_text())["metrics"]
+    for method in ("gradcam++", "gradcam"):
+        assert set(metrics[method]) >= {"Average Drop % (lower is better)", "Loc(0.25) (higher is better)",
+                                        "Pointing game % (higher is better)", "Instances covered % (higher is better)"}
+        assert 0 <= metrics[method]["Energy inside the region % (higher is better)"] <= 100
+
+
+@pytest.mark.parametrize("suffix", [".yaml", ".toml"])
+def test_distill_from_a_config_file(suffix, tmp_path, capsys):
+    config = tmp_path / f"run{suffix}"
+    if suffix == ".yaml":
+        config.write_text("seed: 0\ndata: {train_size: 48, test_size: 24}\nstudent: {depth: 10, widen_factor: 1}\n"
+                          "losses: {ce: 1.0}\ntrain: {epochs: 1, batch_size: 24, progress: false}\n")
+    else:
+        config.write_text("seed = 0\n[data]\ntrain_size = 48\ntest_size = 24\n[student]\ndepth = 10\nwiden_factor = 1\n"
+                          "[losses]\nce = 1.0\n[train]\nepochs = 1\nbatch_size = 24\nprogress = false\n")
+    out = tmp_path / "out"
+    assert cli.main(["distill", "--config", str(config), "--out", str(out), "--device", "cpu"]) == 0
+    assert "student test error:" in capsys.readouterr().out
+    log = json.loads((out / "distill.json").read_text())
+    assert 0 <= log["test_error"] <= 100 and len(log["history"]) == 1
+    saved = torch.load(out / "student.pt", weights_only=True)
+    assert saved["arch"]["depth"] == 10 and "conv1.weight" in saved["state_dict"]
+
+
+def test_distill_errors(tmp_path, capsys):
+    assert cli.main(["distill", "--config", str(tmp_path / "none.yaml"), "--device", "cpu"]) == 1
+    assert "does not exist" in capsys.readouterr().err
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("seed: 0\ndata: {train_size: 8, test_size: 8}\n")
+    assert cli.main(["distill", "--config", str(bad), "--out", str(tmp_path / "o"), "--device", "cpu"]) == 1
+    assert "student" in capsys.readouterr().err
