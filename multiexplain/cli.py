@@ -256,8 +256,90 @@ def cmd_caption(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _video_geometry(loaded, frames: int | None) -> tuple[int, int, Any]:
+    """Frames, frame side and the normalisation the model needs: the shipped C3D takes 16 x 64 x 64
+    clips in [0, 1] (it normalises inside); pytorchvideo models take Kinetics-normalised clips."""
+    from .adapters import video as adapter
+
+    if loaded.spec.source == "pytorchvideo" or "frames" in loaded.extra:
+        clip_frames, side = int(loaded.extra.get("frames", 16)), int(loaded.extra.get("size", 224))
+        return frames or clip_frames, side, (loaded.mean, loaded.std)
+    clip_size = list(getattr(loaded.model, "config", {}).get("clip_size", (16, 112, 112)))
+    return frames or int(clip_size[0]), int(clip_size[1]), None
+
+
+def _read_videos(paths: Sequence[str], frames: int, side: int) -> tuple[list, list[tuple[str, str]]]:
+    from .adapters.video import read_clip
+
+    ok, failed = [], []
+    for path in paths:
+        try:
+            clip, fps = read_clip(path, num_frames=frames, size=side)
+            ok.append((path, clip, fps))
+        except (FileNotFoundError, ValueError, OSError) as error:
+            failed.append((path, str(error)))
+            _log(f"multiexplain: skipping {path}: {error}")
+    return ok, failed
+
+
 def cmd_video(args: argparse.Namespace) -> int:
-    raise CommandError("video: not yet available")
+    import torch
+
+    from .adapters import video as adapter
+    from .report import Figure, Report
+
+    loaded = _load(args.model, args.arch, "video", args.device)
+    frames, side, normalisation = _video_geometry(loaded, args.frames)
+    videos, failed = _read_videos(args.videos, frames, side)
+    if not videos:
+        _log("multiexplain: no readable video")
+        return EXIT_FAILED
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    report = Report("multiexplain video", intro=f"Model {args.model}: space-time Grad-CAM++ and Grad-CAM maps.")
+    section = report.section("video", "Video")
+    animations, strips, results = [], [], []
+    labels = loaded.labels
+    for index, (path, clip, fps) in enumerate(_progress(videos, len(videos), "video", "clip")):
+        model_input = clip if normalisation is None else adapter.normalize_clip(clip, *normalisation)
+        model_input = model_input.to(loaded.device)
+        target = None
+        if args.target is not None:
+            with torch.no_grad():
+                num_classes = loaded.model(model_input.unsqueeze(0)).shape[-1]
+            target = _parse_class(args.target, labels, num_classes)
+        entry = {"video": path, "fps": fps, "frames": frames, "outputs": {}}
+        for method, name in (("gradcam++", "Grad-CAM++"), ("gradcam", "Grad-CAM")):
+            explanation = adapter.explain_clip(loaded.model, model_input, target, layer=args.layer or "auto", method=method)
+            cls = int(explanation.targets[0])
+            label = labels[cls] if labels and cls < len(labels) else str(cls)
+            stem = out / f"{_stem(path, index)}_{method.replace('+', 'p')}"
+            maps = explanation.maps[0]
+            scale = max(1, 256 // side)
+            kwargs = {"alpha": args.alpha, "colormap": args.colormap}
+            # The animations keep the clip's frame rate (as read from the file).
+            adapter.write_gif(f"{stem}.gif", clip, maps, fps, scale=scale, **kwargs)
+            adapter.write_mp4(f"{stem}.mp4", clip, maps, fps, scale=scale, **kwargs)
+            adapter.write_strip(f"{stem}_strip.png", clip, maps, title=f"{name}: {label}", **kwargs)
+            entry["outputs"][method] = {"class": cls, "label": label, "score": float(explanation.scores[0]),
+                                        "layer": explanation.layer, "gif": f"{stem.name}.gif",
+                                        "mp4": f"{stem.name}.mp4", "strip": f"{stem.name}_strip.png"}
+            caption = f"{Path(path).name}, {name}: {label}"
+            animations.append(Figure(f"{stem.name}.gif", caption, links={"MP4": f"{stem.name}.mp4"}))
+            strips.append(Figure(f"{stem.name}_strip.png", caption))
+        results.append(entry)
+        print(f"{path}: {entry['outputs']['gradcam++']['label']}")
+    section.add_figures(animations, "Animations (frame | overlay)")
+    section.add_figures(strips, "Frame strips")
+    if failed:
+        section.add_note("Skipped unreadable files: " + "; ".join(f"{p} ({r})" for p, r in failed))
+    settings = {"model": args.model, "frames": frames, "frame size": side, "device": args.device,
+                "colormap": args.colormap, "alpha": args.alpha}
+    section.add_settings(settings)
+    (out / "video.json").write_text(json.dumps({"settings": settings, "results": results,
+                                                "skipped": [p for p, _ in failed]}, indent=2))
+    _finish(report, out)
+    return EXIT_OK
 
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff")
@@ -393,7 +475,24 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
 
 def _evaluate_video_folder(loaded, folder: Path, args: argparse.Namespace):
-    raise CommandError("video folders are not supported yet; use --data synthetic")
+    """Faithfulness metrics (no masks in a plain folder) for each video's top-1 class."""
+    import torch
+
+    from .adapters import video as adapter
+    from .demo import _faithfulness
+
+    frames, side, normalisation = _video_geometry(loaded, None)
+    videos, _ = _read_videos(_folder_files(folder, VIDEO_SUFFIXES), frames, side)
+    if not videos:
+        raise CommandError(f"no readable video under {folder}")
+    clips = torch.stack([clip if normalisation is None else adapter.normalize_clip(clip, *normalisation)
+                         for _, clip, _ in videos]).to(loaded.device)
+    maps, targets = {}, None
+    for method in ("gradcam++", "gradcam"):
+        explained = [adapter.explain_clip(loaded.model, clips[i : i + 4], method=method) for i in range(0, len(clips), 4)]
+        maps[method] = torch.cat([e.maps for e in explained])
+        targets = torch.cat([e.targets for e in explained])
+    return _faithfulness(loaded.model, clips, maps, targets, "softmax"), len(videos)
 
 
 def cmd_distill(args: argparse.Namespace) -> int:
@@ -488,6 +587,7 @@ def build_parser() -> argparse.ArgumentParser:
     _model(video, DEFAULT_MODELS["video"])
     video.add_argument("--frames", type=int, default=None, metavar="T", help="frames per clip (default: the model's)")
     video.add_argument("--class", dest="target", metavar="C", help="explain this class (index or name; default: top-1)")
+    video.add_argument("--layer", help="dotted layer name to explain (default: the last 3D convolutional block)")
     _common(video, "multiexplain-video")
     video.set_defaults(handler=cmd_video)
 
