@@ -808,7 +808,7 @@ def _load_checkpoint_model(path: str | os.PathLike, map_location: str | torch.de
     arch = state["arch"]
     model = WideResNet(int(arch["depth"]), int(arch["widen_factor"]), int(arch["num_classes"]))
     model.load_state_dict(state["state_dict"])
-    return model.eval()
+    return model.to(map_location).eval()
 
 
 def save_wide_resnet(model: WideResNet, path: str | os.PathLike, **meta: Any) -> None:

@@ -4,7 +4,7 @@ Each image is a dim textured background with one *target* shape and a few smalle
 shapes of other kinds. The class is the kind of the target shape, which is always the largest
 one, so a model has to compare sizes and outlines rather than spot a colour: every shape takes a
 random colour, distractors are never of the target's kind, and the target's size range overlaps
-little with the distractors'. Masks are exact (the pixels painted with the target shape, minus
+little with the distractors', and pixel noise blurs the outlines. Masks are exact (the pixels painted with the target shape, minus
 those a distractor painted over), so how much of a map's energy falls on the target can be
 measured without boxes.
 
@@ -28,8 +28,10 @@ DISTILL_CLASSES: tuple[str, ...] = SHAPES
 IMAGE_SIZE = 32
 
 # Radius-like sizes in pixels (see shape_mask). Targets are clearly, but not hugely, larger.
-_TARGET_SIZE = (5.5, 8.0)
-_DISTRACTOR_SIZE = (2.5, 4.0)
+_TARGET_SIZE = (4.5, 7.0)
+_DISTRACTOR_SIZE = (2.5, 4.25)
+# Per-pixel Gaussian noise on the finished image (clamped to [0, 1]), so outlines are not crisp.
+_NOISE = 0.06
 # Rotation is kept small: a square turned by 45 degrees would be a diamond.
 _MAX_ANGLE = math.radians(15)
 
@@ -102,10 +104,11 @@ def _draw_one(gen: torch.Generator, label: int, distractors: int) -> tuple[Tenso
         colour = colour_names[int(torch.randint(len(colour_names), (1,), generator=gen))]
         paint(image, mask, COLOURS[colour], gen)
         visible &= ~mask
+    image = (image + _NOISE * torch.randn(image.shape, generator=gen)).clamp(0, 1)
     return image, visible
 
 
-def make_distill_dataset(n: int, seed: int, distractors: tuple[int, int] = (2, 3)) -> DistillDataset:
+def make_distill_dataset(n: int, seed: int, distractors: tuple[int, int] = (3, 4)) -> DistillDataset:
     """Draw ``n`` labelled 32x32 images (classes balanced by cycling through them, then shuffled).
 
     Args:

@@ -32,7 +32,7 @@ from multiexplain.distill_data import make_distill_dataset
 
 PRESETS = {
     # train images, teacher epochs, student epochs, batch size
-    "full": {"train_size": 8000, "teacher_epochs": 30, "student_epochs": 15, "batch_size": 128},
+    "full": {"train_size": 8000, "teacher_epochs": 20, "student_epochs": 10, "batch_size": 128},
     "cpu": {"train_size": 3000, "teacher_epochs": 8, "student_epochs": 8, "batch_size": 64},
 }
 TEST_SIZE = 1000
