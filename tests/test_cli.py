@@ -306,3 +306,72 @@ def test_distill_errors(tmp_path, capsys):
     bad.write_text("seed: 0\ndata: {train_size: 8, test_size: 8}\n")
     assert cli.main(["distill", "--config", str(bad), "--out", str(tmp_path / "o"), "--device", "cpu"]) == 1
     assert "student" in capsys.readouterr().err
+
+
+def _write_clip_mp4(path: Path, clip: torch.Tensor, fps: int) -> str:
+    """A real MP4 file (PyAV) of a ``(3, T, H, W)`` clip in ``[0, 1]``."""
+    import av
+
+    codec = "libx264" if "libx264" in av.codecs_available else "mpeg4"
+    with av.open(str(path), "w") as container:
+        stream = container.add_stream(codec, rate=fps)
+        stream.width, stream.height, stream.pix_fmt = clip.shape[3], clip.shape[2], "yuv420p"
+        for t in range(clip.shape[1]):
+            frame = np.ascontiguousarray((clip[:, t].permute(1, 2, 0) * 255).round().byte().numpy())
+            for packet in stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")):
+                container.mux(packet)
+        for packet in stream.encode():
+            container.mux(packet)
+    return str(path)
+
+
+def _frames_of(path: Path) -> int:
+    import av
+
+    with av.open(str(path)) as container:
+        return sum(1 for _ in container.decode(video=0))
+
+
+@_shipped("action_c3d.pt")
+def test_video_end_to_end(tmp_path, capsys):
+    from multiexplain.action_clips import ACTIONS, make_action_clips
+
+    clips = make_action_clips(2, seed=55)
+    paths = [_write_clip_mp4(tmp_path / f"clip{i}.mp4", clips.clips[i], fps=10) for i in range(2)]
+    (tmp_path / "broken.mp4").write_bytes(b"\x00\x01garbage")
+    out = tmp_path / "out"
+    code = cli.main(["video", paths[0], str(tmp_path / "broken.mp4"), paths[1], "--out", str(out), "--device", "cpu"])
+    assert code == 0 and "broken.mp4" in capsys.readouterr().err
+    payload = json.loads((out / "video.json").read_text())
+    assert [Path(r["video"]).name for r in payload["results"]] == ["clip0.mp4", "clip1.mp4"]
+    for result in payload["results"]:
+        assert result["fps"] == pytest.approx(10)
+        for files in result["outputs"].values():
+            assert files["label"] in ACTIONS
+            with Image.open(out / files["gif"]) as gif:
+                assert gif.n_frames == 16
+                assert abs(gif.info["duration"] - 100) <= 10  # the clip's 10 fps is kept
+            assert _frames_of(out / files["mp4"]) == 16
+            with Image.open(out / files["strip"]) as strip:
+                assert strip.width > 300
+    # --class by name explains that class in every clip.
+    out2 = tmp_path / "grow"
+    assert cli.main(["video", paths[0], "--class", "grow", "--out", str(out2), "--device", "cpu"]) == 0
+    outputs = json.loads((out2 / "video.json").read_text())["results"][0]["outputs"]
+    assert {o["label"] for o in outputs.values()} == {"grow"}
+
+
+@pytest.mark.slow
+def test_video_with_a_pytorchvideo_model(tmp_path):
+    """A pytorchvideo hub architecture (random weights: no download) through the same command."""
+    torch.manual_seed(0)
+    clip = torch.rand(3, 6, 48, 64)
+    path = _write_clip_mp4(tmp_path / "random.mp4", clip, fps=6)
+    out = tmp_path / "out"
+    assert cli.main(["video", path, "--model", "pytorchvideo:x3d_xs@none", "--frames", "4", "--out", str(out),
+                     "--device", "cpu"]) == 0
+    result = json.loads((out / "video.json").read_text())["results"][0]
+    assert result["frames"] == 4
+    assert result["outputs"]["gradcam++"]["layer"].startswith("blocks")
+    with Image.open(out / result["outputs"]["gradcam++"]["gif"]) as gif:
+        assert gif.n_frames == 4
