@@ -60,9 +60,9 @@ class DemoSettings:
     colormap: str = DEFAULT_COLORMAP
     alpha: float = DEFAULT_ALPHA
     eval_size: dict[str, int] = field(default_factory=lambda: {
-        "classification": 128, "captioning": 24, "video": 32, "distillation": 256})
+        "classification": 128, "captioning": 24, "video": 32, "distillation": 128})
     show: dict[str, int] = field(default_factory=lambda: {
-        "classification": 4, "captioning": 3, "video": 2, "distillation": 6})
+        "classification": 4, "captioning": 3, "video": 2, "distillation": 4})
     progress: bool = True
 
     @property
