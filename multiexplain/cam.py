@@ -7,6 +7,7 @@ method is a small subclass that supplies :meth:`BaseCAM.channel_weights` from :m
 
 from __future__ import annotations
 
+import threading
 import warnings
 from collections.abc import Mapping, Sequence
 from contextlib import contextmanager
@@ -170,8 +171,13 @@ class _LayerCapture:
         self.calls = 0
         self.raw_output: Tensor | None = None
         self.activation: Tensor | None = None
+        self.thread = threading.get_ident()  # the thread whose forward pass is captured
 
     def _hook(self, _module: nn.Module, _args: Any, output: Any) -> Any:
+        if threading.get_ident() != self.thread:
+            # Hooks live on the shared module: another thread's forward (another explainer, or
+            # plain inference) must neither be captured nor counted as a second call.
+            return None
         index, self.calls = self.calls, self.calls + 1
         if self.call_index is None and index >= 1:
             raise RuntimeError(
@@ -196,6 +202,7 @@ class _LayerCapture:
 
     @contextmanager
     def attached(self) -> Iterator["_LayerCapture"]:
+        self.thread = threading.get_ident()
         handle = self.layer.register_forward_hook(self._hook)
         try:
             yield self
