@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import difflib
 import math
+import threading
 import warnings
 from dataclasses import dataclass
 from typing import Any, Callable, Sequence
@@ -113,22 +114,25 @@ def _grid_in_output(output: Any, spatial_ndim: int) -> tuple[int, ...] | None:
     return None
 
 
-def _geometry_fits(grid: Sequence[int], input_spatial: Sequence[int]) -> bool:
-    """Whether ``grid`` can be a feature grid of an input of spatial size ``input_spatial``.
+def _geometry_misfit(grid: Sequence[int], input_spatial: Sequence[int]) -> float | None:
+    """How far ``grid`` is from being a feature grid of an input of spatial size ``input_spatial``:
+    ``None`` when it cannot be one, else the relative aspect-ratio error (0 for an exact fit).
 
-    Every axis is at most the input's size and the last two axes (``H, W``) keep the input's aspect
-    ratio to within rounding (one stride for both; the temporal axis of video may be strided
-    differently). This is what tells ``(N, C, h, w)`` from ``(N, h, w, C)``: read the wrong way round,
-    a 768-channel Swin stage would be a 7 x 768 "grid" of a square image.
+    Every axis must be at most the input's size, and the last two axes (``H, W``) must keep the
+    input's aspect ratio to within rounding (one stride for both; the temporal axis of video may be
+    strided differently). This is what tells ``(N, C, h, w)`` from ``(N, h, w, C)``: read the wrong
+    way round, a 768-channel Swin stage would be a 7 x 768 "grid" of a square image.
     """
     if len(grid) != len(input_spatial) or any(g < 1 or g > s for g, s in zip(grid, input_spatial)):
-        return False
-    if len(grid) >= 2:
-        (h, w), (height, width) = grid[-2:], input_spatial[-2:]
-        expected_h = w * height / width
-        if abs(h - expected_h) > max(1.0, 0.15 * max(h, expected_h)):
-            return False
-    return True
+        return None
+    if len(grid) < 2:
+        return 0.0
+    (h, w), (height, width) = grid[-2:], input_spatial[-2:]
+    expected_h = w * height / width
+    error = abs(h - expected_h)
+    if error > max(1.0, 0.15 * max(h, expected_h)):
+        return None
+    return error / max(h, expected_h)
 
 
 def _token_grid(
@@ -165,13 +169,18 @@ def _layout_of(
         return ("channels_first", None, shape[2:]) if math.prod(shape[2:]) > 1 else None
     spatial_ndim = len(input_spatial)
     if output.ndim == spatial_ndim + 2:
-        # Channels-first is PyTorch's convention, so it wins when both readings fit.
-        if _geometry_fits(shape[2:], input_spatial):
-            layout = ("channels_first", None, shape[2:])
-        elif _geometry_fits(shape[1:-1], input_spatial):
-            layout = ("channels_last", ChannelsLast(), shape[1:-1])
-        else:
+        readings = []
+        for rank, (layout, reshape, grid) in enumerate(
+            (("channels_first", None, shape[2:]), ("channels_last", ChannelsLast(), shape[1:-1]))
+        ):
+            misfit = _geometry_misfit(grid, input_spatial)
+            if misfit is not None:
+                # Prefer a grid seen earlier in the pass, then the better aspect fit, then
+                # channels-first (PyTorch's convention).
+                readings.append(((grid not in known_grids, misfit, rank), (layout, reshape, grid)))
+        if not readings:
             return None
+        layout = min(readings, key=lambda reading: reading[0])[1]
         return layout if math.prod(layout[2]) > 1 else None
     if output.ndim == 3 and spatial_ndim >= 2:
         found = _token_grid(shape[1], input_spatial, known_grids)
@@ -211,8 +220,8 @@ def auto_layer(
     gradient is zero) it is the last candidate. When a block and its last child return the same
     tensor, the outer block wins (``layer4`` rather than ``layer4.2.relu``).
 
-    The pass runs in eval mode (no batch-norm statistics move) with grad enabled only for the
-    probe; every module's ``training`` flag and the grad mode are restored, hooks are removed
+    The pass runs in eval mode (no batch-norm statistics move), with grad enabled only from the
+    first module's output on and only for the probe; every module's ``training`` flag and the grad mode are restored, hooks are removed
     even when the forward raises, and nothing is written to parameters' ``.grad``.
 
     Args:
@@ -232,8 +241,11 @@ def auto_layer(
     handles = []
     modes = {module: module.training for module in model.modules()}
     probing = score is not None
+    thread = threading.get_ident()
 
     def record(module: nn.Module, _args: Any, output: Any) -> Any:
+        if threading.get_ident() != thread:
+            return None  # another thread's forward through the same modules
         call_index = calls.get(module, 0)
         calls[module] = call_index + 1
         replacement = None
@@ -241,9 +253,14 @@ def auto_layer(
         if tensor is None:
             return None
         if probing and tensor.is_floating_point() and not tensor.requires_grad and type(output) in (Tensor, tuple, list):
-            # A frozen stretch of the model: start the probe's graph here so later layers get gradients.
-            tensor = tensor.detach().requires_grad_(True)
-            replacement = tensor if isinstance(output, Tensor) else type(output)((tensor, *output[1:]))
+            # The forward starts without grad; the graph starts at the first module output (and
+            # restarts after a frozen stretch), so nothing below records autograd state: inputs
+            # made under torch.inference_mode() cannot be saved for backward.
+            leaf = tensor.detach().requires_grad_(True)
+            torch.set_grad_enabled(True)  # restored in the finally block below
+            downstream = leaf.clone()  # an in-place op after the module must not write into a leaf
+            replacement = downstream if isinstance(output, Tensor) else type(output)((downstream, *output[1:]))
+            tensor = leaf
         carried = _grid_in_output(output, len(input_spatial)) if input_spatial else None
         layout = _layout_of(tensor, batch_size, input_spatial, known_grids)
         if layout is not None and layout[0] != "tokens":
@@ -261,7 +278,7 @@ def auto_layer(
         for module in model.modules():
             handles.append(module.register_forward_hook(record))
         model.eval()
-        torch.set_grad_enabled(probing)
+        torch.set_grad_enabled(False)
         output = run_forward()
         for handle in handles:
             handle.remove()
