@@ -9,7 +9,7 @@ SPEC                                           what it loads
 ``hf:google/vit-base-patch16-224``             a Hugging Face image classifier from the Hub
 ``hf:/path/to/saved_dir``                      ... from a directory written by ``save_pretrained``
 ``pytorchvideo:x3d_s`` / ``...@none``          a pytorchvideo hub model, pretrained (Kinetics-400) or random
-``builtin:scene-classifier``                   a model shipped with multiexplain (``builtin:list`` lists them)
+``builtin:scene-classifier``                   a model shipped with multiexplain (see ``BUILTIN_MODELS``)
 ``weights.pt`` together with ``arch=SPEC``     a state dict loaded into the architecture ``SPEC`` builds
 =============================================  ==============================================================
 
