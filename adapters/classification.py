@@ -82,6 +82,8 @@ class SceneCNN(nn.Module):
         self.features = nn.Sequential(*layers)
         self.pool = nn.AdaptiveAvgPool2d(1)
         self.classifier = nn.Linear(channels, num_classes)
+        #: The layer explain_images explains by default (what "auto" would pick, without the traced pass).
+        self.explain_layer = "features"
         self.labels: list[str] = list(SCENE_CLASSES) if num_classes == len(SCENE_CLASSES) else [str(i) for i in range(num_classes)]
         self.multi_label = True
 
@@ -308,10 +310,14 @@ def default_layer(model: nn.Module) -> tuple[str | nn.Module, Callable[[Tensor],
     * torchvision ``VisionTransformer``: ``encoder.layers[-1].ln_1`` with one CLS token.
     * torchvision ``SwinTransformer``: ``features`` (channels-last ``(N, H, W, C)``).
     * timm-style ViTs (``blocks`` + ``num_prefix_tokens``): ``blocks[-1].norm1``.
+    * a model with an ``explain_layer`` attribute (:class:`SceneCNN`): that layer (and ``explain_reshape``).
     * everything else (CNNs: torchvision resnet / vgg / densenet / mobilenet / efficientnet /
-      convnext, HF ResNet / ConvNeXt, :class:`SceneCNN`): ``"auto"``, the last module whose output
+      convnext, HF ResNet / ConvNeXt): ``"auto"``, the last module whose output
       has spatial axes (see :func:`multiexplain.find_auto_layer`).
     """
+    declared = getattr(model, "explain_layer", None)
+    if isinstance(declared, str):  # a model that names its own layer (SceneCNN: "features")
+        return declared, getattr(model, "explain_reshape", None)
     config = getattr(model, "config", None)
     model_type = getattr(config, "model_type", None)
     if model_type in _HF_TOKEN_MODELS:
