@@ -155,7 +155,8 @@ def cmd_classify(args: argparse.Namespace) -> int:
         else:
             k = min(args.topk, num_classes)
             targets = logits.topk(k, dim=1).indices.tolist()
-        probabilities = logits.softmax(dim=1)
+        # Multi-label models (the shipped scene classifier) score each class with its own sigmoid.
+        probabilities = logits.sigmoid() if getattr(loaded.model, "multi_label", False) else logits.softmax(dim=1)
         maps = {name: explainer(inputs, targets).maps for name, explainer in explainers.items()}
         for row, (path, _) in enumerate(batch):
             index = len(results)

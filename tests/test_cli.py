@@ -375,3 +375,29 @@ def test_video_with_a_pytorchvideo_model(tmp_path):
     assert result["outputs"]["gradcam++"]["layer"].startswith("blocks")
     with Image.open(out / result["outputs"]["gradcam++"]["gif"]) as gif:
         assert gif.n_frames == 4
+
+
+@_shipped("scene_cnn.pt")
+def test_classify_with_the_shipped_multi_label_model(tmp_path):
+    from multiexplain.scenes import make_scenes
+
+    scenes = make_scenes(3, seed=4242)
+    paths = [_save_scene(tmp_path / f"s{i}.png", scenes.images[i]) for i in range(3)]
+    out = tmp_path / "out"
+    assert cli.main(["classify", *paths, "--model", "builtin:scene-classifier", "--topk", "1", "--out", str(out),
+                     "--device", "cpu"]) == 0
+    results = json.loads((out / "predictions.json").read_text())["results"]
+    loaded = zoo.load_model("builtin:scene-classifier")
+    for i, result in enumerate(results):
+        top = result["targets"][0]
+        assert scenes.labels[i, top["class"]] == 1  # the top class is present in the scene
+        # Sigmoid confidences (multi-label), not a softmax over the six classes.
+        with torch.no_grad():
+            logit = loaded.model(_reload(paths[i]))[0, top["class"]]
+        assert top["probability"] == pytest.approx(torch.sigmoid(logit).item(), abs=1e-4)
+
+
+def _reload(path: str) -> torch.Tensor:
+    """The PNG as the CLI feeds it to a builtin model: RGB in [0, 1], (1, 3, H, W)."""
+    array = np.asarray(Image.open(path).convert("RGB"), dtype=np.float32) / 255
+    return torch.from_numpy(array).permute(2, 0, 1).unsqueeze(0)
