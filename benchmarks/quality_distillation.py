@@ -147,7 +147,7 @@ def summarise(results: list[dict], preset_name: str, device: str, teacher_error:
         "",
         f"Student WRN-{STUDENT[0]}-{STUDENT[1]} learns the 32x32 synthetic shapes set (6 classes, 3-4 distractors, pixel noise; "
         f"{preset['train_size']} training / {preset['test_size']} test images) from the shipped WRN-16-2 teacher "
-        f"(test error **{teacher_error:.2f}%**). Mean ± std over seeds ({seeds} finished runs' seeds; counts per regime below); preset `{preset_name}`, run on {device}, "
+        f"(test error **{teacher_error:.2f}%**). Mean ± std over {seeds} seeds; preset `{preset_name}`, run on {device}, "
         f"{wall / 60:.1f} min wall clock. Explanation loss as in the paper: a = 0.01, unnormalised layer-resolution "
         "maps of the true class; KD at T = 4; AT with beta/2 = 500 on the three group outputs. "
         "Map columns (held-out set): Pearson correlation of student vs teacher Grad-CAM++ maps, and the share of the "
@@ -161,7 +161,7 @@ def summarise(results: list[dict], preset_name: str, device: str, teacher_error:
         lines += [
             f"## {title} ({spec['epochs']} epochs, batch {spec['batch_size']}, {count} seeds)",
             "",
-            "| objective | student test error % | map corr. with teacher | energy in mask | paper, CIFAR-10 error % |",
+            "| objective | student test error % | map corr. with teacher | energy in mask | paper: CIFAR-10, all data, error % |",
             "|---|---|---|---|---|",
         ]
         base = methods.get("CE", {}).get("test_error", {}).get("mean")

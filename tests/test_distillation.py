@@ -158,12 +158,12 @@ def test_teacher_gets_no_gradient_and_models_are_left_as_they_were():
 
 def test_a_few_steps_reduce_the_map_distance_on_a_fixed_batch():
     teacher, student = _pair(seed=2)
-    data = make_distill_dataset(32, seed=0)
+    data = make_distill_dataset(16, seed=0)
     x, y = data.images, data.labels
     loss = D.ExplanationLoss(teacher, student, weight=1.0, normalize="l2")
     optimizer = torch.optim.Adam(student.parameters(), lr=3e-3)
     distances = []
-    for _ in range(15):
+    for _ in range(10):
         value = loss(x, y)
         distances.append(value.item())
         optimizer.zero_grad()
