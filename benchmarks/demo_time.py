@@ -29,6 +29,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--out", default="/tmp/multiexplain-demo-bench")
+    parser.add_argument("--screenshot", help="also write a headless-Chromium screenshot of the report (e.g. docs/report.png)")
     args = parser.parse_args()
     env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "MKL_NUM_THREADS": str(args.threads)}
     load_before = os.getloadavg()
@@ -67,6 +68,12 @@ def main() -> int:
         extras = {k: v for k, v in results.items() if k not in ("gradcam++", "gradcam")}
         for name, value in extras.items():
             lines.append(f"\n{name}: {json.dumps(value)}")
+    if args.screenshot:
+        from multiexplain.report import render_in_chromium
+
+        probe = render_in_chromium(Path(args.out) / "index.html", screenshot=args.screenshot, window=(1280, 2000))
+        broken = [i["src"] for i in probe["images"] if not i["naturalWidth"]]
+        lines += ["", f"Screenshot: {args.screenshot} ({len(probe['images'])} images, {len(broken)} broken)."]
     text = "\n".join(lines) + "\n"
     print(text)
     RESULTS.mkdir(exist_ok=True)
