@@ -212,7 +212,7 @@ def _classification(settings: DemoSettings, section: Section) -> dict[str, Any]:
                 titles.append(f"{METHOD_NAMES[method]}: {labels[cls]} " + (f"(x{count})" if count else "(absent)"))
         truth = ", ".join(f"{labels[c]} x{n}" for c, n in enumerate(scenes.instance_counts()[i].tolist()) if n)
         path = out / f"scene_{i}.png"
-        save_overlay_grid(path, scenes.images[i], heatmaps, titles, image_title=f"scene {i}", ncols=5,
+        save_overlay_grid(path, scenes.images[i], heatmaps, titles, image_title=f"scene {i}", ncols=min(5, 1 + len(heatmaps)),
                           alpha=settings.alpha, colormap=settings.colormap)
         figures.append(Figure(path.relative_to(settings.out), f"Scene {i} (contains {truth}): Grad-CAM++ vs Grad-CAM "
                               "for every detected class"))
