@@ -35,6 +35,15 @@ GRADIENT_KINDS = ["random", "zero", "negative", "positive", "sparse", "constant"
 SETTINGS = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
 
+@pytest.fixture(autouse=True)
+def one_torch_thread():
+    """These tensors are tiny: a second intra-op thread only adds synchronisation (10-20x slower on
+    a loaded 2-core machine)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
 @st.composite
 def cam_inputs(draw, dtypes=DTYPES, kinds=GRADIENT_KINDS, exponent_range=(-15, 15)):
     """``(activations, gradients, spatial_ndim, kind)`` as described in the module docstring."""
@@ -183,9 +192,10 @@ def test_low_precision_inputs_match_their_float64_values(inputs):
 
 # ---- autocast --------------------------------------------------------------------------------
 
-# bfloat16 keeps 8 significant bits (~0.4% per value); the errors of one conv stack add up to
-# this on min-max normalised maps (measured: max about 0.03, mean about 0.005 on this model).
-AUTOCAST_TOLERANCE = {"max_abs": 0.1, "mean_abs": 0.02}
+# bfloat16 keeps 8 significant bits (~0.4% per value). On min-max normalised maps of this model,
+# over 10 seeds, the largest differences measured were 0.005 (Grad-CAM++) and 0.018 (Grad-CAM) per
+# pixel, and at most 0.0013 on average; the stated tolerance leaves about 3x room.
+AUTOCAST_TOLERANCE = {"max_abs": 0.05, "mean_abs": 0.005}
 
 
 class SmallCNN(nn.Module):
