@@ -155,3 +155,28 @@ def test_demo_report_renders_with_all_sections(tmp_path):
     metrics_json = json.loads((settings.out / "metrics.json").read_text())
     assert metrics_json["status"] == result.status
     shutil.rmtree(settings.out)
+
+
+def test_demo_degrades_gracefully_without_a_checkpoint(tmp_path, monkeypatch):
+    """A missing shipped checkpoint gives a section that says so; a task that breaks is marked failed;
+    the report is written either way."""
+    from multiexplain import cli
+    from multiexplain.adapters import classification, distillation
+
+    def missing(*_args, **_kwargs):
+        raise FileNotFoundError("scene_cnn.pt is missing; run scripts/train_scene_classifier.py")
+
+    def broken(*_args, **_kwargs):
+        raise RuntimeError("boom")
+
+    monkeypatch.setattr(classification, "load_scene_classifier", missing)
+    monkeypatch.setattr(distillation, "load_distillation_pair", broken)
+    result = run_demo(DemoSettings(tmp_path / "demo", tasks=["classification", "distillation"], progress=False))
+    assert result.status == {"classification": "unavailable", "distillation": "failed"}
+    page = result.index.read_text()
+    assert "not available here: scene_cnn.pt is missing" in page and "This task failed: RuntimeError: boom" in page
+    assert json.loads((tmp_path / "demo" / "metrics.json").read_text())["status"] == result.status
+    # The command exits non-zero only when a task failed, and still prints where the report is.
+    assert cli.main(["demo", "--out", str(tmp_path / "cli"), "--tasks", "classification", "--device", "cpu"]) == 0
+    assert cli.main(["demo", "--out", str(tmp_path / "cli"), "--tasks", "distillation", "--device", "cpu"]) == 1
+    assert cli.main(["demo", "--out", str(tmp_path / "cli"), "--tasks", "nope", "--device", "cpu"]) == 1
