@@ -363,12 +363,20 @@ def _load_hf_captioner(parsed: ModelSpec, source: str, local_only: bool, offline
                 "copy DIR here and pass --model hf:DIR",
             )) from None
         raise SpecError(f"cannot load hf:{parsed.name}: {error}") from None
-    extra: dict[str, Any] = {}
-    for key, factory in (("processor", transformers.AutoProcessor), ("tokenizer", transformers.AutoTokenizer)):
+    def attempt(factory: Any) -> Any:
         try:
-            extra[key] = factory.from_pretrained(source, local_files_only=local_only)
+            return factory.from_pretrained(source, local_files_only=local_only)
         except (OSError, ValueError, KeyError, TypeError):
-            pass
+            return None
+
+    # AutoProcessor returns a combined processor (BLIP) when there is one, but falls back to the
+    # bare tokenizer when a directory has a tokenizer and an image processor saved separately.
+    processor = attempt(transformers.AutoProcessor)
+    if processor is not None and not hasattr(processor, "image_processor") and not hasattr(processor, "image_mean"):
+        processor = None
+    processor = processor or attempt(transformers.AutoImageProcessor)
+    tokenizer = getattr(processor, "tokenizer", None) or attempt(transformers.AutoTokenizer)
+    extra = {key: value for key, value in (("processor", processor), ("tokenizer", tokenizer)) if value is not None}
     return LoadedModel(model, parsed, "captioning", extra=extra)
 
 

@@ -401,3 +401,39 @@ def _reload(path: str) -> torch.Tensor:
     """The PNG as the CLI feeds it to a builtin model: RGB in [0, 1], (1, 3, H, W)."""
     array = np.asarray(Image.open(path).convert("RGB"), dtype=np.float32) / 255
     return torch.from_numpy(array).permute(2, 0, 1).unsqueeze(0)
+
+
+def test_caption_with_a_local_hf_vision_encoder_decoder(tmp_path):
+    """`hf:DIR` for captioning: a tiny ViT + GPT-2 captioner saved with save_pretrained (random weights)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import (GPT2Config, PreTrainedTokenizerFast, ViTConfig, ViTImageProcessor,
+                              VisionEncoderDecoderConfig, VisionEncoderDecoderModel)
+
+    from multiexplain.captioned_scenes import make_captioned_scenes
+
+    scenes = make_captioned_scenes(20, seed=3)
+    bpe = Tokenizer(models.BPE())
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    bpe.decoder = decoders.ByteLevel()
+    bpe.train_from_iterator(scenes.captions, trainers.BpeTrainer(vocab_size=320, special_tokens=["<pad>", "<s>", "</s>"],
+                                                                 initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=bpe, bos_token="<s>", eos_token="</s>", pad_token="<pad>")
+    torch.manual_seed(0)
+    encoder = ViTConfig(image_size=32, patch_size=8, hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64)
+    decoder = GPT2Config(vocab_size=len(tokenizer), n_positions=64, n_embd=32, n_layer=1, n_head=2,
+                         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+    config = VisionEncoderDecoderConfig.from_encoder_decoder_configs(encoder, decoder)
+    config.decoder_start_token_id, config.eos_token_id, config.pad_token_id = (
+        tokenizer.bos_token_id, tokenizer.eos_token_id, tokenizer.pad_token_id)
+    directory = tmp_path / "captioner"
+    VisionEncoderDecoderModel(config=config).save_pretrained(directory)
+    tokenizer.save_pretrained(directory)
+    ViTImageProcessor(size={"height": 32, "width": 32}, image_mean=[0.5] * 3, image_std=[0.5] * 3).save_pretrained(directory)
+
+    image = _save_scene(tmp_path / "scene.png", scenes.images[0])
+    out = tmp_path / "out"
+    assert cli.main(["caption", image, "--model", f"hf:{directory}", "--caption", scenes.captions[0],
+                     "--out", str(out), "--device", "cpu"]) == 0
+    result = json.loads((out / "captions.json").read_text())["results"][0]
+    assert result["caption"] == scenes.captions[0] and result["words"] == scenes.captions[0].split()
+    assert (out / result["figures"]["gradcam++"]).is_file()
