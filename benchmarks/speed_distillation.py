@@ -5,7 +5,7 @@ and map (no graph) and the student's differentiable map (double backprop). Also 
 forward only) and CE+KD+expl for scale. Target: CE+expl(GC++) <= 3x a CE step.
 
     python benchmarks/speed_distillation.py [--device cuda] [--batch-size 64] [--rounds 20]
-Appends its table to benchmarks/results/distillation.md's speed section via --write.
+--out PATH writes PATH.md / PATH.json (the numbers in benchmarks/results/distillation.md come from it).
 """
 
 from __future__ import annotations
@@ -31,31 +31,39 @@ OBJECTIVES = {
 }
 
 
-def time_steps(config: dict, batch_size: int, rounds: int, device: torch.device) -> float:
-    """Median seconds of one full step (forward(s), maps, backward, SGD update)."""
+def time_steps(objectives: dict[str, dict], batch_size: int, rounds: int, device: torch.device) -> dict[str, float]:
+    """Median seconds of one full step (forward(s), maps, backward, SGD update) per objective.
+
+    Rounds are interleaved (one step of every objective per round), so a machine shared with
+    other jobs slows every objective alike instead of whichever happened to run during a spike.
+    """
     torch.manual_seed(0)
     teacher = wide_resnet(16, 2).to(device).eval()
-    student = wide_resnet(10, 1).to(device).train()
     for p in teacher.parameters():
         p.requires_grad_(False)
-    loss = build_loss(config, student, teacher)
-    optimizer = torch.optim.SGD(student.parameters(), lr=0.01, momentum=0.9)
+    setups = {}
+    for name, config in objectives.items():
+        torch.manual_seed(0)
+        student = wide_resnet(10, 1).to(device).train()
+        optimizer = torch.optim.SGD(student.parameters(), lr=0.01, momentum=0.9)
+        setups[name] = (build_loss(config, student, teacher), optimizer)
     x = torch.rand(batch_size, 3, 32, 32, device=device)
     y = torch.randint(0, 6, (batch_size,), device=device)
-    times = []
-    for i in range(rounds + 3):  # 3 warm-up steps
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        start = time.perf_counter()
-        total, _, _ = loss(x, y)
-        optimizer.zero_grad(set_to_none=True)
-        total.backward()
-        optimizer.step()
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        if i >= 3:
-            times.append(time.perf_counter() - start)
-    return statistics.median(times)
+    times: dict[str, list[float]] = {name: [] for name in objectives}
+    for i in range(rounds + 3):  # 3 warm-up rounds
+        for name, (loss, optimizer) in setups.items():
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            start = time.perf_counter()
+            total, _, _ = loss(x, y)
+            optimizer.zero_grad(set_to_none=True)
+            total.backward()
+            optimizer.step()
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            if i >= 3:
+                times[name].append(time.perf_counter() - start)
+    return {name: statistics.median(values) for name, values in times.items()}
 
 
 def main() -> None:
@@ -68,12 +76,12 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)
-    seconds = {name: time_steps(config, args.batch_size, args.rounds, device) for name, config in OBJECTIVES.items()}
+    seconds = time_steps(OBJECTIVES, args.batch_size, args.rounds, device)
     base = seconds["CE"]
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU, {args.threads} threads ({platform.machine()})"
     lines = [
         f"One training step, WRN-10-1 student (+ WRN-16-2 teacher where used), batch {args.batch_size}, {name}, "
-        f"median of {args.rounds} steps:",
+        f"median of {args.rounds} interleaved rounds:",
         "",
         "| objective | ms / step | ratio to CE |",
         "|---|---|---|",

@@ -100,6 +100,12 @@ def test_explanation_loss_matches_an_independent_float64_reference_and_aligns_re
     torch.testing.assert_close(maps_s, unit(up(student_ref)), rtol=1e-9, atol=1e-12)
     torch.testing.assert_close(maps_t, unit(up(teacher_ref)), rtol=1e-9, atol=1e-12)
 
+    # min-max normalisation, as Explanation.maps (but at layer resolution)
+    minmax = D.ExplanationLoss(teacher, student, normalize="minmax")
+    maps_s, maps_t, _, _ = minmax.explain_pair(x, y)
+    scale = lambda m: (m - m.flatten(1).amin(1).view(-1, 1, 1)) / (m.flatten(1).amax(1) - m.flatten(1).amin(1)).view(-1, 1, 1)
+    torch.testing.assert_close(maps_t, scale(teacher_ref), rtol=1e-9, atol=1e-12)
+
     # Grad-CAM variant and "max" normalisation
     gc = D.ExplanationLoss(teacher, student, method="gradcam", normalize="max", weight=1.0)
     s_ref = _reference_gradcampp(student, student.relu, x, y, "gradcam")
@@ -288,3 +294,15 @@ def test_torchrun_ddp_with_two_gloo_processes_ends_with_equal_weights(tmp_path):
     assert any(not torch.equal(states[0][k], untrained[k]) for k in untrained)  # it did train
     for name in states[0]:
         torch.testing.assert_close(states[0][name], states[1][name], rtol=0, atol=0, msg=name)
+
+
+def test_config_files_in_json_yaml_and_toml_load_to_the_same_dict(tmp_path):
+    expected = {"seed": 2, "student": {"depth": 10, "widen_factor": 1}, "losses": {"ce": 1.0, "expl": {"weight": 0.01, "method": "gradcam"}}}
+    (tmp_path / "c.json").write_text(json.dumps(expected))
+    (tmp_path / "c.yaml").write_text("seed: 2\nstudent: {depth: 10, widen_factor: 1}\nlosses:\n  ce: 1.0\n  expl: {weight: 0.01, method: gradcam}\n")
+    (tmp_path / "c.toml").write_text('seed = 2\n[student]\ndepth = 10\nwiden_factor = 1\n[losses]\nce = 1.0\n[losses.expl]\nweight = 0.01\nmethod = "gradcam"\n')
+    for name in ("c.json", "c.yaml", "c.toml"):
+        assert D.load_config_file(tmp_path / name) == expected, name
+    (tmp_path / "c.ini").write_text("")
+    with pytest.raises(ValueError, match="config format"):
+        D.load_config_file(tmp_path / "c.ini")
