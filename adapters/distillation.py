@@ -67,6 +67,9 @@ __all__ = [
     "make_distill_dataset",
     "map_correlation",
     "evaluate_student",
+    "save_wide_resnet",
+    "load_config_file",
+    "attention_map",
 ]
 
 NORMALIZATIONS = ("none", "l2", "max", "minmax")
@@ -618,9 +621,11 @@ class Trainer:
         teacher: nn.Module | None,
         losses: Mapping[str, Any],
         train_set: torch.utils.data.Dataset,
-        config: TrainConfig | Mapping[str, Any] = TrainConfig(),
+        config: TrainConfig | Mapping[str, Any] | None = None,
         eval_set: torch.utils.data.Dataset | None = None,
     ) -> None:
+        if config is None:
+            config = TrainConfig()
         self.config = config if isinstance(config, TrainConfig) else TrainConfig.from_dict(config)
         if self.config.epochs < 1 or self.config.batch_size < 1:
             raise ValueError("epochs and batch_size must be >= 1")
