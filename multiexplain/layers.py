@@ -238,6 +238,8 @@ def auto_layer(
     finished: list[tuple[nn.Module, int, Tensor, str, Callable[[Tensor], Tensor] | None, tuple[int, ...]]] = []
     known_grids: list[tuple[int, ...]] = []
     calls: dict[nn.Module, int] = {}
+    # (module, candidates finished before it, shape) of (N, L, D) outputs with no grid to put them on.
+    unplaced: list[tuple[nn.Module, int, tuple[int, ...]]] = []
     handles = []
     modes = {module: module.training for module in model.modules()}
     probing = score is not None
@@ -267,8 +269,15 @@ def auto_layer(
             known_grids.append(layout[2])
         if carried is not None:
             known_grids.append(carried)
-        if layout is not None and module is not model and not isinstance(module, _NOT_A_FEATURE_LAYER):
+        if module is model or isinstance(module, _NOT_A_FEATURE_LAYER):
+            return replacement
+        if layout is not None:
             finished.append((module, call_index, tensor, *layout))
+        elif (
+            len(input_spatial) >= 2 and tensor.ndim == 3 and tensor.is_floating_point()
+            and tensor.shape[0] == batch_size and tensor.shape[1] > 1
+        ):
+            unplaced.append((module, len(finished), tuple(tensor.shape)))
         return replacement
 
     grad_mode = torch.is_grad_enabled()
@@ -311,6 +320,17 @@ def auto_layer(
             )
         chosen = finished[-1]
     module, call_index, _tensor, layout, reshape, grid = chosen
+    chosen_position = next(i for i, entry in enumerate(finished) if entry is chosen)
+    later_tokens = [entry for entry in unplaced if entry[1] > chosen_position]
+    if later_tokens:
+        token_module, _, shape = later_tokens[-1]
+        warnings.warn(
+            f"auto layer: {names[token_module]!r} (after the pick) outputs tokens of shape {shape} whose grid "
+            f"could not be inferred from the input's spatial size {input_spatial} or an earlier output, so "
+            f"{names[module]!r} was chosen instead; to explain the tokens, pass that layer with "
+            "reshape=TokenReshape(grid=(h, w), num_prefix_tokens=...)",
+            RuntimeWarning,
+        )
     return AutoLayer(module, names[module], layout, reshape, grid, call_index, probed)
 
 

@@ -305,3 +305,22 @@ def test_frozen_model_is_probed_without_touching_requires_grad():
     explanation = GradCAMPlusPlus(model, "auto")(torch.randn(1, 3, 64, 64))
     assert explanation.layer == "layer4" and not explanation.zero_gradient.any()
     assert not any(p.requires_grad for p in model.parameters())
+
+
+class StemThenLatentTokens(LatentTokenNet):
+    """A conv stem, then latent tokens with no grid: auto falls back to the stem and says why."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Conv2d(3, 3, 3, padding=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return super().forward(self.stem(x))
+
+
+def test_tokens_without_a_grid_after_a_conv_stem_warn_which_layer_was_chosen():
+    torch.manual_seed(0)
+    model = StemThenLatentTokens()
+    with pytest.warns(RuntimeWarning, match=r"'mix' .*tokens of shape \(1, 7, 8\).*'stem' was chosen.*TokenReshape"):
+        explanation = GradCAMPlusPlus(model, "auto")(torch.randn(1, 3, 16, 16))
+    assert explanation.layer == "stem" and explanation.maps.shape == (1, 16, 16)
