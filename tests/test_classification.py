@@ -1,0 +1,279 @@
+"""Classification adapter, scene generator, shipped model and the benchmark's code path."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+import torch
+import torchvision
+from torch import nn
+
+from multiexplain.adapters import classification as cls
+from multiexplain.scenes import SCENE_CLASSES, make_scenes, scene_seed
+from multiexplain.synthetic import generator, textured_background
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(autouse=True)
+def _threads():
+    # One intra-op thread: the models here are tiny, and on a busy 2-core machine two threads spent
+    # most of their time synchronising (the top-k test took 20 s with 2 threads, 0.5 s with 1).
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
+def no_hooks(model: nn.Module) -> bool:
+    return all(not m._forward_hooks and not m._forward_pre_hooks and not m._backward_hooks for m in model.modules())
+
+
+def reference_gradcampp(model: nn.Module, layer: nn.Module, images: torch.Tensor, target: int) -> torch.Tensor:
+    """Layer-resolution Grad-CAM++ map in float64, written out from eq. 19/20 independently of the core."""
+    model = model.double()
+    captured = {}
+    handle = layer.register_forward_hook(lambda _m, _a, out: captured.__setitem__("a", out))
+    try:
+        logits = model(images.double())
+    finally:
+        handle.remove()
+    activations = captured["a"]
+    (gradients,) = torch.autograd.grad(logits[:, target].sum(), activations)
+    a, g = activations.detach(), gradients
+    sums = a.sum(dim=(2, 3), keepdim=True)
+    denominator = 2 * g**2 + sums * g**3
+    alpha = torch.where(denominator != 0, g**2 / torch.where(denominator != 0, denominator, 1.0), 0.0)
+    weights = (alpha * g.clamp(min=0)).sum(dim=(2, 3))
+    return torch.relu((weights[:, :, None, None] * a).sum(dim=1))
+
+
+# -- adapter on torchvision / Hugging Face models ------------------------------------------------
+
+def test_torchvision_resnet_auto_layer_matches_float64_reference():
+    torch.manual_seed(0)
+    model = torchvision.models.resnet18(weights=None, num_classes=5).eval()
+    images = torch.rand(3, 3, 96, 96)
+    explanation = cls.explain_images(model, images, targets=2)
+    assert explanation.layer == "layer4"
+    assert explanation.maps.shape == (3, 96, 96) and explanation.targets.tolist() == [2, 2, 2]
+    assert explanation.maps.min() >= 0 and explanation.maps.max() <= 1
+    expected = reference_gradcampp(model, model.layer4, images, 2)
+    torch.testing.assert_close(explanation.raw.double(), expected, rtol=2e-4, atol=1e-5 * expected.max().item())
+    assert not model.training and no_hooks(model)
+
+
+def test_topk_gives_one_map_per_class_equal_to_single_target_maps():
+    torch.manual_seed(1)
+    model = torchvision.models.resnet18(weights=None, num_classes=6).eval()
+    images = torch.rand(2, 3, 64, 64)
+    explanation = cls.explain_images(model, images, topk=3, method="gradcam")
+    with torch.no_grad():
+        expected_targets = model(images).topk(3, dim=1).indices
+    assert explanation.maps.shape == (2, 3, 64, 64)
+    assert torch.equal(explanation.targets, expected_targets)
+    for k in range(3):
+        single = cls.explain_images(model, images, targets=expected_targets[:, k].tolist(), method="gradcam")
+        torch.testing.assert_close(explanation.maps[:, k], single.maps, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("name", ["vgg11", "mobilenet_v3_small", "efficientnet_b0", "convnext_tiny", "densenet121"])
+def test_auto_layer_on_torchvision_cnns(name):
+    model = torchvision.models.get_model(name, weights=None, num_classes=4).eval()
+    explanation = cls.explain_images(model, torch.rand(1, 3, 64, 64))
+    assert explanation.layer.startswith("features")
+    assert explanation.maps.shape == (1, 64, 64) and torch.isfinite(explanation.maps).all()
+
+
+def test_torchvision_vit_and_swin_use_token_and_channels_last_rules():
+    vit = torchvision.models.VisionTransformer(
+        image_size=32, patch_size=8, num_layers=2, num_heads=2, hidden_dim=16, mlp_dim=32, num_classes=3
+    ).eval()
+    torch.nn.init.normal_(vit.heads.head.weight)  # torchvision zero-initialises the head: no gradient at all
+    layer, reshape = cls.default_layer(vit)
+    assert layer == "encoder.layers.encoder_layer_1.ln_1" and reshape.num_prefix_tokens == 1
+    explanation = cls.explain_images(vit, torch.rand(2, 3, 32, 32))
+    assert explanation.raw.shape == (2, 4, 4) and explanation.maps.shape == (2, 32, 32)
+    assert not explanation.zero_gradient.any()  # patch tokens carry gradient at ln_1 (not at the last output)
+
+    swin = torchvision.models.SwinTransformer(
+        patch_size=[4, 4], embed_dim=8, depths=[1, 1], num_heads=[1, 2], window_size=[2, 2], num_classes=3
+    ).eval()
+    layer, reshape = cls.default_layer(swin)
+    assert layer == "features" and isinstance(reshape, cls.ChannelsLast)
+    explanation = cls.explain_images(swin, torch.rand(2, 3, 32, 32), method="gradcam")
+    assert explanation.raw.shape == (2, 4, 4) and explanation.maps.shape == (2, 32, 32)
+
+
+def hf_configs():
+    import transformers
+
+    vit = transformers.ViTConfig(
+        image_size=32, patch_size=8, hidden_size=16, num_hidden_layers=2, num_attention_heads=2,
+        intermediate_size=32, num_labels=3,
+    )
+    resnet = transformers.ResNetConfig(embedding_size=8, hidden_sizes=[8, 16], depths=[1, 1], num_labels=3)
+    return {"vit": (transformers.ViTForImageClassification, vit), "resnet": (transformers.ResNetForImageClassification, resnet)}
+
+
+@pytest.mark.parametrize("kind", ["vit", "resnet"])
+def test_hf_classifier_saved_and_reloaded_from_a_local_directory(tmp_path, kind):
+    model_class, config = hf_configs()[kind]
+    torch.manual_seed(2)
+    original = model_class(config).eval()
+    original.save_pretrained(tmp_path / kind)
+    loaded = cls.load_classifier(tmp_path / kind)
+    assert not loaded.training
+    images = torch.rand(2, 3, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(images).logits, original(images).logits)
+    explanation = cls.explain_images(loaded, images, topk=2)
+    assert explanation.maps.shape == (2, 2, 32, 32)
+    assert torch.equal(explanation.targets, original(images).logits.topk(2, dim=1).indices)
+    if kind == "vit":
+        assert explanation.layer.endswith("layernorm_before") and explanation.raw.shape == (2, 2, 4, 4)
+    else:
+        assert explanation.raw.shape[-2:] == (1, 1) or explanation.raw.shape[-1] > 1
+    assert no_hooks(loaded)
+
+
+def test_state_dict_checkpoint_loading_and_errors(tmp_path):
+    torch.manual_seed(3)
+    original = torchvision.models.resnet18(weights=None, num_classes=3).eval()
+    path = tmp_path / "resnet18.pt"
+    torch.save(original.state_dict(), path)
+    loaded = cls.load_classifier("resnet18", checkpoint=path)  # class count read from the file
+    images = torch.rand(1, 3, 64, 64)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(images), original(images))
+    wrapped = tmp_path / "wrapped.pt"
+    torch.save({"model_state_dict": original.state_dict(), "epoch": 3}, wrapped)
+    assert isinstance(cls.load_classifier("resnet18", checkpoint=wrapped), torchvision.models.ResNet)
+    with pytest.raises(ValueError, match="does not fit"):
+        cls.load_classifier("resnet34", checkpoint=path)
+    with pytest.raises(ValueError, match="not a multiexplain checkpoint"):
+        cls.load_classifier(path)
+    with pytest.raises(FileNotFoundError):
+        cls.load_classifier(tmp_path / "missing.pt")
+    with pytest.raises(ValueError, match="no weights"):
+        cls.load_classifier("resnet18", weights="NOT_A_WEIGHT")
+    with pytest.raises(ValueError, match="not both"):
+        cls.load_classifier("resnet18", weights="DEFAULT", checkpoint=path)
+    random_init = cls.load_classifier("resnet18", num_classes=7)
+    assert random_init.fc.out_features == 7
+
+
+def test_explain_images_rejects_conflicting_requests():
+    model = torchvision.models.resnet18(weights=None, num_classes=4).eval()
+    images = torch.rand(1, 3, 32, 32)
+    with pytest.raises(ValueError, match="at most one"):
+        cls.explain_images(model, images, targets=1, topk=2)
+    with pytest.raises(ValueError, match="only 4 classes"):
+        cls.explain_images(model, images, topk=5)
+    with pytest.raises(ValueError, match="unknown method"):
+        cls.explain_images(model, images, method="scorecam")
+    assert no_hooks(model)
+
+
+# -- the generator -------------------------------------------------------------------------
+
+def test_generator_is_deterministic_and_subsets_reproduce():
+    first = make_scenes(12, seed=7)
+    again = make_scenes(12, seed=7)
+    for field in ("images", "labels", "class_masks", "instance_masks", "instance_classes"):
+        assert torch.equal(getattr(first, field), getattr(again, field)), field
+    tail = make_scenes(4, seed=7, start=8)
+    assert torch.equal(tail.images, first.images[8:])
+    assert not torch.equal(make_scenes(12, seed=8).images, first.images)
+
+
+def test_masks_match_the_drawing():
+    scenes = make_scenes(40, seed=11)
+    assert scenes.images.shape == (40, 3, 64, 64) and scenes.images.min() >= 0 and scenes.images.max() <= 1
+    for i in range(len(scenes)):
+        union = scenes.instance_masks[i].any(dim=0)
+        # Outside every instance the image is exactly the background drawn first from the scene's generator.
+        background = textured_background(generator(scene_seed(11, i)), 64, 64)
+        assert torch.equal(scenes.images[i][:, ~union], background[:, ~union])
+        for j in range(scenes.instance_classes.shape[1]):
+            kind = scenes.instance_classes[i, j].item()
+            mask = scenes.instance_masks[i, j]
+            if kind < 0:
+                assert not mask.any()
+                continue
+            # Visible pixels carry the instance's colour (paint jitters by at most +-0.03).
+            colour = scenes.instance_colours[i, j].view(3, 1)
+            assert mask.any() and (scenes.images[i][:, mask] - colour).abs().max() <= 0.0301
+        for c in range(len(SCENE_CLASSES)):
+            expected = scenes.instance_masks[i][scenes.instance_classes[i] == c].any(dim=0)
+            assert torch.equal(scenes.class_masks[i, c], expected)
+            assert scenes.labels[i, c].item() == float(expected.any())
+    # Instances do not overlap in their visible masks (occluded pixels belong to the top shape).
+    assert (scenes.instance_masks.sum(dim=1) <= 1).all()
+
+
+def test_several_instances_of_one_class_are_common():
+    scenes = make_scenes(200, seed=3)
+    counts = scenes.instance_counts()
+    assert counts.sum(dim=1).min() >= 1 and counts.sum(dim=1).max() <= 4
+    assert (counts.max(dim=1).values >= 2).float().mean() >= 0.3
+    assert (scenes.labels.sum(dim=0) > 0).all()  # every class appears
+
+
+# -- the shipped model ---------------------------------------------------------------------
+
+def test_shipped_model_loads_and_is_accurate_on_a_fresh_seed():
+    model = cls.load_scene_classifier()
+    assert isinstance(model, cls.SceneCNN) and not model.training
+    assert model.labels == list(SCENE_CLASSES)
+    scenes = make_scenes(300, seed=424242)
+    with torch.no_grad():
+        predicted = model(scenes.images).sigmoid() >= 0.5
+    accuracy = (predicted == scenes.labels.bool()).float().mean().item()
+    assert accuracy >= 0.95, accuracy
+    assert cls.load_classifier("scene").state_dict().keys() == model.state_dict().keys()
+    assert isinstance(cls.load_classifier(cls.SCENE_CHECKPOINT), cls.SceneCNN)
+    # The declared layer is the one the core's "auto" search picks too.
+    from multiexplain import GradCAMPlusPlus
+
+    assert GradCAMPlusPlus(model, "auto")(scenes.images[:2]).layer == model.explain_layer == "features"
+
+
+def test_multi_label_explains_every_positive_label_and_pads():
+    model = cls.load_scene_classifier()
+    scenes = make_scenes(6, seed=99)
+    explanation = cls.explain_images(model, scenes.images, multi_label=True)
+    assert explanation.layer == "features"
+    with torch.no_grad():
+        positive = model(scenes.images).sigmoid() >= 0.5
+    k = int(positive.sum(dim=1).max())
+    assert explanation.maps.shape == (6, k, 64, 64)
+    for i in range(6):
+        chosen = explanation.targets[i][explanation.targets[i] >= 0]
+        assert sorted(chosen.tolist()) == positive[i].nonzero().flatten().tolist()
+        padded = explanation.targets[i] < 0
+        assert (explanation.maps[i][padded] == 0).all() and explanation.zero_gradient[i][padded].all()
+        for slot in (~padded).nonzero().flatten().tolist():
+            single = cls.explain_images(model, scenes.images[i : i + 1], targets=[explanation.targets[i, slot].item()])
+            torch.testing.assert_close(explanation.maps[i, slot], single.maps[0], rtol=1e-4, atol=1e-5)
+
+
+# -- the benchmark's code path ---------------------------------------------------------------
+
+def test_benchmark_code_path_on_a_tiny_subset(tmp_path):
+    spec = importlib.util.spec_from_file_location("quality_classification", ROOT / "benchmarks" / "quality_classification.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    results = bench.evaluate(cls.load_scene_classifier(), make_scenes(6, seed=5), steps=4)
+    for method in ("gradcam++", "gradcam"):
+        row = results["methods"][method]
+        for key in ("average_drop", "increase_in_confidence", "win", "loc_0", "loc_0.25", "loc_0.5", "pointing_game",
+                    "energy_pointing_game", "deletion_auc", "insertion_auc", "multi_instance_coverage"):
+            assert key in row and row[key] == row[key], key  # present and not NaN
+    assert results["methods"]["gradcam++"]["win"] + results["methods"]["gradcam"]["win"] == pytest.approx(100.0)
+    markdown = bench.write_results(results, tmp_path / "classification")
+    assert "36.84" in Path(markdown).read_text()  # the paper's VGG-16 number sits beside ours
+    assert json.loads((tmp_path / "classification.json").read_text())["methods"]["gradcam"]["average_drop"] >= 0
