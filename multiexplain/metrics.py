@@ -267,7 +267,7 @@ def class_probabilities(output: Any, score: Score = "softmax") -> Tensor:
 
 def _target_confidence(model: nn.Module, inputs: Tensor, targets: Tensor, score: Score, batch_size: int) -> Tensor:
     """Confidence ``(M,)`` of ``targets[i]`` on ``inputs[i]``, in chunks of ``batch_size``, no grad."""
-    values = []
+    values = [torch.zeros(0, device=inputs.device)]  # an empty batch gives an empty (0,) result
     with torch.no_grad():
         for start in range(0, inputs.shape[0], batch_size):
             stop = start + batch_size

@@ -85,6 +85,8 @@ def test_confidences_match_a_float64_reference():
     np.testing.assert_allclose(full_s.numpy(), 1 / (1 + np.exp(-(x @ w)[rows, targets.numpy()])), rtol=1e-5)
     with pytest.raises(ValueError, match="targets"):
         metrics.confidences(model, inputs, maps, torch.tensor([0, 1]))
+    empty_full, empty_explained = metrics.confidences(model, inputs[:0], maps[:0], torch.zeros(0, dtype=torch.long))
+    assert empty_full.shape == empty_explained.shape == (0,)
 
 
 # -- localisation --------------------------------------------------------------------------
