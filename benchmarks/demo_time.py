@@ -25,6 +25,19 @@ BUDGET_S = 180.0  # the issue's limit: under 3 minutes on 2 CPU cores
 RESULTS = Path(__file__).resolve().parent / "results"
 
 
+def _trim_bottom(path: Path) -> None:
+    """Cut the empty band headless Chromium leaves below the viewport's content."""
+    import numpy as np
+    from PIL import Image
+
+    with Image.open(path) as image:
+        pixels = np.asarray(image.convert("RGB")).astype(int)
+        background = pixels[-1, pixels.shape[1] // 2]
+        busy = np.nonzero((np.abs(pixels - background).sum(axis=2) > 12).any(axis=1))[0]
+        if len(busy) and busy[-1] + 1 < image.height:
+            image.crop((0, 0, image.width, busy[-1] + 8)).save(path)
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--threads", type=int, default=2)
@@ -72,6 +85,7 @@ def main() -> int:
         from multiexplain.report import render_in_chromium
 
         probe = render_in_chromium(Path(args.out) / "index.html", screenshot=args.screenshot, window=(1280, 2000))
+        _trim_bottom(Path(args.screenshot))
         broken = [i["src"] for i in probe["images"] if not i["naturalWidth"]]
         lines += ["", f"Screenshot: {args.screenshot} ({len(probe['images'])} images, {len(broken)} broken)."]
     text = "\n".join(lines) + "\n"

@@ -522,9 +522,45 @@ def run_demo(settings: DemoSettings) -> DemoResult:
         "torch threads": torch.get_num_threads(), "colormap": settings.colormap, "alpha": settings.alpha,
         **{f"time {task} (s)": round(value, 1) for task, value in seconds.items()},
     }
+    report.sections.insert(0, _summary(status, results, seconds))
     index = write_report(report, settings.out)
     _write_json(settings.out / "metrics.json", {"status": status, "metrics": results, "seconds": seconds})
     return DemoResult(index, status, results, seconds)
+
+
+#: The metrics shown in the report's at-a-glance table, per task (full tables are in each section).
+HEADLINES: dict[str, tuple[str, ...]] = {
+    "classification": ("Average Drop % (lower is better)", "Win % (higher is better)", "Loc(0.25) (higher is better)",
+                       "Instances covered % (higher is better)"),
+    "captioning": ("Pointing game % (higher is better)", "Energy inside the region % (higher is better)"),
+    "video": ("Average Drop % (lower is better)", "Win % (higher is better)", "Energy inside the region % (higher is better)",
+              "Energy in the action frames % (higher is better)"),
+    "distillation": ("Student-teacher map correlation (higher is better)",),
+}
+
+
+def _summary(status: dict[str, str], results: dict[str, Any], seconds: dict[str, float]) -> Section:
+    """The first section: one row per headline metric of every task that ran, and the timings."""
+    section = Section("summary", "At a glance")
+    rows, best = [], []
+    for task, state in status.items():
+        if state != "ok":
+            rows.append([task, f"({state})", "", "", ""])
+            best.append(None)
+            continue
+        for name in HEADLINES[task]:
+            pp, gc = results[task]["gradcam++"].get(name), results[task]["gradcam"].get(name)
+            if pp is None or gc is None:
+                continue
+            rows.append([task, name, pp, gc, "Grad-CAM++" if (pp < gc) == ("lower is better" in name) and pp != gc
+                         else ("tie" if pp == gc else "Grad-CAM")])
+            best.append(None if pp == gc else (2 if rows[-1][4] == "Grad-CAM++" else 3))
+    section.add_table(["task", "metric", "Grad-CAM++", "Grad-CAM", "better"], rows,
+                      "Held-out batches of freshly generated data; every task's section has the full table.",
+                      highlight=best)
+    timing = ", ".join(f"{task} {value:.1f} s" for task, value in seconds.items())
+    section.add_text(f"Wall time: {timing}.")
+    return section
 
 
 def _say(settings: DemoSettings, message: str) -> None:

@@ -143,6 +143,7 @@ th, td { border:1px solid var(--line); padding:4px 10px; text-align:right; }
 th:first-child, td:first-child { text-align:left; }
 th { background:#eef1f4; }
 td.best { font-weight:700; }
+td.text { text-align:left; }
 caption { caption-side:bottom; text-align:left; font-size:13px; color:var(--muted); padding-top:4px; }
 dl.settings { display:grid; grid-template-columns:max-content auto; gap:2px 14px; font-size:13px; }
 dl.settings dt { color:var(--muted); }
@@ -150,6 +151,12 @@ dl.settings dd { margin:0; font-family:ui-monospace,"DejaVu Sans Mono",monospace
 .note { border-left:4px solid var(--accent); background:#fff4f2; padding:8px 12px; margin:10px 0; }
 footer { color:var(--muted); font-size:12px; padding:0 28px 24px; }
 """
+
+
+def _cell_class(best: bool, text: bool) -> str:
+    """Numbers are right-aligned (tabular), text cells left-aligned; the best value is bold."""
+    names = [name for name, on in (("best", best), ("text", text)) if on]
+    return f' class="{" ".join(names)}"' if names else ""
 
 
 def _format(value: Any, digits: int) -> str:
@@ -235,7 +242,7 @@ class _Writer:
                 raise ValueError(f"table row {index} has {len(row)} cells for {len(table.headers)} headers")
             best = table.highlight[index] if table.highlight is not None and index < len(table.highlight) else None
             cells = "".join(
-                f'<td{" class=best" if column == best else ""}>{html.escape(_format(v, table.digits))}</td>'
+                f'<td{_cell_class(column == best, isinstance(v, str) and column > 0)}>{html.escape(_format(v, table.digits))}</td>'
                 for column, v in enumerate(row)
             )
             body.append(f"<tr>{cells}</tr>")

@@ -75,7 +75,7 @@ def test_write_report_is_self_contained_and_escaped(tmp_path):
     # Everything user-supplied is escaped.
     assert "Test &lt;report&gt;" in page and "scene &lt;0&gt;" in page and "caption &lt;x&gt;" in page
     assert "maps for &lt;all&gt; classes" in page and "note &amp; warning" in page
-    assert '<td class=best>12.35</td>' in page and "<td>n/a</td>" in page
+    assert '<td class="best">12.35</td>' in page and "<td>n/a</td>" in page
     assert page.count("<section id=") == 2 and '<a href="#video">Video</a>' in page
     # Image sizes are declared so the layout does not jump while loading.
     width, height = Image.open(root / "cls" / "a.png").size
