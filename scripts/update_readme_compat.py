@@ -23,11 +23,7 @@ from typing import Any
 REPO = Path(__file__).resolve().parents[1]
 START, END = "<!-- compat:start -->", "<!-- compat:end -->"
 
-_LAYOUT_WORDS = {
-    "channels_first": "channels-first",
-    "channels_last": "channels-last (N, *spatial, C)",
-    "tokens": "tokens (class token dropped, grid inferred)",
-}
+_LAYOUT_WORDS = {"channels_first": "channels-first", "channels_last": "channels-last", "tokens": "tokens"}
 
 
 def _shape(values: list[int]) -> str:
@@ -81,7 +77,11 @@ def render_readme_section(payload: dict[str, Any]) -> str:
         f"Every model below was built by torchvision {payload['torchvision']} with random weights and explained "
         f"with `GradCAMPlusPlus(model, \"auto\")` by `tests/test_matrix.py`: **{len(passed)}/{len(rows)} pass** "
         "(finite map of the input's size from non-zero gradients at the chosen layer). Full table: "
-        "[benchmarks/results/compatibility.md](benchmarks/results/compatibility.md).",
+        "[benchmarks/results/compatibility.md](benchmarks/results/compatibility.md). Layouts: *tokens* = "
+        "`(N, prefix + h*w, D)` read on a grid found in the same forward pass (patch embedding, MViT's `thw`), "
+        "class token dropped; *channels-last* = `(N, *spatial, C)` (Swin3D); torchvision's 2-D Swin ends in a "
+        "`Permute` module, so its last feature map is already channels-first. Layers in brackets are the "
+        "automatic picks (the last layer whose grid gets a non-zero gradient).",
         "",
     ]
     titles = {
@@ -98,7 +98,7 @@ def render_readme_section(payload: dict[str, Any]) -> str:
             names = ", ".join(r["model"] for r in ok)
         else:
             names = ", ".join(
-                f"{r['model']} ({_LAYOUT_WORDS.get(r['layout'], r['layout'])}, `{r['layer']}`)" for r in ok
+                f"{r['model']} ({_LAYOUT_WORDS.get(r['layout'], r['layout'])}: `{r['layer']}`)" for r in ok
             )
         lines.append(f"- **{title}: {len(ok)}/{len(members)}**: {names}")
         failing = [r for r in members if not r.get("passed")]
