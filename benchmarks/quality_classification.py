@@ -57,6 +57,7 @@ ROWS = [
     ("loc_0.25", "Loc(0.25) (higher better)", "higher", 3),
     ("loc_0.5", "Loc(0.5) (higher better)", "higher", 3),
     ("pointing_game", "Pointing game % (higher better)", "higher", 2),
+    ("pointing_game_4px", "Pointing game %, 4 px tolerance (higher better)", "higher", 2),
     ("energy_pointing_game", "Energy pointing game (higher better)", "higher", 3),
     ("deletion_auc", "Deletion AUC (lower better)", "lower", 3),
     ("insertion_auc", "Insertion AUC (higher better)", "higher", 3),
@@ -112,6 +113,8 @@ def evaluate(
             "loc_0.25": metrics.localization(maps, masks, 0.25),
             "loc_0.5": metrics.localization(maps, masks, 0.5),
             "pointing_game": metrics.pointing_game(maps, masks).double() * 100,
+            # One feature-map cell is 4 pixels: a peak that close to the shape (a ring's hole, a cross's notch) counts.
+            "pointing_game_4px": metrics.pointing_game(maps, masks, tolerance=4).double() * 100,
             "energy_pointing_game": metrics.energy_pointing_game(maps, masks),
             "deletion_auc": metrics.deletion_auc(model, images, maps, classes, steps=steps, score="sigmoid", baseline="zero", batch_size=batch_size),
             "insertion_auc": metrics.insertion_auc(model, images, maps, classes, steps=steps, score="sigmoid", baseline="blur", batch_size=batch_size),
@@ -126,11 +129,12 @@ def evaluate(
             "average_drop": metrics.average_drop(values["full"], values["explained"]),
             "increase_in_confidence": metrics.increase_in_confidence(values["full"], values["explained"]),
             "win": metrics.win_percent(values["signed_drop"], per_method[other]["signed_drop"]),
-            **{key: _mean(values[key]) for key in ("loc_0", "loc_0.25", "loc_0.5", "pointing_game", "energy_pointing_game", "deletion_auc", "insertion_auc")},
+            **{key: _mean(values[key]) for key in AVERAGED},
             "multi_instance_coverage": _mean(values["coverage"][multi]),
         }
     multi_pairs = int((per_method[METHODS[0]]["instances"] >= 2).sum())
     return {
+        "paired_difference": _paired_differences(per_method),
         "scenes": len(scenes),
         "pairs": int(index.numel()),
         "multi_instance_pairs": multi_pairs,
@@ -141,6 +145,36 @@ def evaluate(
         "methods": methods,
         "paper_vgg16": PAPER,
     }
+
+
+def _paired_differences(per_method: dict[str, dict[str, torch.Tensor]]) -> dict[str, dict[str, float]]:
+    """Per metric: mean of the per-pair difference Grad-CAM++ minus Grad-CAM and its standard error
+    (both methods explain the same pairs, so the paired error is the honest yardstick). Win % is
+    itself a comparison: its standard error is the binomial one around 50%."""
+    plus, plain = per_method["gradcam++"], per_method["gradcam"]
+    multi = plus["instances"] >= 2
+    per_pair = {
+        "average_drop": (plus["drop"], plain["drop"]),
+        "increase_in_confidence": ((plus["explained"] > plus["full"]).double() * 100, (plain["explained"] > plain["full"]).double() * 100),
+        **{key: (plus[key], plain[key]) for key in AVERAGED},
+        "multi_instance_coverage": (plus["coverage"][multi], plain["coverage"][multi]),
+    }
+    differences = {}
+    for key, (a, b) in per_pair.items():
+        diff = a.double() - b.double()
+        n = diff.numel()
+        se = float(diff.std() / n**0.5) if n > 1 else 0.0
+        differences[key] = {"mean": _mean(diff), "se": se}
+    n = plus["signed_drop"].numel()
+    wins = metrics.win_percent(plus["signed_drop"], plain["signed_drop"])
+    differences["win"] = {"mean": wins - 50.0, "se": 50.0 / n**0.5 if n else 0.0}
+    return differences
+
+
+AVERAGED = (
+    "loc_0", "loc_0.25", "loc_0.5", "pointing_game", "pointing_game_4px", "energy_pointing_game",
+    "deletion_auc", "insertion_auc",
+)
 
 
 def _mean(values: torch.Tensor) -> float:
@@ -156,22 +190,28 @@ def render(results: dict[str, Any]) -> str:
         f"{results['multi_instance_pairs']} with >= 2 instances "
         f"of the class; layer `{results['layer']}`; deletion/insertion with {results['steps']} steps.",
         "",
-        "| metric | ours Grad-CAM++ | ours Grad-CAM | ratio GC++/GC | better here | paper GC++ (VGG-16, ImageNet/VOC) | paper GC |",
-        "|---|---|---|---|---|---|---|",
+        "| metric | ours Grad-CAM++ | ours Grad-CAM | ratio GC++/GC | GC++ - GC (± s.e.) | better here (paired) "
+        "| paper GC++ (VGG-16, ImageNet/VOC) | paper GC |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for key, label, better, decimals in ROWS:
         a, b = ours_pp[key], ours_gc[key]
         ratio = f"{a / b:.2f}" if b else "-"
-        if a == b:
-            winner = "tie"
+        difference = results.get("paired_difference", {}).get(key)
+        if a == b or (difference is not None and abs(difference["mean"]) <= 2 * difference["se"]):
+            winner = "tie (within 2 s.e.)"
         else:
             winner = "Grad-CAM++" if (a < b) == (better == "lower") else "Grad-CAM"
         paper_a = results["paper_vgg16"]["gradcam++"].get(key)
         paper_b = results["paper_vgg16"]["gradcam"].get(key)
         paper = (f"{paper_a}", f"{paper_b}") if paper_a is not None else ("-", "-")
-        lines.append(f"| {label} | {a:.{decimals}f} | {b:.{decimals}f} | {ratio} | {winner} | {paper[0]} | {paper[1]} |")
+        spread = f"{difference['mean']:+.{decimals}f} ± {difference['se']:.{decimals}f}" if difference else "-"
+        lines.append(f"| {label} | {a:.{decimals}f} | {b:.{decimals}f} | {ratio} | {spread} | {winner} | {paper[0]} | {paper[1]} |")
     lines += [
         "",
+        "'better here' names a method only where the mean per-pair difference exceeds twice its standard "
+        "error (Win %: its distance from 50% exceeds twice the binomial standard error; the difference column "
+        "then shows Win - 50).",
         "Paper columns: Average Drop / Increase / Win are ImageNet val with VGG-16, Loc is VOC12 mLoc "
         "(shared/GRADCAMPP.md). They are different data and models: a reference point, not comparable.",
     ]

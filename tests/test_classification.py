@@ -274,6 +274,10 @@ def test_benchmark_code_path_on_a_tiny_subset(tmp_path):
                     "energy_pointing_game", "deletion_auc", "insertion_auc", "multi_instance_coverage"):
             assert key in row and row[key] == row[key], key  # present and not NaN
     assert results["methods"]["gradcam++"]["win"] + results["methods"]["gradcam"]["win"] == pytest.approx(100.0)
+    difference = results["paired_difference"]["average_drop"]
+    row = results["methods"]
+    assert difference["mean"] == pytest.approx(row["gradcam++"]["average_drop"] - row["gradcam"]["average_drop"])
+    assert difference["se"] >= 0
     markdown = bench.write_results(results, tmp_path / "classification")
     assert "36.84" in Path(markdown).read_text()  # the paper's VGG-16 number sits beside ours
     assert json.loads((tmp_path / "classification.json").read_text())["methods"]["gradcam"]["average_drop"] >= 0
