@@ -164,6 +164,8 @@ def test_state_dict_checkpoint_loading_and_errors(tmp_path):
         cls.load_classifier("resnet18", weights="DEFAULT", checkpoint=path)
     random_init = cls.load_classifier("resnet18", num_classes=7)
     assert random_init.fc.out_features == 7
+    # Zoo SPECs (the command line's form) load through multiexplain.zoo, also with a state dict.
+    assert isinstance(cls.load_classifier("torchvision:resnet18@none"), torchvision.models.ResNet)
 
 
 def test_explain_images_rejects_conflicting_requests():
@@ -281,3 +283,16 @@ def test_benchmark_code_path_on_a_tiny_subset(tmp_path):
     markdown = bench.write_results(results, tmp_path / "classification")
     assert "36.84" in Path(markdown).read_text()  # the paper's VGG-16 number sits beside ours
     assert json.loads((tmp_path / "classification.json").read_text())["methods"]["gradcam"]["average_drop"] >= 0
+
+
+def test_example_writes_a_readable_figure(tmp_path, monkeypatch):
+    import runpy
+    import sys
+
+    from PIL import Image
+
+    out = tmp_path / "figure.png"
+    monkeypatch.setattr(sys, "argv", ["classify_scenes.py", "--out", str(out), "--scenes", "1"])
+    runpy.run_path(str(ROOT / "examples" / "classify_scenes.py"), run_name="__main__")
+    with Image.open(out) as image:
+        assert image.size[0] > 300 and image.size[1] > 150
