@@ -170,9 +170,10 @@ def _layout_of(
     spatial_ndim = len(input_spatial)
     if output.ndim == spatial_ndim + 2:
         readings = []
-        for rank, (layout, reshape, grid) in enumerate(
-            (("channels_first", None, shape[2:]), ("channels_last", ChannelsLast(), shape[1:-1]))
-        ):
+        options = [("channels_first", None, shape[2:])]
+        if spatial_ndim >= 2:  # with one spatial axis, (N, C, L) and (N, L, C) cannot be told apart
+            options.append(("channels_last", ChannelsLast(), shape[1:-1]))
+        for rank, (layout, reshape, grid) in enumerate(options):
             misfit = _geometry_misfit(grid, input_spatial)
             if misfit is not None:
                 # Prefer a grid seen earlier in the pass, then the better aspect fit, then
@@ -191,7 +192,8 @@ def _layout_of(
     return None
 
 
-def _grid_view(tensor: Tensor, layout: str, reshape: Callable[[Tensor], Tensor] | None) -> Tensor:
+def _grid_view(tensor: Tensor, reshape: Callable[[Tensor], Tensor] | None) -> Tensor:
+    """``tensor`` as ``(N, C, *grid)``: what the map will be computed on (prefix tokens dropped)."""
     return tensor if reshape is None else reshape(tensor)
 
 
@@ -345,7 +347,7 @@ def _last_with_gradient(total: Tensor, finished: list, chunk: int) -> tuple[Any,
             total, [entry[2] for entry in group], retain_graph=True, allow_unused=True
         )
         for entry, gradient in zip(reversed(group), reversed(gradients)):
-            if gradient is not None and bool((_grid_view(gradient, entry[3], entry[4]) != 0).any()):
+            if gradient is not None and bool((_grid_view(gradient, entry[4]) != 0).any()):
                 return entry, True
     return None, False
 

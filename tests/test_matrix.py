@@ -324,3 +324,15 @@ def test_tokens_without_a_grid_after_a_conv_stem_warn_which_layer_was_chosen():
     with pytest.warns(RuntimeWarning, match=r"'mix' .*tokens of shape \(1, 7, 8\).*'stem' was chosen.*TokenReshape"):
         explanation = GradCAMPlusPlus(model, "auto")(torch.randn(1, 3, 16, 16))
     assert explanation.layer == "stem" and explanation.maps.shape == (1, 16, 16)
+
+
+def test_one_spatial_axis_is_read_channels_first_only():
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Conv1d(1, 8, 5, stride=2), nn.ReLU(), nn.Conv1d(8, 16, 3, stride=2), nn.ReLU(),
+        nn.AdaptiveAvgPool1d(1), nn.Flatten(), nn.Linear(16, 3),
+    )
+    explainer = GradCAMPlusPlus(model, "auto")
+    explanation = explainer(torch.randn(2, 1, 100))
+    assert explainer.auto.layout == "channels_first" and explanation.layer == "3"
+    assert explanation.raw.shape == (2, 23) and explanation.maps.shape == (2, 100)
