@@ -309,12 +309,22 @@ def video_layer(model: nn.Module, inputs: Tensor | list[Tensor], pathway: str = 
       ``create_csn``, ``create_slowfast``): the last entry of ``model.blocks`` that is not a head
       (``ResNetBasicHead`` and friends hold 1x1x1 projections and pools that the generic rule
       would otherwise pick); for SlowFast, that stage's ``slow`` (0) or ``fast`` (1) pathway;
-    * anything else (torchvision ``r3d_18``, ``mc3_18``, ``r2plus1d_18``, ``s3d``, user models):
-      :func:`multiexplain.layers.find_auto_layer`, which picks ``layer4`` / ``features``.
+    * torchvision ``r3d_18``, ``mc3_18``, ``r2plus1d_18`` (``VideoResNet``): ``layer4``; ``s3d``: ``features``
+      (what :func:`multiexplain.layers.find_auto_layer` picks too, without its traced forward);
+    * anything else: :func:`multiexplain.layers.find_auto_layer` (one traced forward without grad).
     """
     if pathway not in _PATHWAYS:
         raise ValueError(f"pathway must be 'slow' or 'fast' here, got {pathway!r}")
     if isinstance(model, C3D):
+        return model.features
+    # torchvision's video CNNs: known without a traced forward (saves a pass and its memory).
+    try:
+        from torchvision.models.video import S3D, VideoResNet
+    except ImportError:
+        S3D = VideoResNet = None  # type: ignore[assignment, misc]
+    if VideoResNet is not None and isinstance(model, VideoResNet):
+        return model.layer4
+    if S3D is not None and isinstance(model, S3D):
         return model.features
     blocks = getattr(model, "blocks", None)
     heads = _pytorchvideo_head_types()
