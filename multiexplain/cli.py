@@ -22,7 +22,7 @@ import argparse
 import json
 import sys
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Sequence
 
 from . import __version__
 
@@ -125,10 +125,10 @@ def cmd_classify(args: argparse.Namespace) -> int:
         raise CommandError("give either --target or --topk, not both")
     loaded = _load(args.model, args.arch, "classification", args.device)
     if loaded.preprocess is None:
-        from .zoo import _plain_preprocess
+        from .zoo import plain_preprocess
 
         size = args.size or 64
-        loaded.preprocess = lambda image: _plain_preprocess(image, size, loaded.mean, loaded.std)
+        loaded.preprocess = lambda image: plain_preprocess(image, size, loaded.mean, loaded.std)
     images, failed = read_images(args.images)
     if not images:
         _log("multiexplain: no readable image")
@@ -260,8 +260,6 @@ def cmd_caption(args: argparse.Namespace) -> int:
 def _video_geometry(loaded, frames: int | None) -> tuple[int, int, Any]:
     """Frames, frame side and the normalisation the model needs: the shipped C3D takes 16 x 64 x 64
     clips in [0, 1] (it normalises inside); pytorchvideo models take Kinetics-normalised clips."""
-    from .adapters import video as adapter
-
     if loaded.spec.source == "pytorchvideo" or "frames" in loaded.extra:
         clip_frames, side = int(loaded.extra.get("frames", 16)), int(loaded.extra.get("size", 224))
         return frames or clip_frames, side, (loaded.mean, loaded.std)
@@ -369,7 +367,7 @@ def _evaluate_image_folder(loaded, folder: Path, batch_size: int, device: str) -
     import torch
 
     from . import GradCAM, GradCAMPlusPlus, model_logits
-    from .demo import _faithfulness
+    from .demo import faithfulness_metrics
 
     images, _ = read_images(_folder_files(folder, IMAGE_SUFFIXES))
     if not images:
@@ -391,7 +389,7 @@ def _evaluate_image_folder(loaded, folder: Path, batch_size: int, device: str) -
         targets_all.append(targets)
     maps = {m: torch.cat(v) for m, v in maps_all.items()}
     # The explanation input E = L * I multiplies the *normalised* input, as the paper does.
-    return _faithfulness(loaded.model, torch.cat(inputs_all), maps, torch.cat(targets_all), score), len(images)
+    return faithfulness_metrics(loaded.model, torch.cat(inputs_all), maps, torch.cat(targets_all), score), len(images)
 
 
 def _distillation_models(args: argparse.Namespace):
@@ -468,7 +466,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         print(f"{key}: {value}")
     report = Report(f"multiexplain evaluate: {task}")
     section = report.section(task, f"{task.capitalize()}: Grad-CAM++ vs Grad-CAM")
-    demo._metrics_table(section, results, f"{n} samples from {args.data}")
+    demo.add_metrics_table(section, results, f"{n} samples from {args.data}")
     section.add_settings({k: v for k, v in {**settings, **extra}.items() if v is not None})
     print(f"metrics: {out / 'metrics.json'}")
     _finish(report, out)
@@ -480,7 +478,7 @@ def _evaluate_video_folder(loaded, folder: Path, args: argparse.Namespace):
     import torch
 
     from .adapters import video as adapter
-    from .demo import _faithfulness
+    from .demo import faithfulness_metrics
 
     frames, side, normalisation = _video_geometry(loaded, None)
     videos, _ = _read_videos(_folder_files(folder, VIDEO_SUFFIXES), frames, side)
@@ -493,7 +491,7 @@ def _evaluate_video_folder(loaded, folder: Path, args: argparse.Namespace):
         explained = [adapter.explain_clip(loaded.model, clips[i : i + 4], method=method) for i in range(0, len(clips), 4)]
         maps[method] = torch.cat([e.maps for e in explained])
         targets = torch.cat([e.targets for e in explained])
-    return _faithfulness(loaded.model, clips, maps, targets, "softmax"), len(videos)
+    return faithfulness_metrics(loaded.model, clips, maps, targets, "softmax"), len(videos)
 
 
 def cmd_distill(args: argparse.Namespace) -> int:

@@ -33,7 +33,11 @@ from . import metrics
 from .report import Figure, Report, Section, write_report
 from .viz import DEFAULT_ALPHA, DEFAULT_COLORMAP, save_overlay_grid
 
-__all__ = ["DemoSettings", "DemoResult", "run_demo", "TASKS", "DATA_SEED_OFFSET"]
+__all__ = [
+    "DATA_SEED_OFFSET", "DemoResult", "DemoSettings", "TASKS", "add_metrics_table", "evaluate_captioning",
+    "evaluate_classification", "evaluate_distillation", "evaluate_video", "faithfulness_metrics",
+    "localisation_metrics", "run_demo",
+]
 
 TASKS = ("classification", "captioning", "video", "distillation")
 TITLES = {
@@ -90,7 +94,7 @@ def _both(explain: Callable[[str], Any]) -> dict[str, Any]:
     return {method: explain(method) for method in METHOD_NAMES}
 
 
-def _faithfulness(model: torch.nn.Module, inputs: Tensor, maps: dict[str, Tensor], targets: Tensor,
+def faithfulness_metrics(model: torch.nn.Module, inputs: Tensor, maps: dict[str, Tensor], targets: Tensor,
                   score: str) -> dict[str, dict[str, float]]:
     """The paper's Average Drop, % Increase in Confidence and Win % for both methods."""
     results: dict[str, dict[str, float]] = {}
@@ -107,7 +111,7 @@ def _faithfulness(model: torch.nn.Module, inputs: Tensor, maps: dict[str, Tensor
     return results
 
 
-def _localisation(maps: dict[str, Tensor], masks: Tensor) -> dict[str, dict[str, float]]:
+def localisation_metrics(maps: dict[str, Tensor], masks: Tensor) -> dict[str, dict[str, float]]:
     """Loc(delta) (paper eq. 26), pointing game and energy pointing game, means over samples."""
     results = {}
     for method, method_maps in maps.items():
@@ -127,7 +131,7 @@ def _merge(*parts: dict[str, dict[str, float]]) -> dict[str, dict[str, float]]:
     return merged
 
 
-def _metrics_table(section: Section, results: dict[str, dict[str, float]], caption: str) -> None:
+def add_metrics_table(section: Section, results: dict[str, dict[str, float]], caption: str) -> None:
     """Rows = metrics, columns = Grad-CAM++ | Grad-CAM; the better value is bold."""
     rows, best = [], []
     for name in results["gradcam++"]:
@@ -173,7 +177,7 @@ def evaluate_classification(model: torch.nn.Module, n: int, seed: int, device: t
     instances = held_out.instances_of(targets.cpu()).to(device)
     coverage = {m: {"Instances covered % (higher is better)": 100 * float(metrics.multi_instance_coverage(maps[m], instances)[0].mean())}
                 for m in METHOD_NAMES}
-    return _merge(_faithfulness(model, inputs, maps, targets, "sigmoid"), _localisation(maps, masks), coverage)
+    return _merge(faithfulness_metrics(model, inputs, maps, targets, "sigmoid"), localisation_metrics(maps, masks), coverage)
 
 
 def _classification(settings: DemoSettings, section: Section) -> dict[str, Any]:
@@ -220,7 +224,7 @@ def _classification(settings: DemoSettings, section: Section) -> dict[str, Any]:
 
     n = settings.eval_size["classification"]
     results = evaluate_classification(model, n, settings.data_seed + 1, settings.device)
-    _metrics_table(section, results, f"{n} held-out scenes (seed {settings.data_seed + 1}), each explained for its "
+    add_metrics_table(section, results, f"{n} held-out scenes (seed {settings.data_seed + 1}), each explained for its "
                    "top-scoring present class. Confidences are sigmoid probabilities; the explanation input is the "
                    "map times the image (eq. 25). Masks are the exact pixels of every instance of the class.")
     section.add_settings({"model": "builtin:scene-classifier (SceneCNN)", "layer": "features (16x16)",
@@ -309,7 +313,7 @@ def _distillation(settings: DemoSettings, section: Section) -> dict[str, Any]:
 
     n = settings.eval_size["distillation"]
     results, errors = evaluate_distillation(teacher, student, n, settings.data_seed + 1, settings.device)
-    _metrics_table(section, results, f"{n} held-out images (seed {settings.data_seed + 1}), explained for the true class.")
+    add_metrics_table(section, results, f"{n} held-out images (seed {settings.data_seed + 1}), explained for the true class.")
     section.add_table(["model", "test error %"], [[f"teacher ({names['teacher']})", errors["teacher"]],
                                                   [f"student ({names['student']})", errors["student"]]],
                       f"Top-1 error on the same {n} held-out images.")
@@ -354,7 +358,7 @@ def evaluate_captioning(model: torch.nn.Module, vocabulary: Any, n: int, seed: i
     ids = model.generate(held_out.images.to(device))  # greedy, as in the figures
     captions = [vocabulary.decode(row.tolist()) for row in ids]
     exact = 100.0 * sum(c == t for c, t in zip(captions, held_out.captions)) / n
-    return _localisation(maps, masks), int(masks.shape[0]), exact
+    return localisation_metrics(maps, masks), int(masks.shape[0]), exact
 
 
 def _captioning(settings: DemoSettings, section: Section) -> dict[str, Any]:
@@ -389,7 +393,7 @@ def _captioning(settings: DemoSettings, section: Section) -> dict[str, Any]:
 
     n = settings.eval_size["captioning"]
     results, words, exact = evaluate_captioning(model, vocabulary, n, settings.data_seed + 1, settings.device)
-    _metrics_table(section, results, f"{words} content words (count, colour, shape) of {n} held-out scenes "
+    add_metrics_table(section, results, f"{words} content words (count, colour, shape) of {n} held-out scenes "
                    f"(seed {settings.data_seed + 1}); ground truth = the pixels of the objects each word names. "
                    f"Generated captions match the ground truth exactly for {exact:.0f}% of these scenes.")
     section.add_settings({"model": "builtin:show-and-tell (ShowAttendTell)", "layer": explanation.layer,
@@ -419,7 +423,7 @@ def evaluate_video(model: torch.nn.Module, n: int, seed: int, device: torch.devi
     frames = held_out.active.to(device)[:, :, None, None].expand_as(masks)
     temporal = {m: {"Energy in the action frames % (higher is better)": 100 * float(metrics.energy_pointing_game(maps[m], frames).mean())}
                 for m in METHOD_NAMES}
-    return _merge(_faithfulness(model, inputs, maps, targets, "softmax"), _localisation(maps, masks), temporal)
+    return _merge(faithfulness_metrics(model, inputs, maps, targets, "softmax"), localisation_metrics(maps, masks), temporal)
 
 
 def _video(settings: DemoSettings, section: Section) -> dict[str, Any]:
@@ -464,7 +468,7 @@ def _video(settings: DemoSettings, section: Section) -> dict[str, Any]:
 
     n = settings.eval_size["video"]
     results = evaluate_video(model, n, settings.data_seed + 1, settings.device)
-    _metrics_table(section, results, f"{n} held-out clips (seed {settings.data_seed + 1}), explained for the true "
+    add_metrics_table(section, results, f"{n} held-out clips (seed {settings.data_seed + 1}), explained for the true "
                    "action. Confidences are softmax probabilities; the explanation input multiplies each voxel by "
                    "its map value. Localisation uses the actor's pixels in every frame (T x H x W).")
     section.add_settings({"model": "builtin:action-c3d (C3D)", "layer": explanation.layer, "clip": "16 x 64 x 64",

@@ -384,12 +384,12 @@ def _hf_preprocess(processor: Any, size: int, mean: tuple[float, ...], std: tupl
     def preprocess(image: Any) -> Tensor:
         if processor is not None:
             return processor(images=image.convert("RGB"), return_tensors="pt")["pixel_values"][0]
-        return _plain_preprocess(image, size, mean, std)
+        return plain_preprocess(image, size, mean, std)
 
     return preprocess
 
 
-def _plain_preprocess(image: Any, size: int, mean: tuple[float, ...], std: tuple[float, ...]) -> Tensor:
+def plain_preprocess(image: Any, size: int, mean: tuple[float, ...], std: tuple[float, ...]) -> Tensor:
     """PIL image -> ``(3, size, size)`` normalised float tensor (bilinear resize, no crop)."""
     import numpy as np
 

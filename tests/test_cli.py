@@ -13,7 +13,7 @@ import torch
 import torchvision
 from PIL import Image
 
-from multiexplain import GradCAM, GradCAMPlusPlus, cli, zoo
+from multiexplain import GradCAMPlusPlus, cli, zoo
 
 
 @pytest.fixture(autouse=True)
