@@ -36,7 +36,7 @@ from torch import Tensor, nn
 from multiexplain.action_clips import ACTIONS, ActionClips, make_action_clips
 from multiexplain.cam import METHODS, BaseCAM, Explanation
 from multiexplain.core import normalize_maps
-from multiexplain.layers import find_auto_layer, layer_name, resolve_layer
+from multiexplain.layers import find_auto_layer
 from multiexplain.viz import DEFAULT_ALPHA, DEFAULT_COLORMAP, overlay, to_rgb_array
 
 __all__ = [

@@ -197,7 +197,7 @@ def main() -> None:
         "With this model's global-average-pool head the gradient is the same at every position, so Grad-CAM's",
         "per-slice weights equal its global ones (identical rows); Grad-CAM++'s differ through sum_q A_k(q).",
         "",
-        f"Command: `python benchmarks/quality_video.py --clips {len(data)}` (2 CPU threads).",
+        f"Command: `python benchmarks/quality_video.py --clips {len(data)}` (2 CPU threads, shared with other jobs: ms / clip is noisy).",
     ]
     payload = {
         "clips": len(data), "seed": 3, "accuracy": accuracy, "chance_energy_in_mask": chance_energy,

@@ -54,7 +54,7 @@ def main() -> None:
         stem = os.path.splitext(os.path.basename(args.video))[0]
         explain_and_write(model, names, clip, args.out, stem, args.method, args.per_slice, fps=min(fps, 12.0))
         return
-    for action in ("move_right", "grow", "blink"):
+    for action in ("move_right", "shrink", "blink"):
         label = ACTIONS.index(action)
         clip, mask, active, _, shape = draw_action_clip(seed=2024 + label, label=label)
         explain_and_write(model, names, clip, args.out, f"synthetic_{action}", args.method, args.per_slice, active=active, truth=action)

@@ -13,14 +13,12 @@ from torch import nn
 from multiexplain.action_clips import ACTIONS, draw_action_clip, make_action_clips
 from multiexplain.adapters import video
 from multiexplain.adapters.video import (
-    ACTION_C3D_STAGES,
     C3D,
     c3d,
     explain_clip,
     load_c3d_weights,
     read_clip,
     slowfast_pathways,
-    video_layer,
     write_gif,
     write_mp4,
     write_strip,
