@@ -4,9 +4,9 @@ Data: :func:`multiexplain.action_clips.make_action_clips` (16 frames of 64x64, 8
 seed 1, validation seed 2 (the quality benchmark uses seed 3). Model: ``c3d(8, stages=
 ACTION_C3D_STAGES, input_pool=(1, 2, 2), batch_norm=True, global_pool=True)`` (46k parameters,
 last conv 8 x 8 x 8). Fixed torch seed, 2 CPU threads. The shipped checkpoint came from the
-defaults below on CPU: 95.5% validation accuracy (96.3% on the benchmark's 300 held-out clips) in
-17 minutes on 2 cores shared with ~5 other jobs (load 8-10): about 3.5 of those minutes generate
-the clips, the rest is ~1 s per batch of 16 under that load. Run from the repo root:
+defaults below on CPU: 95.5% validation accuracy (96.3% on the benchmark's 300 held-out clips).
+A rerun reproduced it bit for bit in 4 min 39 s on 2 shared cores (load ~5; 69 s of it draw the
+clips); under heavier load (8-10) it took 17 min. Run from the repo root:
 
     python scripts/train_action_c3d.py [--train 2000] [--epochs 6] [--out multiexplain/checkpoints/action_c3d.pt]
 """
