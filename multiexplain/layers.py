@@ -237,7 +237,7 @@ def auto_layer(
     batch_size = int(input_shape[0])
     input_spatial = tuple(int(s) for s in input_shape[2:])
     names = {module: name for name, module in model.named_modules()}
-    finished: list[tuple[nn.Module, int, Tensor, str, Callable[[Tensor], Tensor] | None, tuple[int, ...]]] = []
+    finished: list[tuple[nn.Module, int, Tensor | None, str, Callable[[Tensor], Tensor] | None, tuple[int, ...]]] = []
     known_grids: list[tuple[int, ...]] = []
     calls: dict[nn.Module, int] = {}
     # (module, candidates finished before it, shape) of (N, L, D) outputs with no grid to put them on.
