@@ -92,13 +92,19 @@ class CaptionVocabulary:
 
 
 class ShowAttendTell(nn.Module):
-    """CNN encoder with a spatial feature map + LSTM decoder with soft attention over it.
+    """CNN encoder with a spatial feature map + LSTM decoder with spatial attention over it.
 
     ``encoder`` maps images ``(N, 3, 64, 64)`` to features ``(N, C, 16, 16)`` (the layer the
-    adapter explains by default); at every step the decoder attends over the 256 grid cells
-    (Show, Attend and Tell, Xu et al. 2015) and feeds the attended context to the LSTM and to the
-    word classifier. ``forward(images, input_ids)`` is the teacher-forced pass: logits
-    ``(N, T, V)``, position ``t`` predicting token ``t + 1``.
+    adapter explains by default). The decoder is the "attend with the current state" variant
+    of Show-Attend-Tell (Xu et al. 2015; Lu et al. 2017): the LSTM reads the words so far, its
+    state queries the 256 grid cells with soft (softmax) attention, and the word's logits are
+    a function of the state plus a linear read-out of the attended context and of two scalars:
+    the attention's evidence (log-sum-exp of the energies: is there anything left to describe?)
+    and the mass of cells that look like the context (how many objects: "two green
+    triangles"). The image reaches word ``t`` only through step ``t``'s attention, and linearly
+    in the context, which is what makes per-word maps meaningful.
+    ``forward(images, input_ids)`` is the teacher-forced pass: logits ``(N, T, V)``, position
+    ``t`` predicting token ``t + 1``.
     """
 
     def __init__(
@@ -108,12 +114,13 @@ class ShowAttendTell(nn.Module):
         feature_channels: int = 64,
         embed_dim: int = 32,
         hidden_dim: int = 128,
-        attention_dim: int = 32,
+        attention_dim: int = 64,
+        last_kernel: int = 3,
     ) -> None:
         super().__init__()
         self.config = dict(
             vocab_size=vocab_size, image_size=image_size, feature_channels=feature_channels,
-            embed_dim=embed_dim, hidden_dim=hidden_dim, attention_dim=attention_dim,
+            embed_dim=embed_dim, hidden_dim=hidden_dim, attention_dim=attention_dim, last_kernel=last_kernel,
         )
         self.image_size = image_size
         self.encoder = nn.Sequential(
@@ -121,19 +128,29 @@ class ShowAttendTell(nn.Module):
             nn.Conv2d(24, 32, 3, padding=1), nn.ReLU(),
             nn.MaxPool2d(2),
             nn.Conv2d(32, 48, 3, padding=1), nn.ReLU(),
-            nn.Conv2d(48, feature_channels, 3, padding=1), nn.ReLU(),
+            # last_kernel=1 keeps the receptive field at 17 px (25 px with 3), about one object:
+            # then only the cells on an object can tell what it is.
+            nn.Conv2d(48, feature_channels, last_kernel, padding=last_kernel // 2), nn.ReLU(),
         )
         self.embed = nn.Embedding(vocab_size, embed_dim)
-        self.init_h = nn.Linear(feature_channels, hidden_dim)
-        self.init_c = nn.Linear(feature_channels, hidden_dim)
+        self.lstm = nn.LSTMCell(embed_dim, hidden_dim)
         self.attend_features = nn.Linear(feature_channels, attention_dim)
         self.attend_hidden = nn.Linear(hidden_dim, attention_dim)
         self.attention_score = nn.Linear(attention_dim, 1)
-        self.lstm = nn.LSTMCell(embed_dim + feature_channels, hidden_dim)
-        self.context_out = nn.Linear(feature_channels, hidden_dim)
-        self.classifier = nn.Linear(hidden_dim, vocab_size)
+        # Which cells look like the attended context (their count says how many objects).
+        self.match = nn.Linear(feature_channels, 1)
+        nn.init.constant_(self.match.bias, -3.0)
+        # The word logits are a function of the words so far plus a LINEAR read-out of the
+        # attended context (and of the two scalars). The image evidence for word w is then
+        # ``read_context.weight[w] . context``, a detector of w applied to the attended cells.
+        self.read_state = nn.Sequential(nn.Linear(hidden_dim, hidden_dim), nn.ReLU(), nn.Linear(hidden_dim, vocab_size))
+        self.read_context = nn.Linear(feature_channels, vocab_size, bias=False)
+        self.read_scalars = nn.Linear(2, vocab_size, bias=False)
         self.register_buffer("mean", torch.tensor([0.5, 0.5, 0.5]).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor([0.25, 0.25, 0.25]).view(1, 3, 1, 1), persistent=False)
+
+    # A typical object covers about 16 of the 256 cells.
+    CELLS_PER_OBJECT = 16.0
 
     def normalize(self, images: Tensor) -> Tensor:
         """Images in ``[0, 1]`` ``(N, 3, H, W)`` -> the network's input scale."""
@@ -141,18 +158,21 @@ class ShowAttendTell(nn.Module):
 
     def _start(self, features: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         """Flatten the grid and set up the decoder: cells ``(N, P, C)``, their attention
-        projection ``(N, P, A)`` and the initial LSTM state from the mean feature."""
+        projection ``(N, P, A)`` and a zero LSTM state (the LSTM reads words only)."""
         cells = features.flatten(2).transpose(1, 2)
-        mean = cells.mean(dim=1)
-        return cells, self.attend_features(cells), torch.tanh(self.init_h(mean)), torch.tanh(self.init_c(mean))
+        h = cells.new_zeros(cells.shape[0], self.lstm.hidden_size)
+        return cells, self.attend_features(cells), h, torch.zeros_like(h)
 
     def _step(self, tokens: Tensor, cells: Tensor, projected: Tensor, h: Tensor, c: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         """One decoder step: ``(logits (N, V), attention (N, P), h, c)``."""
+        h, c = self.lstm(self.embed(tokens), (h, c))
         energy = self.attention_score(torch.tanh(projected + self.attend_hidden(h).unsqueeze(1))).squeeze(2)
         attention = energy.softmax(dim=1)
         context = (attention.unsqueeze(2) * cells).sum(dim=1)
-        h, c = self.lstm(torch.cat([self.embed(tokens), context], dim=1), (h, c))
-        logits = self.classifier(h + self.context_out(context))
+        evidence = torch.logsumexp(energy, dim=1, keepdim=True) - math.log(energy.shape[1])
+        matching = torch.sigmoid(self.match(cells * context.unsqueeze(1))).squeeze(2)
+        mass = matching.sum(dim=1, keepdim=True) / self.CELLS_PER_OBJECT
+        logits = self.read_state(h) + self.read_context(context) + self.read_scalars(torch.cat([evidence, mass], dim=1))
         return logits, attention, h, c
 
     def forward(self, images: Tensor, input_ids: Tensor, return_attention: bool = False) -> Tensor | tuple[Tensor, Tensor]:
@@ -407,7 +427,7 @@ class _Captioner:
         if not content:
             raise ValueError(f"the caption {caption!r} tokenizes to no tokens")
         unk = getattr(self.tokenizer, "unk_token_id", None)
-        if unk is not None and unk not in self.special_ids and unk in content:
+        if unk is not None and unk in content:
             unknown = [w for w in caption.split() if unk in self.content_ids(w)]
             raise ValueError(
                 f"the caption {caption!r} has words the tokenizer maps to its unknown token: {unknown}; "
@@ -472,8 +492,8 @@ class _ShowAttendTellCaptioner(_Captioner):
         for image in images:
             if tuple(image.shape[1:]) != (size, size):
                 raise ValueError(f"this Show-Attend-Tell model takes {size}x{size} images, got {image.shape[1]}x{image.shape[2]}")
-        batch = torch.stack(images).to(self.device)
-        return batch, batch.clamp(0, 1)
+        batch = torch.stack(images).to(self.device, _floating_dtype(self.model))
+        return batch, batch.float().clamp(0, 1)
 
     def content_ids(self, caption: str) -> list[int]:
         return self.tokenizer.encode(caption, add_special_tokens=False)
@@ -642,7 +662,8 @@ def _captioner(model: nn.Module, processor: Any, tokenizer: Any) -> _Captioner:
 def caption_scores(logits: Tensor, ids: Tensor, mask: Tensor) -> Tensor:
     """Token log-probabilities ``(N, T - 1)``: ``log p(ids[:, t + 1] | image, ids[:, :t + 1])``
     from teacher-forced logits ``(N, T - 1, V)``; 0 where ``mask[:, t + 1]`` is 0 (padding)."""
-    log_probs = torch.log_softmax(logits.float(), dim=-1).gather(-1, ids[:, 1:].unsqueeze(-1)).squeeze(-1)
+    # At least float32 (half-precision log-softmax loses small probabilities), float64 kept.
+    log_probs = torch.log_softmax(logits.to(torch.promote_types(logits.dtype, torch.float32)), dim=-1).gather(-1, ids[:, 1:].unsqueeze(-1)).squeeze(-1)
     return torch.where(mask[:, 1:].bool(), log_probs, torch.zeros_like(log_probs))
 
 
@@ -786,7 +807,8 @@ def explain_caption(
     def explained_scores(output: Any) -> Tensor:
         """All K explained scores ``(N, K)`` from the ONE teacher-forced forward."""
         logits = output[0] if isinstance(output, tuple) else output["logits"] if not isinstance(output, Tensor) else output
-        return torch.einsum("nkt,nt->nk", matrix, caption_scores(logits, ids, mask))
+        token_log_probs = caption_scores(logits, ids, mask)
+        return torch.einsum("nkt,nt->nk", matrix.to(token_log_probs.dtype), token_log_probs)
 
     layer = target_layer if target_layer is not None else captioner.default_layer
     if not layer:

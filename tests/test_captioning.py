@@ -1,0 +1,394 @@
+"""Tests of the captioning adapter: per-word Grad-CAM++ maps for Show-Attend-Tell, Hugging Face
+VisionEncoderDecoderModel (ViT + GPT-2 / BERT) and BLIP captioners, and the captioned scenes."""
+
+from __future__ import annotations
+
+import copy
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from multiexplain import GradCAMPlusPlus, TokenReshape
+from multiexplain.adapters.captioning import (
+    CaptionExplanation,
+    CaptionVocabulary,
+    ShowAttendTell,
+    explain_caption,
+    load_show_and_tell,
+)
+from multiexplain.captioned_scenes import CAPTION_VOCABULARY, make_captioned_scene, make_captioned_scenes, word_kind
+
+transformers = pytest.importorskip("transformers")
+
+torch.set_num_threads(2)
+
+
+# ---------------------------------------------------------------------------------------------
+# fixtures: the shipped model, and tiny random Hugging Face captioners saved and reloaded locally
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def show_and_tell():
+    return load_show_and_tell()
+
+
+@pytest.fixture(scope="module")
+def scenes():
+    return make_captioned_scenes(4, seed=2)
+
+
+def _bert_vocab_file(directory) -> str:
+    # "triangles" -> tri ##angle ##s: multi-token words for the merging tests.
+    words = "[PAD] [UNK] [CLS] [SEP] [MASK] a two three four and red green blue yellow purple white circle square tri ##angle ##s cross ##es ring diamond".split()
+    path = directory / "vocab.txt"
+    path.write_text("\n".join(words) + "\n")
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def vit_gpt2(tmp_path_factory):
+    """ViT encoder + GPT-2 decoder with a byte-level BPE tokenizer trained on scene captions."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import (AutoImageProcessor, AutoTokenizer, GPT2Config, PreTrainedTokenizerFast,
+                              ViTConfig, ViTImageProcessor, VisionEncoderDecoderConfig, VisionEncoderDecoderModel)
+
+    directory = tmp_path_factory.mktemp("vit_gpt2")
+    bpe = Tokenizer(models.BPE())
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    bpe.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=300, special_tokens=["<pad>", "<s>", "</s>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    bpe.train_from_iterator(make_captioned_scenes(60, seed=9).captions, trainer)
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=bpe, bos_token="<s>", eos_token="</s>", pad_token="<pad>")
+    torch.manual_seed(0)
+    encoder = ViTConfig(image_size=32, patch_size=8, hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64)
+    decoder = GPT2Config(vocab_size=len(tokenizer), n_positions=40, n_embd=32, n_layer=2, n_head=2,
+                         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+    config = VisionEncoderDecoderConfig.from_encoder_decoder_configs(encoder, decoder)
+    config.decoder_start_token_id = tokenizer.bos_token_id
+    config.eos_token_id, config.pad_token_id = tokenizer.eos_token_id, tokenizer.pad_token_id
+    model = VisionEncoderDecoderModel(config=config)
+    processor = ViTImageProcessor(size={"height": 32, "width": 32}, image_mean=[0.5] * 3, image_std=[0.5] * 3)
+    model.save_pretrained(directory)
+    tokenizer.save_pretrained(directory)
+    processor.save_pretrained(directory)
+    # The path users take with hub names, here from the local directory.
+    return (VisionEncoderDecoderModel.from_pretrained(directory).eval(), AutoImageProcessor.from_pretrained(directory),
+            AutoTokenizer.from_pretrained(directory))
+
+
+@pytest.fixture(scope="module")
+def vit_bert(tmp_path_factory):
+    """ViT encoder + BERT decoder (cross-attention) with a WordPiece vocabulary written here."""
+    from transformers import (AutoImageProcessor, BertConfig, BertTokenizer, ViTConfig, ViTImageProcessor,
+                              VisionEncoderDecoderConfig, VisionEncoderDecoderModel)
+
+    directory = tmp_path_factory.mktemp("vit_bert")
+    tokenizer = BertTokenizer(_bert_vocab_file(directory))
+    torch.manual_seed(1)
+    encoder = ViTConfig(image_size=32, patch_size=8, hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64)
+    decoder = BertConfig(vocab_size=len(tokenizer), hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
+                         max_position_embeddings=40, pad_token_id=tokenizer.pad_token_id)
+    config = VisionEncoderDecoderConfig.from_encoder_decoder_configs(encoder, decoder)
+    config.decoder_start_token_id, config.eos_token_id = tokenizer.cls_token_id, tokenizer.sep_token_id
+    config.pad_token_id = tokenizer.pad_token_id
+    model = VisionEncoderDecoderModel(config=config)
+    model.save_pretrained(directory)
+    tokenizer.save_pretrained(directory)
+    ViTImageProcessor(size={"height": 32, "width": 32}).save_pretrained(directory)
+    return (VisionEncoderDecoderModel.from_pretrained(directory).eval(), AutoImageProcessor.from_pretrained(directory),
+            BertTokenizer.from_pretrained(directory))
+
+
+@pytest.fixture(scope="module")
+def blip(tmp_path_factory):
+    from transformers import (BertTokenizer, BlipConfig, BlipForConditionalGeneration, BlipImageProcessor,
+                              BlipProcessor)
+
+    directory = tmp_path_factory.mktemp("blip")
+    tokenizer = BertTokenizer(_bert_vocab_file(directory))
+    tokenizer.add_special_tokens({"bos_token": "[DEC]"})
+    torch.manual_seed(2)
+    config = BlipConfig(
+        text_config=dict(vocab_size=len(tokenizer), hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
+                         max_position_embeddings=40, bos_token_id=tokenizer.bos_token_id, sep_token_id=tokenizer.sep_token_id,
+                         eos_token_id=tokenizer.sep_token_id, pad_token_id=tokenizer.pad_token_id),
+        vision_config=dict(image_size=32, patch_size=8, hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64),
+    )
+    model = BlipForConditionalGeneration(config)
+    processor = BlipProcessor(image_processor=BlipImageProcessor(size={"height": 32, "width": 32}), tokenizer=tokenizer)
+    model.save_pretrained(directory)
+    processor.save_pretrained(directory)
+    return BlipForConditionalGeneration.from_pretrained(directory).eval(), BlipProcessor.from_pretrained(directory)
+
+
+# ---------------------------------------------------------------------------------------------
+# the scenes
+# ---------------------------------------------------------------------------------------------
+
+
+def test_scenes_are_seeded_and_masks_name_the_words():
+    a, b = make_captioned_scenes(6, seed=3), make_captioned_scenes(6, seed=3)
+    assert torch.equal(a.images, b.images) and a.captions == b.captions
+    assert not torch.equal(a.images, make_captioned_scenes(6, seed=4).images)
+    # Scene i does not depend on the scenes before it.
+    assert torch.equal(make_captioned_scenes(2, seed=3, start=4).images, a.images[4:6])
+    for i in range(len(a)):
+        scene = a[i]
+        assert 2 <= len(scene.objects) <= 4 and scene.object_masks.shape == (len(scene.objects), 64, 64)
+        assert scene.words == scene.caption.split() and all(w in CAPTION_VOCABULARY for w in scene.words)
+        assert not (scene.object_masks.sum(0) > 1).any()  # objects never overlap
+        for word, kind, mask in zip(scene.words, scene.word_kinds, scene.word_masks):
+            assert kind == word_kind(word)
+            if kind == "other":
+                assert not mask.any()
+                continue
+            # The mask is the union of the named objects' masks, and those objects have the word.
+            named = [j for j in range(len(scene.objects)) if (scene.object_masks[j] & mask).any()]
+            assert torch.equal(scene.object_masks[named].any(0), mask)
+            if kind == "colour":
+                assert all(scene.objects[j][0] == word for j in named)
+    with pytest.raises(ValueError, match="n must be"):
+        make_captioned_scenes(0)
+
+
+def test_counts_appear_and_are_right():
+    scene = next(make_captioned_scene(5, i) for i in range(200) if "two" in make_captioned_scene(5, i).words)
+    position = scene.words.index("two")
+    assert scene.words[position + 2].endswith("s")
+    named = [j for j in range(len(scene.objects)) if (scene.object_masks[j] & scene.word_masks[position]).any()]
+    assert len(named) == 2
+
+
+# ---------------------------------------------------------------------------------------------
+# Show-Attend-Tell: exact maps against an independent float64 computation
+# ---------------------------------------------------------------------------------------------
+
+
+def _reference_raw_maps(model64: ShowAttendTell, image: torch.Tensor, ids: list[int], rows: list[list[int]]):
+    """float64 Grad-CAM++ and Grad-CAM maps of the sums of token log-probabilities in ``rows``
+    (positions into ids[1:]), computed here from the formulas, not with multiexplain.core."""
+    features = model64.encoder(model64.normalize(image[None].double())).detach().requires_grad_(True)
+    cells, projected, h, c = model64._start(features)
+    log_probs = []
+    for t in range(len(ids) - 1):
+        logits, _, h, c = model64._step(torch.tensor([ids[t]]), cells, projected, h, c)
+        log_probs.append(logits.log_softmax(dim=1)[0, ids[t + 1]])
+    plus, plain = [], []
+    for row in rows:
+        (g,) = torch.autograd.grad(sum(log_probs[t] for t in row), features, retain_graph=True)
+        a, g = features[0].detach(), g[0]
+        sums = a.sum(dim=(1, 2), keepdim=True)
+        denominator = 2 * g**2 + sums * g**3
+        alpha = torch.where(denominator != 0, g**2 / torch.where(denominator != 0, denominator, 1.0), 0.0)
+        w_plus = (alpha * g.clamp(min=0)).sum(dim=(1, 2))
+        w_plain = g.mean(dim=(1, 2))
+        plus.append(torch.relu((w_plus[:, None, None] * a).sum(0)))
+        plain.append(torch.relu((w_plain[:, None, None] * a).sum(0)))
+    return torch.stack(plus), torch.stack(plain), torch.stack(log_probs)
+
+
+@pytest.mark.slow
+def test_show_and_tell_word_maps_match_float64_reference(show_and_tell, scenes):
+    # float64 throughout: a confident word's log-probability gradient is (1 - p) small, which
+    # float32 resolves only to about 1% of the map's maximum.
+    model, vocabulary = show_and_tell
+    model = copy.deepcopy(model).double()
+    image, caption = scenes.images[0], scenes.captions[0]
+    explanation = explain_caption(model, image, caption, tokenizer=vocabulary)
+    assert isinstance(explanation, CaptionExplanation)
+    words = caption.split()
+    assert explanation.words == words and explanation.caption == caption
+    w = len(words)
+    assert explanation.maps.shape == (w, 64, 64) and explanation.raw.shape == (w, 16, 16)
+    assert explanation.token_maps.shape == (w, 64, 64) and explanation.caption_map.shape == (64, 64)
+    assert explanation.maps.min() >= 0 and explanation.maps.max() <= 1
+    ids = vocabulary.encode(caption)
+    rows = [[t] for t in range(w)] + [list(range(w + 1))]  # every word, then the caption with <eos>
+    plus, plain, log_probs = _reference_raw_maps(model, image, ids, rows)
+    torch.testing.assert_close(explanation.scores, log_probs[:w], atol=1e-10, rtol=1e-9)
+    torch.testing.assert_close(explanation.caption_score, log_probs.sum(), atol=1e-10, rtol=1e-9)
+    for method, reference in (("gradcam++", plus), ("gradcam", plain)):
+        result = explanation.for_method(method)
+        got = torch.cat([result.raw, result.caption_raw[None]])
+        assert got.dtype == torch.float64
+        scale = reference.amax(dim=(1, 2), keepdim=True).clamp(min=1e-300)
+        torch.testing.assert_close(got / scale, reference / scale, atol=1e-7, rtol=0)
+    # Grad-CAM++ and Grad-CAM differ (the comparison is not a copy).
+    assert not torch.allclose(explanation.for_method("gradcam").raw, explanation.raw)
+
+
+def test_one_forward_for_all_words(show_and_tell, scenes):
+    model, vocabulary = show_and_tell
+    calls = []
+    handle = model.register_forward_hook(lambda *_: calls.append(1))
+    try:
+        explanation = explain_caption(model, scenes.images[1], scenes.captions[1], tokenizer=vocabulary, compare_with=None)
+    finally:
+        handle.remove()
+    assert len(calls) == 1 and len(explanation.words) >= 3
+    assert list(explanation.results) == ["gradcam++"]
+
+
+@pytest.mark.slow
+def test_generated_caption_greedy_and_beam(show_and_tell):
+    model, vocabulary = show_and_tell
+    held_out = make_captioned_scenes(20, seed=2, start=100)
+    # The shipped model captions most held-out scenes exactly (59% on 300 held-out scenes).
+    generated = [vocabulary.decode(row.tolist()) for row in model.generate(held_out.images)]
+    assert sum(g == c for g, c in zip(generated, held_out.captions)) >= 8
+    results = explain_caption(model, held_out.images[:3], tokenizer=vocabulary, compare_with=None)
+    assert isinstance(results, list) and len(results) == 3
+    assert [r.caption for r in results] == generated[:3]
+    assert all(r.generated and r.words == r.caption.split() for r in results)
+    beam = explain_caption(model, held_out.images[0], tokenizer=vocabulary, num_beams=3, max_new_tokens=20, compare_with=None)
+    assert beam.words and beam.maps.shape[0] == len(beam.words)
+    special = explain_caption(model, held_out.images[0], tokenizer=vocabulary, include_special=True, compare_with=None)
+    assert special.words[-1] == "<eos>" and len(special.words) == len(results[0].words) + 1
+    torch.testing.assert_close(special.maps[:-1], results[0].maps, atol=1e-5, rtol=0)
+
+
+@pytest.mark.slow
+def test_batch_with_different_captions_equals_single_images(show_and_tell, scenes):
+    model, vocabulary = show_and_tell
+    batch = explain_caption(model, scenes.images[:3], scenes.captions[:3], tokenizer=vocabulary, compare_with=None)
+    assert len({len(r.words) for r in batch}) >= 2  # padded to the longest caption
+    for i, result in enumerate(batch):
+        single = explain_caption(model, scenes.images[i], scenes.captions[i], tokenizer=vocabulary, compare_with=None)
+        assert result.words == single.words
+        torch.testing.assert_close(result.raw, single.raw, atol=1e-4, rtol=1e-3)
+        torch.testing.assert_close(result.scores, single.scores, atol=1e-5, rtol=1e-5)
+
+
+def test_figure_is_written(show_and_tell, scenes, tmp_path):
+    model, vocabulary = show_and_tell
+    explanation = explain_caption(model, scenes.images[0], scenes.captions[0], tokenizer=vocabulary)
+    path = explanation.save_figure(str(tmp_path / "words.png"))
+    picture = np.asarray(Image.open(path))
+    assert picture.ndim == 3 and picture.shape[0] > 200 and picture.shape[1] > 400
+    path = explanation.save_figure(str(tmp_path / "gc.png"), method="gradcam", caption_panel=False)
+    assert Image.open(path).size[0] > 200
+
+
+# ---------------------------------------------------------------------------------------------
+# Hugging Face captioners
+# ---------------------------------------------------------------------------------------------
+
+
+def _pil(scene_image: torch.Tensor) -> Image.Image:
+    return Image.fromarray((scene_image.permute(1, 2, 0).numpy() * 255).round().astype(np.uint8))
+
+
+def test_vit_gpt2_subwords_merge_into_words(vit_gpt2, scenes):
+    model, processor, tokenizer = vit_gpt2
+    caption = "two red triangles and a purple cross"
+    explanation = explain_caption(model, _pil(scenes.images[0]), caption, processor=processor, tokenizer=tokenizer)
+    assert explanation.words == caption.split() and explanation.layer == "encoder.layernorm"
+    assert len(explanation.tokens) > len(explanation.words)  # the BPE splits some words
+    assert explanation.maps.shape == (7, 32, 32) and explanation.raw.shape == (7, 4, 4)
+    assert explanation.token_maps.shape == (len(explanation.tokens), 32, 32)
+    for score, members in zip(explanation.scores, explanation.word_tokens):
+        torch.testing.assert_close(score, explanation.token_scores[members].sum(), atol=1e-5, rtol=1e-5)
+    # Each map equals a separate single-score Grad-CAM++ call on the same layer and score.
+    pixel_values = processor(images=[_pil(scenes.images[0])], return_tensors="pt")["pixel_values"]
+    ids = torch.tensor([[model.config.decoder_start_token_id, *explanation.token_ids.tolist(), tokenizer.eos_token_id]])
+    multi = max(range(len(explanation.words)), key=lambda j: len(explanation.word_tokens[j]))
+    members = [t + 1 for t in explanation.word_tokens[multi]]
+
+    def word_score(output):
+        log_probs = output.logits.log_softmax(-1).gather(-1, ids[:, 1:, None])[..., 0]
+        return log_probs[:, [m - 1 for m in members]].sum(dim=1)
+
+    reference = GradCAMPlusPlus(model, "encoder.layernorm", reshape=TokenReshape((4, 4), 1))(
+        {"pixel_values": pixel_values, "decoder_input_ids": ids[:, :-1]}, word_score)
+    torch.testing.assert_close(explanation.raw[multi], reference.raw[0], atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.slow
+def test_vit_gpt2_generates_and_explains(vit_gpt2, scenes):
+    model, processor, tokenizer = vit_gpt2
+    greedy = explain_caption(model, scenes.images[:2], processor=processor, tokenizer=tokenizer, max_new_tokens=6)
+    assert len(greedy) == 2 and all(r.generated and 1 <= len(r.tokens) <= 6 for r in greedy)
+    beam = explain_caption(model, scenes.images[0], processor=processor, tokenizer=tokenizer, max_new_tokens=6, num_beams=2)
+    assert beam.maps.shape[1:] == (32, 32) and len(beam.words) == beam.maps.shape[0]
+
+
+@pytest.mark.slow
+def test_vit_bert_decoder(vit_bert, scenes):
+    model, processor, tokenizer = vit_bert
+    caption = "two red triangles and a blue square"
+    explanation = explain_caption(model, _pil(scenes.images[1]), caption, processor=processor, tokenizer=tokenizer)
+    assert explanation.words == caption.split()
+    triangles = explanation.words.index("triangles")
+    assert [explanation.tokens[t] for t in explanation.word_tokens[triangles]] == ["tri", "##angle", "##s"]
+    assert explanation.maps.shape == (7, 32, 32) and explanation.maps.max() <= 1
+    with_end = explain_caption(model, _pil(scenes.images[1]), caption, processor=processor, tokenizer=tokenizer, include_special=True)
+    assert with_end.words[-1] == "[SEP]"
+
+
+def test_blip(blip, scenes):
+    model, processor = blip
+    caption = "a green ring and three white crosses"
+    explanation = explain_caption(model, _pil(scenes.images[2]), caption, processor=processor)
+    assert explanation.words == caption.split() and explanation.layer == "vision_model.post_layernorm"
+    assert explanation.maps.shape == (7, 32, 32) and explanation.raw.shape == (7, 4, 4)
+    assert not explanation.raw.isnan().any() and explanation.for_method("gradcam").maps.shape == (7, 32, 32)
+    generated = explain_caption(model, _pil(scenes.images[2]), processor=processor, max_new_tokens=5)
+    assert generated.generated and generated.maps.shape[0] == len(generated.words)
+    # Any named layer works: the last encoder block's output.
+    other = explain_caption(model, _pil(scenes.images[2]), caption, processor=processor, target_layer="vision_model.encoder.layers.1")
+    assert other.layer == "vision_model.encoder.layers.1" and other.raw.shape == (7, 4, 4)
+
+
+# ---------------------------------------------------------------------------------------------
+# bad input
+# ---------------------------------------------------------------------------------------------
+
+
+def _no_hooks(model: torch.nn.Module) -> bool:
+    return all(not m._forward_hooks and not m._forward_pre_hooks for m in model.modules())
+
+
+def test_bad_input_errors(show_and_tell, blip, vit_bert, scenes):
+    model, vocabulary = show_and_tell
+    image = scenes.images[0]
+    with pytest.raises(ValueError, match="empty"):
+        explain_caption(model, image, "  ", tokenizer=vocabulary)
+    with pytest.raises(ValueError, match=r"unknown token: \['pink'\]"):
+        explain_caption(model, image, "a pink circle", tokenizer=vocabulary)
+    with pytest.raises(ValueError, match="64x64 images, got 32x32"):
+        explain_caption(model, image[:, :32, :32], "a red circle", tokenizer=vocabulary)
+    with pytest.raises(ValueError, match="no layer named 'encoder.9'"):
+        explain_caption(model, image, "a red circle", tokenizer=vocabulary, target_layer="encoder.9")
+    with pytest.raises(TypeError, match="CaptionVocabulary"):
+        explain_caption(model, image, "a red circle")
+    with pytest.raises(ValueError, match="unknown method"):
+        explain_caption(model, image, "a red circle", tokenizer=vocabulary, method="gradcam+++")
+    assert _no_hooks(model) and not model.training
+
+    bert_model, processor, tokenizer = vit_bert
+    with pytest.raises(ValueError, match=r"unknown token: \['pink'\]"):
+        explain_caption(bert_model, _pil(image), "a pink circle", processor=processor, tokenizer=tokenizer)
+    blip_model, blip_processor = blip
+    no_resize = copy.deepcopy(blip_processor)
+    no_resize.image_processor.do_resize = False
+    with pytest.raises(ValueError, match="takes 32x32 pixel values but the image came out 64x64"):
+        explain_caption(blip_model, _pil(image), "a red circle", processor=no_resize)
+    with pytest.raises(ValueError, match="takes 32x32 pixel values"):
+        explain_caption(blip_model, torch.rand(3, 40, 40), "a red circle", tokenizer=blip_processor.tokenizer)
+    with pytest.raises(ValueError, match="no layer named"):
+        explain_caption(blip_model, _pil(image), "a red circle", processor=blip_processor, target_layer="vision_model.head")
+    with pytest.raises(TypeError, match="unsupported captioning model"):
+        explain_caption(torch.nn.Conv2d(3, 3, 1), image, "a red circle", tokenizer=vocabulary)
+    assert _no_hooks(blip_model) and not blip_model.training
+
+
+def test_vocabulary_round_trip():
+    vocabulary = CaptionVocabulary(CAPTION_VOCABULARY)
+    ids = vocabulary.encode("two red circles")
+    assert ids[0] == vocabulary.bos_token_id and ids[-1] == vocabulary.eos_token_id
+    assert vocabulary.decode(ids) == "two red circles"
+    batch = vocabulary.batch_encode(["a red circle", "two blue squares and a red ring"])
+    assert batch.shape == (2, 9) and batch[0, -1] == vocabulary.pad_token_id
