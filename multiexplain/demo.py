@@ -505,7 +505,7 @@ def run_demo(settings: DemoSettings) -> DemoResult:
     status, results, seconds = {}, {}, {}
     started = time.perf_counter()
     for task in settings.tasks:
-        section = report.section(task, TITLES[task])
+        section = report.section(task, TITLES[task], nav=task.capitalize())
         begin = time.perf_counter()
         _say(settings, f"demo: {task} ...")
         try:
@@ -545,7 +545,7 @@ HEADLINES: dict[str, tuple[str, ...]] = {
 
 def _summary(status: dict[str, str], results: dict[str, Any], seconds: dict[str, float]) -> Section:
     """The first section: one row per headline metric of every task that ran, and the timings."""
-    section = Section("summary", "At a glance")
+    section = Section("summary", "At a glance", nav="Summary")
     rows, best = [], []
     for task, state in status.items():
         if state != "ok":

@@ -72,6 +72,7 @@ class Section:
     id: str
     title: str
     blocks: list[_Block] = field(default_factory=list)
+    nav: str = ""  # short label for the page's navigation bar (default: the title)
 
     def add_text(self, text: str) -> "Section":
         """A paragraph of plain text (escaped; blank lines start new paragraphs)."""
@@ -109,13 +110,13 @@ class Report:
     settings: dict[str, Any] = field(default_factory=dict)
     sections: list[Section] = field(default_factory=list)
 
-    def section(self, id: str, title: str) -> Section:
+    def section(self, id: str, title: str, nav: str = "") -> Section:
         """Add (and return) a new section; ids must be unique HTML-safe names."""
         if not id or not all(c.isalnum() or c in "-_" for c in id):
             raise ValueError(f"section id {id!r} must be non-empty letters, digits, '-' or '_'")
         if any(s.id == id for s in self.sections):
             raise ValueError(f"duplicate section id {id!r}")
-        section = Section(id, title)
+        section = Section(id, title, nav=nav)
         self.sections.append(section)
         return section
 
@@ -143,7 +144,7 @@ th, td { border:1px solid var(--line); padding:4px 10px; text-align:right; }
 th:first-child, td:first-child { text-align:left; }
 th { background:#eef1f4; }
 td.best { font-weight:700; }
-td.text { text-align:left; }
+td.text, th.text { text-align:left; }
 caption { caption-side:bottom; text-align:left; font-size:13px; color:var(--muted); padding-top:4px; }
 dl.settings { display:grid; grid-template-columns:max-content auto; gap:2px 14px; font-size:13px; }
 dl.settings dt { color:var(--muted); }
@@ -235,7 +236,13 @@ class _Writer:
 
     @staticmethod
     def table(table: Table) -> str:
-        head = "".join(f"<th>{html.escape(str(h))}</th>" for h in table.headers)
+        # A header sits over its column's values: left for text columns, right for numbers.
+        first = table.rows[0] if table.rows else ()
+        text_columns = {c for c in range(1, len(first)) if isinstance(first[c], str)}
+        head = "".join(
+            f"<th{_cell_class(False, column in text_columns)}>{html.escape(str(h))}</th>"
+            for column, h in enumerate(table.headers)
+        )
         body = []
         for index, row in enumerate(table.rows):
             if len(row) != len(table.headers):
@@ -259,7 +266,7 @@ def write_report(report: Report, out_dir: Union[str, os.PathLike], filename: str
     root = Path(out_dir).resolve()
     root.mkdir(parents=True, exist_ok=True)
     writer = _Writer(root)
-    nav = "".join(f'<a href="#{s.id}">{html.escape(s.title)}</a>' for s in report.sections)
+    nav = "".join(f'<a href="#{s.id}">{html.escape(s.nav or s.title)}</a>' for s in report.sections)
     sections = []
     for section in report.sections:
         inner = "".join(writer.block(b) for b in section.blocks)
