@@ -144,6 +144,8 @@ def test_demo_report_renders_with_all_sections(tmp_path):
     broken = [i["src"] for i in probe["images"] if not (i["complete"] and i["naturalWidth"] > 0)]
     assert not broken, f"images that did not load: {broken}"
     page = result.index.read_text()
+    assert not re.search(r"(https?:)?//[a-z]", page.replace("<!DOCTYPE", "")), "no external URLs"
+    assert all(not Path(src).is_absolute() for src in re.findall(r'(?:src|href)="([^"#]+)"', page))
     for task, state in result.status.items():
         block = page.split(f'<section id="{task}">', 1)[1].split("</section>", 1)[0]
         if state == "ok":
