@@ -440,7 +440,8 @@ def _video(settings: DemoSettings, section: Section) -> dict[str, Any]:
         "one of which drifts through the whole clip. The map of its last convolutional layer has a time "
         "axis: Grad-CAM++ sums the activations over T', H' and W' in its alpha denominator, and the map is "
         "upsampled trilinearly to the 16 frames. Each animation shows the frame and its overlay side by side "
-        "(played at 8 frames per second); strips mark the frames where the action happens with *."
+        "(played at 8 frames per second; the colour scale is the one of the bars above, 0 to 1); strips mark the "
+        "frames where the action happens with *."
     )
     out = settings.out / "video"
     out.mkdir(parents=True, exist_ok=True)

@@ -227,7 +227,8 @@ class _Writer:
             return title + '<div class="gallery">' + "".join(self.figure(f) for f in block.payload) + "</div>"
         if block.kind == "settings":
             items = "".join(
-                f"<dt>{html.escape(str(k))}</dt><dd>{html.escape(_format(v, 4))}</dd>" for k, v in block.payload.items()
+                f"<dt>{html.escape(str(k))}</dt><dd>{html.escape(f'{v:g}' if isinstance(v, float) else _format(v, 4))}</dd>"
+                for k, v in block.payload.items()
             )
             return f'{title}<dl class="settings">{items}</dl>'
         if block.kind == "table":
