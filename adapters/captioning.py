@@ -277,15 +277,16 @@ class CaptionMaps:
         method: ``"gradcam++"`` or ``"gradcam"``.
         maps: ``(W, H, W_img)`` per-word maps at the image's resolution, each min-max normalised to ``[0, 1]``.
         raw: ``(W, h, w)`` per-word maps at the layer's resolution, before normalisation.
-        token_maps / token_raw: the same per scored token, ``(T, H, W_img)`` / ``(T, h, w)``.
+        token_maps / token_raw: the same per scored token, ``(T, H, W_img)`` / ``(T, h, w)``
+            (``None`` with ``token_maps=False``).
         caption_map / caption_raw: ``(H, W_img)`` / ``(h, w)`` for the whole caption's log-probability.
     """
 
     method: str
     maps: Tensor
     raw: Tensor
-    token_maps: Tensor
-    token_raw: Tensor
+    token_maps: Tensor | None
+    token_raw: Tensor | None
     caption_map: Tensor
     caption_raw: Tensor
 
@@ -303,7 +304,8 @@ class CaptionExplanation:
         tokens: the ``T`` scored tokens (every token after the start token, as the tokenizer spells them).
         token_ids: ``(T,)`` their ids.
         scores: ``(W,)`` word log-probabilities (sum of the word's token log-probabilities).
-        token_scores: ``(T,)`` token log-probabilities ``log p(token_t | image, tokens < t)``.
+        token_scores: ``(T,)`` token log-probabilities ``log p(token_t | image, tokens < t)``
+            (``None`` with ``token_maps=False``).
         caption_score: ``()`` the whole caption's log-probability (every scored token, end token included).
         layer: dotted name of the explained layer.
         results: maps per method; the first is the primary ``method``.
@@ -317,7 +319,7 @@ class CaptionExplanation:
     tokens: list[str]
     token_ids: Tensor
     scores: Tensor
-    token_scores: Tensor
+    token_scores: Tensor | None
     caption_score: Tensor
     layer: str
     results: dict[str, CaptionMaps]
@@ -343,7 +345,7 @@ class CaptionExplanation:
         return self.results[self.method].raw
 
     @property
-    def token_maps(self) -> Tensor:
+    def token_maps(self) -> Tensor | None:
         return self.results[self.method].token_maps
 
     @property
@@ -704,17 +706,20 @@ def _plan(captioner: _Captioner, ids: list[int], include_special: bool, generate
     return _Plan(ids, scored, words, generated)
 
 
-def _combination(plans: list[_Plan], length: int, device: torch.device) -> tuple[Tensor, list[tuple[list[int], list[int], int]]]:
-    """Rows combining token log-probabilities into explained scores, ``(N, K, length)``:
-    every scored token, every multi-token word (its tokens' sum) and the whole caption (every
-    predicted token). Also, per image, the row of each token, of each word and of the caption."""
+def _combination(
+    plans: list[_Plan], length: int, device: torch.device, token_maps: bool
+) -> tuple[Tensor, list[tuple[list[int] | None, list[int], int]]]:
+    """Rows combining token log-probabilities into explained scores, ``(N, K, length)``: every
+    scored token (if ``token_maps``), every word (a multi-token word is its tokens' sum; a
+    one-token word reuses its token's row) and the whole caption (every predicted token).
+    Also, per image, the row of each token (``None`` without token maps), word and the caption."""
     layouts, rows_per_image = [], []
     for plan in plans:
-        rows: list[list[int]] = [[t] for t in plan.scored]
-        token_rows = list(range(len(plan.scored)))
+        rows: list[list[int]] = [[t] for t in plan.scored] if token_maps else []
+        token_rows = list(range(len(plan.scored))) if token_maps else None
         word_rows = []
         for _word, members in plan.words:
-            if len(members) == 1:
+            if token_rows is not None and len(members) == 1:
                 word_rows.append(token_rows[members[0]])
             else:
                 word_rows.append(len(rows))
@@ -744,6 +749,7 @@ def explain_caption(
     reshape: Any = None,
     layer_call: int | None = None,
     include_special: bool = False,
+    token_maps: bool = True,
     **generate_kwargs: Any,
 ) -> CaptionExplanation | list[CaptionExplanation]:
     """Per-word (and whole-caption) Grad-CAM++ maps of a caption over the image.
@@ -767,6 +773,9 @@ def explain_caption(
         layer_call: which call to explain when the layer runs several times per forward
             (default: the first for BLIP's ``post_layernorm``).
         include_special: also explain special tokens (the end token) as words.
+        token_maps: also return every token's map (``.token_maps``); ``False`` computes only
+            the words and the caption (fewer vector-Jacobian products when words are split
+            into sub-words) and leaves ``.token_maps`` ``None``.
     """
     methods = [method] + ([compare_with] if compare_with and compare_with != method else [])
     for name in methods:
@@ -801,7 +810,7 @@ def explain_caption(
     for i, plan in enumerate(plans):
         ids[i, : len(plan.ids)] = torch.tensor(plan.ids, device=captioner.device)
         mask[i, : len(plan.ids)] = 1
-    matrix, layouts = _combination(plans, length - 1, captioner.device)
+    matrix, layouts = _combination(plans, length - 1, captioner.device, token_maps)
     inputs = captioner.forward_inputs(pixel_values, ids, mask)
 
     def explained_scores(output: Any) -> Tensor:
@@ -826,7 +835,7 @@ def explain_caption(
 def _collect(
     captioner: _Captioner,
     plans: list[_Plan],
-    layouts: list[tuple[list[int], list[int], int]],
+    layouts: list[tuple[list[int] | None, list[int], int]],
     explanations: dict[str, Explanation],
     display: Tensor,
     single: bool,
@@ -838,9 +847,12 @@ def _collect(
         for name, explanation in explanations.items():
             maps, raw = explanation.maps[i], explanation.raw[i]
             per_method[name] = CaptionMaps(
-                name, maps[word_rows], raw[word_rows], maps[token_rows], raw[token_rows], maps[caption_row], raw[caption_row]
+                name, maps[word_rows], raw[word_rows],
+                maps[token_rows] if token_rows is not None else None, raw[token_rows] if token_rows is not None else None,
+                maps[caption_row], raw[caption_row],
             )
         scores = first.scores[i]
+
         predicted = plan.ids[1:]
         token_ids = [predicted[t] for t in plan.scored]
         results.append(
@@ -852,7 +864,7 @@ def _collect(
                 tokens=captioner.convert_ids_to_tokens(token_ids),
                 token_ids=torch.tensor(token_ids, device=scores.device),
                 scores=scores[word_rows],
-                token_scores=scores[token_rows],
+                token_scores=scores[token_rows] if token_rows is not None else None,
                 caption_score=scores[caption_row],
                 layer=first.layer,
                 results=per_method,

@@ -291,6 +291,11 @@ def test_vit_gpt2_subwords_merge_into_words(vit_gpt2, scenes):
     assert explanation.token_maps.shape == (len(explanation.tokens), 32, 32)
     for score, members in zip(explanation.scores, explanation.word_tokens):
         torch.testing.assert_close(score, explanation.token_scores[members].sum(), atol=1e-5, rtol=1e-5)
+    # Words only (fewer VJPs): the same word maps, no token maps.
+    words_only = explain_caption(model, _pil(scenes.images[0]), caption, processor=processor, tokenizer=tokenizer, token_maps=False)
+    assert words_only.token_maps is None and words_only.words == explanation.words
+    torch.testing.assert_close(words_only.raw, explanation.raw, atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(words_only.caption_map, explanation.caption_map, atol=1e-5, rtol=1e-4)
     # Each map equals a separate single-score Grad-CAM++ call on the same layer and score.
     pixel_values = processor(images=[_pil(scenes.images[0])], return_tensors="pt")["pixel_values"]
     ids = torch.tensor([[model.config.decoder_start_token_id, *explanation.token_ids.tolist(), tokenizer.eos_token_id]])
