@@ -4,6 +4,7 @@ renders in headless Chromium with every image loaded and every task's section pr
 from __future__ import annotations
 
 import json
+import os
 import re
 import shutil
 from pathlib import Path
@@ -17,8 +18,11 @@ from multiexplain import report as rp
 from multiexplain.demo import TASKS, DemoSettings, run_demo
 from multiexplain.viz import save_overlay_grid
 
-needs_chromium = pytest.mark.skipif(rp.find_chromium() is None, reason="chromium is not installed (.ci/run installs it)")
-CHECKPOINTS = Path(__file__).resolve().parents[1] / "multiexplain" / "checkpoints"
+# Skipped only on a developer machine without Chromium; in CI (.ci/run installs it) a missing
+# browser must fail the tests rather than silently skip them.
+needs_chromium = pytest.mark.skipif(
+    rp.find_chromium() is None and not os.environ.get("CI"), reason="chromium is not installed (.ci/run installs it)"
+)
 # The shipped checkpoint each demo task needs (the section is "unavailable" without it).
 TASK_CHECKPOINTS = {
     "classification": ["scene_cnn.pt"],
@@ -133,25 +137,20 @@ def test_demo_report_renders_with_all_sections(tmp_path):
                             show={"classification": 1, "captioning": 1, "video": 1, "distillation": 1})
     result = run_demo(settings)
     assert "failed" not in result.status.values(), result.status
-    for task, files in TASK_CHECKPOINTS.items():
-        if all((CHECKPOINTS / f).is_file() for f in files):
-            assert result.status[task] == "ok", (task, result.status)
+    # Every checkpoint is shipped, so every task must really run (not "unavailable").
+    assert all(result.status[task] == "ok" for task in TASK_CHECKPOINTS), result.status
     shot = tmp_path / "demo.png"
     probe = rp.render_in_chromium(result.index, screenshot=shot, window=(1300, 1600))
     assert set(TASKS) <= set(probe["sections"])
-    if "ok" in result.status.values():
-        assert probe["images"], "the report shows images"
+    assert probe["images"], "the report shows images"
     broken = [i["src"] for i in probe["images"] if not (i["complete"] and i["naturalWidth"] > 0)]
     assert not broken, f"images that did not load: {broken}"
     page = result.index.read_text()
     assert not re.search(r"(https?:)?//[a-z]", page.replace("<!DOCTYPE", "")), "no external URLs"
     assert all(not Path(src).is_absolute() for src in re.findall(r'(?:src|href)="([^"#]+)"', page))
-    for task, state in result.status.items():
+    for task in result.status:
         block = page.split(f'<section id="{task}">', 1)[1].split("</section>", 1)[0]
-        if state == "ok":
-            assert "<img " in block and "<table>" in block and "Grad-CAM++" in block
-        else:
-            assert "not available here" in block
+        assert "<img " in block and "<table>" in block and "Grad-CAM++" in block
     with Image.open(shot) as image:
         assert image.size == (1300, 1600) and np.asarray(image.convert("L")).std() > 5
     metrics_json = json.loads((settings.out / "metrics.json").read_text())
