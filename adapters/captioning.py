@@ -3,8 +3,9 @@
 Public entry points (stable; the CLI calls these):
 
 * :func:`explain_caption` ``(model, images, caption=None, *, processor=None, tokenizer=None,
-  method="gradcam++", compare_with="gradcam", target_layer=None, include_special=False,
-  num_beams=1, max_new_tokens=None, **generate_kwargs)`` -> :class:`CaptionExplanation` for one
+  method="gradcam++", compare_with="gradcam", target_layer=None, reshape=None, layer_call=None,
+  include_special=False, token_maps=True, score="logprob", **generate_kwargs)`` (generation
+  arguments such as ``num_beams`` and ``max_new_tokens`` apply when ``caption`` is None) -> :class:`CaptionExplanation` for one
   image (``(3, H, W)`` tensor, PIL image or array), or a list of them for a batch
   (``(N, 3, H, W)`` tensor or a list of images).
 * :class:`CaptionExplanation`: ``.words``, ``.maps`` ``(W, H, W)`` in ``[0, 1]``, ``.raw``
@@ -303,7 +304,8 @@ class CaptionExplanation:
         word_tokens: for each word, the indices into ``tokens`` it is made of.
         tokens: the ``T`` scored tokens (every token after the start token, as the tokenizer spells them).
         token_ids: ``(T,)`` their ids.
-        scores: ``(W,)`` word log-probabilities (sum of the word's token log-probabilities).
+        scores: ``(W,)`` word log-probabilities (sum of the word's token log-probabilities; sums of
+            logits with ``score="logit"``).
         token_scores: ``(T,)`` token log-probabilities ``log p(token_t | image, tokens < t)``
             (``None`` with ``token_maps=False``).
         caption_score: ``()`` the whole caption's log-probability (every scored token, end token included).
@@ -661,12 +663,20 @@ def _captioner(model: nn.Module, processor: Any, tokenizer: Any) -> _Captioner:
 # -- the teacher-forced scores -------------------------------------------------------------------
 
 
-def caption_scores(logits: Tensor, ids: Tensor, mask: Tensor) -> Tensor:
-    """Token log-probabilities ``(N, T - 1)``: ``log p(ids[:, t + 1] | image, ids[:, :t + 1])``
-    from teacher-forced logits ``(N, T - 1, V)``; 0 where ``mask[:, t + 1]`` is 0 (padding)."""
+def caption_scores(logits: Tensor, ids: Tensor, mask: Tensor, score: str = "logprob") -> Tensor:
+    """Token scores ``(N, T - 1)`` from teacher-forced logits ``(N, T - 1, V)``: the
+    log-probabilities ``log p(ids[:, t + 1] | image, ids[:, :t + 1])`` (``score="logprob"``) or
+    the pre-softmax logits of those tokens (``score="logit"``); 0 where ``mask[:, t + 1]`` is 0."""
+    if score not in SCORES:
+        raise ValueError(f"unknown score {score!r}; choose one of {SCORES}")
     # At least float32 (half-precision log-softmax loses small probabilities), float64 kept.
-    log_probs = torch.log_softmax(logits.to(torch.promote_types(logits.dtype, torch.float32)), dim=-1).gather(-1, ids[:, 1:].unsqueeze(-1)).squeeze(-1)
-    return torch.where(mask[:, 1:].bool(), log_probs, torch.zeros_like(log_probs))
+    logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
+    per_class = torch.log_softmax(logits, dim=-1) if score == "logprob" else logits
+    scores = per_class.gather(-1, ids[:, 1:].unsqueeze(-1)).squeeze(-1)
+    return torch.where(mask[:, 1:].bool(), scores, torch.zeros_like(scores))
+
+
+SCORES = ("logprob", "logit")
 
 
 @dataclass
@@ -750,6 +760,7 @@ def explain_caption(
     layer_call: int | None = None,
     include_special: bool = False,
     token_maps: bool = True,
+    score: str = "logprob",
     **generate_kwargs: Any,
 ) -> CaptionExplanation | list[CaptionExplanation]:
     """Per-word (and whole-caption) Grad-CAM++ maps of a caption over the image.
@@ -777,6 +788,8 @@ def explain_caption(
             the words and the caption (fewer vector-Jacobian products when words are split
             into sub-words) and leaves ``.token_maps`` ``None``.
     """
+    if score not in SCORES:
+        raise ValueError(f"unknown score {score!r}; choose one of {SCORES}")
     methods = [method] + ([compare_with] if compare_with and compare_with != method else [])
     for name in methods:
         if name not in METHODS:
@@ -816,7 +829,7 @@ def explain_caption(
     def explained_scores(output: Any) -> Tensor:
         """All K explained scores ``(N, K)`` from the ONE teacher-forced forward."""
         logits = output[0] if isinstance(output, tuple) else output["logits"] if not isinstance(output, Tensor) else output
-        token_log_probs = caption_scores(logits, ids, mask)
+        token_log_probs = caption_scores(logits, ids, mask, score)
         return torch.einsum("nkt,nt->nk", matrix.to(token_log_probs.dtype), token_log_probs)
 
     layer = target_layer if target_layer is not None else captioner.default_layer

@@ -32,8 +32,9 @@ from multiexplain.captioned_scenes import make_captioned_scenes
 
 METHODS = ("gradcam++", "gradcam")
 KINDS = ("colour", "shape", "count")
-# The default layer (the encoder's output, 16x16) and an earlier one (32x32, 7 px receptive field).
-LAYERS = ("encoder", "encoder.3")
+# (row label, layer, word score): the default layer (the encoder's output, 16x16) with the
+# default log-probability score, the same with pre-softmax logits, and an earlier layer (32x32).
+CONFIGS = (("encoder", "encoder", "logprob"), ("encoder, score=logit", "encoder", "logit"), ("encoder.3", "encoder.3", "logprob"))
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 
 
@@ -71,13 +72,13 @@ def main() -> None:
 
     report: dict = {"scenes": len(scenes), "seed": 3, "model": "show_and_tell.pt", "caption_accuracy": accuracy, "words": {}, "caption": {}}
     caption_maps: dict[str, list] = {}
-    for layer in LAYERS:
+    for label, layer, score in CONFIGS:
         maps = {m: {k: [] for k in KINDS} for m in METHODS}
         masks = {k: [] for k in KINDS}
         any_object = {k: [] for k in KINDS}
         for start in range(0, len(scenes), args.batch):
             stop = min(start + args.batch, len(scenes))
-            results = explain_caption(model, scenes.images[start:stop], scenes.captions[start:stop], tokenizer=vocabulary, target_layer=layer)
+            results = explain_caption(model, scenes.images[start:stop], scenes.captions[start:stop], tokenizer=vocabulary, target_layer=layer, score=score)
             for offset, result in enumerate(results):
                 scene = scenes[start + offset]
                 assert result.words == scene.words
@@ -87,11 +88,11 @@ def main() -> None:
                         any_object[kind].append(scene.object_masks.any(dim=0))
                         for method in METHODS:
                             maps[method][kind].append(result.for_method(method).maps[j])
-                if layer == LAYERS[0]:
+                if label == CONFIGS[0][0]:
                     for method in METHODS:
                         caption_maps.setdefault(method, []).append(result.for_method(method).caption_map)
-            print(f"{layer}: explained {stop}/{len(scenes)} scenes  {time.time() - began:.0f}s", flush=True)
-        report["words"][layer] = {}
+            print(f"{label}: explained {stop}/{len(scenes)} scenes  {time.time() - began:.0f}s", flush=True)
+        report["words"][label] = {}
         for kind in KINDS:
             mask, objects = torch.stack(masks[kind]), torch.stack(any_object[kind])
             row = {"count": int(mask.shape[0]), "random_peak_pointing": float(mask.float().mean())}
@@ -103,7 +104,7 @@ def main() -> None:
                     "energy_in_mask": float(metrics.energy_pointing_game(stacked, mask).mean()),
                     "peak_on_any_object": float(metrics.pointing_game(stacked, objects).float().mean()),
                 }
-            report["words"][layer][kind] = row
+            report["words"][label][kind] = row
 
     full = caption_probability(model, vocabulary, scenes.images, scenes.captions)
     drops = {}
@@ -159,7 +160,7 @@ def quality_lines(report: dict) -> list[str]:
         "Pointing: the map's peak inside the named objects (0 px and 2 px tolerance); energy: share of the map's",
         "mass inside them; any object: the peak on some object, named or not; random peak: the mask's area share.",
         "",
-        "| layer | words | n | pointing GC++ | pointing GC | ratio | pointing 2 px GC++ / GC | energy GC++ | energy GC | ratio | any object GC++ / GC | random peak |",
+        "| layer, score | words | n | pointing GC++ | pointing GC | ratio | pointing 2 px GC++ / GC | energy GC++ | energy GC | ratio | any object GC++ / GC | random peak |",
         "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for layer, rows in words.items():

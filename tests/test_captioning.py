@@ -262,6 +262,20 @@ def test_batch_with_different_captions_equals_single_images(show_and_tell, scene
         torch.testing.assert_close(result.scores, single.scores, atol=1e-5, rtol=1e-5)
 
 
+def test_logit_scores(show_and_tell, scenes):
+    model, vocabulary = show_and_tell
+    image, caption = scenes.images[2], scenes.captions[2]
+    explanation = explain_caption(model, image, caption, tokenizer=vocabulary, score="logit", compare_with=None)
+    ids = torch.tensor([vocabulary.encode(caption)])
+    with torch.no_grad():
+        logits = model(image[None], ids[:, :-1])[0].gather(1, ids[0, 1:, None])[:, 0]
+    torch.testing.assert_close(explanation.scores, logits[:-1], atol=1e-5, rtol=1e-5)
+    reference = GradCAMPlusPlus(model, "encoder")((image[None], ids[:, :-1]), lambda output: output[:, 1, ids[0, 2]])
+    torch.testing.assert_close(explanation.raw[1], reference.raw[0], atol=1e-6, rtol=1e-4)
+    with pytest.raises(ValueError, match="unknown score"):
+        explain_caption(model, image, caption, tokenizer=vocabulary, score="probability")
+
+
 def test_figure_is_written(show_and_tell, scenes, tmp_path):
     model, vocabulary = show_and_tell
     explanation = explain_caption(model, scenes.images[0], scenes.captions[0], tokenizer=vocabulary)
