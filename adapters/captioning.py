@@ -28,6 +28,7 @@ Channel weights and maps are computed by :class:`multiexplain.GradCAMPlusPlus` /
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import dataclass, field
 from typing import Any, Sequence
 
@@ -236,8 +237,6 @@ _CHECKPOINT = "show_and_tell.pt"
 
 
 def _checkpoint_path() -> str:
-    import os
-
     return os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "multiexplain", "checkpoints", _CHECKPOINT)
 
 
@@ -378,7 +377,7 @@ def _model_device(model: nn.Module) -> torch.device:
 
 
 def _as_float_images(images: Any) -> list[Tensor]:
-    """Images as a list of ``(3, H, W)`` float tensors in ``[0, 1]`` (tensors, PIL images, arrays)."""
+    """Images as a list of ``(3, H, W)`` float tensors in ``[0, 1]`` (tensors, PIL images, arrays, file paths)."""
     import numpy as np
 
     if isinstance(images, Tensor):
@@ -389,6 +388,13 @@ def _as_float_images(images: Any) -> list[Tensor]:
         return [image.expand(3, -1, -1) for image in batch]
     if isinstance(images, (list, tuple)):
         return [image for item in images for image in _as_float_images(item)]
+    if isinstance(images, (str, os.PathLike)):
+        from PIL import Image
+
+        if not os.path.isfile(images):
+            raise FileNotFoundError(f"no image file {str(images)!r}")
+        with Image.open(images) as opened:
+            images = opened.convert("RGB")
     array = np.asarray(images.convert("RGB") if hasattr(images, "convert") else images)
     if array.ndim == 2:
         array = np.stack([array] * 3, axis=-1)
@@ -769,7 +775,7 @@ def explain_caption(
         model: a :class:`ShowAttendTell` (with ``tokenizer=`` its vocabulary), a Hugging Face
             ``VisionEncoderDecoderModel`` or ``BlipForConditionalGeneration``.
         images: one image (``(3, H, W)`` tensor in ``[0, 1]`` or uint8, PIL image, ``(H, W, 3)``
-            array) -> one :class:`CaptionExplanation`; a batch (``(N, 3, H, W)`` tensor or a list)
+            array, file path) -> one :class:`CaptionExplanation`; a batch (``(N, 3, H, W)`` tensor or a list)
             -> a list. Without a processor, tensors are used as the model's pixel values.
         caption: the caption to explain, one per image (a list) or one for all; ``None``: the
             model generates one (greedy by default; ``num_beams``, ``max_new_tokens`` and other

@@ -284,6 +284,13 @@ def test_figure_is_written(show_and_tell, scenes, tmp_path):
     assert picture.ndim == 3 and picture.shape[0] > 200 and picture.shape[1] > 400
     path = explanation.save_figure(str(tmp_path / "gc.png"), method="gradcam", caption_panel=False)
     assert Image.open(path).size[0] > 200
+    # An image file path works like the image (PNG round trip: uint8 pixels).
+    _pil(scenes.images[0]).save(tmp_path / "scene.png")
+    from_file = explain_caption(model, str(tmp_path / "scene.png"), scenes.captions[0], tokenizer=vocabulary, compare_with=None)
+    assert from_file.words == explanation.words
+    torch.testing.assert_close(from_file.scores, explanation.scores, atol=1e-2, rtol=1e-2)
+    with pytest.raises(FileNotFoundError, match="no image file"):
+        explain_caption(model, str(tmp_path / "missing.png"), "a red circle", tokenizer=vocabulary)
 
 
 # ---------------------------------------------------------------------------------------------
