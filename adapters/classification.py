@@ -34,7 +34,7 @@ from torch import Tensor, nn
 import multiexplain
 from multiexplain.cam import METHODS, Explanation, Targets, model_logits
 from multiexplain.layers import ChannelsLast, TokenReshape, layer_name
-from multiexplain.scenes import SCENE_CLASSES, SCENE_SIZE, Scenes, make_scenes
+from multiexplain.scenes import SCENE_CLASSES, Scenes, make_scenes
 
 __all__ = [
     "ChannelsLast",

@@ -46,7 +46,7 @@ from torch import Tensor, nn
 import multiexplain
 from multiexplain import core
 from multiexplain.cam import METHODS, BaseCAM, Inputs, call_model, model_logits, primary_input
-from multiexplain.distill_data import DISTILL_CLASSES, DistillDataset, make_distill_dataset
+from multiexplain.distill_data import DISTILL_CLASSES, make_distill_dataset
 from multiexplain.layers import find_auto_layer, resolve_layer
 
 __all__ = [
