@@ -920,7 +920,10 @@ def load_config_file(path: str | os.PathLike) -> dict[str, Any]:
 
         return yaml.safe_load(text)
     if path.suffix == ".toml":
-        import tomllib
+        try:
+            import tomllib
+        except ModuleNotFoundError:  # Python 3.10
+            import tomli as tomllib
 
         return tomllib.loads(text)
     raise ValueError(f"unknown config format {path.suffix!r}; use .json, .yaml or .toml")
