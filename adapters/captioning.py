@@ -105,6 +105,11 @@ class ShowAttendTell(nn.Module):
     and the mass of cells that look like the context (how many objects: "two green
     triangles"). The image reaches word ``t`` only through step ``t``'s attention, and linearly
     in the context, which is what makes per-word maps meaningful.
+    ``receptive_field`` (pixels seen by one feature cell: 13, 17 or 25; the older ``last_kernel``
+    3 / 1 means 25 / 17) decides WHERE the attention can read an object: with 25 px a background
+    cell beside an object sees all of it, and the attention learnt to sit on such cells (the named
+    object got the attention's peak for 1-4% of words); with a field no larger than an object only
+    the object's own cells tell what it is, so the attention sits on them.
     ``forward(images, input_ids)`` is the teacher-forced pass: logits ``(N, T, V)``, position
     ``t`` predicting token ``t + 1``.
     """
@@ -117,23 +122,40 @@ class ShowAttendTell(nn.Module):
         embed_dim: int = 32,
         hidden_dim: int = 128,
         attention_dim: int = 64,
-        last_kernel: int = 3,
+        last_kernel: int | None = None,
+        receptive_field: int = 25,
     ) -> None:
         super().__init__()
+        if last_kernel is not None:  # the older spelling: kernel 3 -> 25 px, kernel 1 -> 17 px
+            receptive_field = {3: 25, 1: 17}.get(last_kernel, 0)
+        if receptive_field not in (13, 17, 25):
+            raise ValueError(f"receptive_field must be 13, 17 or 25 (pixels), got {receptive_field} (last_kernel={last_kernel})")
         self.config = dict(
             vocab_size=vocab_size, image_size=image_size, feature_channels=feature_channels,
-            embed_dim=embed_dim, hidden_dim=hidden_dim, attention_dim=attention_dim, last_kernel=last_kernel,
+            embed_dim=embed_dim, hidden_dim=hidden_dim, attention_dim=attention_dim, receptive_field=receptive_field,
         )
         self.image_size = image_size
-        self.encoder = nn.Sequential(
-            nn.Conv2d(3, 24, 3, stride=2, padding=1), nn.ReLU(),
-            nn.Conv2d(24, 32, 3, padding=1), nn.ReLU(),
-            nn.MaxPool2d(2),
-            nn.Conv2d(32, 48, 3, padding=1), nn.ReLU(),
-            # last_kernel=1 keeps the receptive field at 17 px (25 px with 3), about one object:
-            # then only the cells on an object can tell what it is.
-            nn.Conv2d(48, feature_channels, last_kernel, padding=last_kernel // 2), nn.ReLU(),
-        )
+        if receptive_field == 13:
+            # A 13 px receptive field is smaller than an object (13-19 px across): a cell on an
+            # object sees most of it, a background cell beside it only a sliver of its edge, so
+            # the cells that can tell what an object is are the object's own cells; the decoder
+            # has to attend to them, and the word's evidence (and its Grad-CAM map) sits there.
+            self.encoder = nn.Sequential(
+                nn.Conv2d(3, 24, 3, stride=2, padding=1), nn.ReLU(),
+                nn.Conv2d(24, 32, 3, padding=1), nn.ReLU(),
+                nn.Conv2d(32, 48, 3, padding=1), nn.ReLU(),
+                nn.MaxPool2d(2),
+                nn.Conv2d(48, feature_channels, 1), nn.ReLU(),
+            )
+        else:
+            kernel = 3 if receptive_field == 25 else 1
+            self.encoder = nn.Sequential(
+                nn.Conv2d(3, 24, 3, stride=2, padding=1), nn.ReLU(),
+                nn.Conv2d(24, 32, 3, padding=1), nn.ReLU(),
+                nn.MaxPool2d(2),
+                nn.Conv2d(32, 48, 3, padding=1), nn.ReLU(),
+                nn.Conv2d(48, feature_channels, kernel, padding=kernel // 2), nn.ReLU(),
+            )
         self.embed = nn.Embedding(vocab_size, embed_dim)
         self.lstm = nn.LSTMCell(embed_dim, hidden_dim)
         self.attend_features = nn.Linear(feature_channels, attention_dim)

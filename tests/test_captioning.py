@@ -236,7 +236,7 @@ def test_one_forward_for_all_words(show_and_tell, scenes):
 def test_generated_caption_greedy_and_beam(show_and_tell):
     model, vocabulary = show_and_tell
     held_out = make_captioned_scenes(20, seed=2, start=100)
-    # The shipped model captions most held-out scenes exactly (59% on 300 held-out scenes).
+    # The shipped model captions most held-out scenes exactly (55% on 300 held-out scenes).
     generated = [vocabulary.decode(row.tolist()) for row in model.generate(held_out.images)]
     assert sum(g == c for g, c in zip(generated, held_out.captions)) >= 8
     results = explain_caption(model, held_out.images[:3], tokenizer=vocabulary, compare_with=None)
