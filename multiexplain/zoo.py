@@ -48,8 +48,10 @@ __all__ = [
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
-KINETICS_MEAN = (0.45, 0.45, 0.45)
-KINETICS_STD = (0.225, 0.225, 0.225)
+# pytorchvideo's hub models normalise with these; torchvision's video models use other
+# Kinetics statistics (multiexplain.adapters.video.KINETICS_MEAN / KINETICS_STD).
+PYTORCHVIDEO_MEAN = (0.45, 0.45, 0.45)
+PYTORCHVIDEO_STD = (0.225, 0.225, 0.225)
 
 SOURCES = ("torchvision", "hf", "pytorchvideo", "builtin", "file")
 
@@ -445,7 +447,7 @@ def _load_pytorchvideo(parsed: ModelSpec) -> LoadedModel:
     model = factory(pretrained=pretrained)
     frames, side, layer = _PYTORCHVIDEO_CLIPS.get(parsed.name, (8, 224, "auto"))
     labels = None
-    return LoadedModel(model, parsed, "video", labels=labels, layer=layer, mean=KINETICS_MEAN, std=KINETICS_STD,
+    return LoadedModel(model, parsed, "video", labels=labels, layer=layer, mean=PYTORCHVIDEO_MEAN, std=PYTORCHVIDEO_STD,
                        extra={"frames": frames, "size": side})
 
 
