@@ -194,10 +194,7 @@ def _load_classifier(spec: Any, weights: str | None, checkpoint: Any, num_classe
     if isinstance(spec, nn.Module):
         model = spec
         if checkpoint is not None:
-            state, _ = _read_state_dict(Path(checkpoint))
-            if state is None:
-                raise ValueError(f"{checkpoint} holds no state dict")
-            model.load_state_dict(state)
+            _load_state_into(model, checkpoint)
         return model
     if not isinstance(spec, (str, os.PathLike)):
         raise TypeError(f"spec must be a model name, a path or an nn.Module, got {type(spec).__name__}")
@@ -233,11 +230,16 @@ def _load_classifier(spec: Any, weights: str | None, checkpoint: Any, num_classe
         raise ValueError(f"{text!r} is not a torchvision model name, so weights={weights!r} cannot apply")
     model = _load_hf(text, local=False)
     if checkpoint is not None:
-        state, _ = _read_state_dict(Path(checkpoint))
-        if state is None:
-            raise ValueError(f"{checkpoint} holds no state dict")
-        model.load_state_dict(state)
+        _load_state_into(model, checkpoint)
     return model
+
+
+def _load_state_into(model: nn.Module, checkpoint: Any) -> None:
+    """Load the state dict held in the file ``checkpoint`` into ``model``."""
+    state, _ = _read_state_dict(Path(checkpoint))
+    if state is None:
+        raise ValueError(f"{checkpoint} holds no state dict")
+    model.load_state_dict(state)
 
 
 def _load_torchvision(name: str, weights: str | None, checkpoint: Any, num_classes: int | None) -> nn.Module:
