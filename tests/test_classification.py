@@ -18,14 +18,8 @@ from multiexplain.synthetic import generator, textured_background
 ROOT = Path(__file__).resolve().parents[1]
 
 
-@pytest.fixture(autouse=True)
-def _threads():
-    # One intra-op thread: the models here are tiny, and on a busy 2-core machine two threads spent
-    # most of their time synchronising (the top-k test took 20 s with 2 threads, 0.5 s with 1).
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+# The models here are tiny: one intra-op thread (the top-k test took 20 s with 2 on a busy machine, 0.5 s with 1).
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def no_hooks(model: nn.Module) -> bool:

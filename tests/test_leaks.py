@@ -28,14 +28,7 @@ TRACEMALLOC_BOUND_KB = 256.0  # Python-object growth allowed over the same calls
 EXPLANATIONS = 1000
 
 
-@pytest.fixture(autouse=True)
-def one_torch_thread():
-    """These tensors are tiny: a second intra-op thread only adds synchronisation (10-20x slower on
-    a loaded 2-core machine)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 class Net(nn.Module):
     """Small CNN with batch-norm, in-place ReLUs, dropout and a switch that raises inside forward."""

@@ -35,14 +35,7 @@ GRADIENT_KINDS = ["random", "zero", "negative", "positive", "sparse", "constant"
 SETTINGS = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
 
-@pytest.fixture(autouse=True)
-def one_torch_thread():
-    """These tensors are tiny: a second intra-op thread only adds synchronisation (10-20x slower on
-    a loaded 2-core machine)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 @st.composite
 def cam_inputs(draw, dtypes=DTYPES, kinds=GRADIENT_KINDS, exponent_range=(-15, 15)):
