@@ -180,15 +180,23 @@ def evaluate_classification(model: torch.nn.Module, n: int, seed: int, device: t
     return _merge(faithfulness_metrics(model, inputs, maps, targets, "sigmoid"), localisation_metrics(maps, masks), coverage)
 
 
-def _classification(settings: DemoSettings, section: Section) -> dict[str, Any]:
+def _shipped(task: str, loader: str, device: Any) -> tuple[Any, Any]:
+    """``(adapter module, what its shipped-model loader returns)``; a missing adapter or checkpoint
+    makes the section "unavailable" instead of failing the demo."""
+    import importlib
+
     try:
-        from .adapters import classification as adapter
+        adapter = importlib.import_module(f".adapters.{task}", __package__)
     except ImportError as error:
-        raise Unavailable(f"the classification adapter is not available ({error})") from None
+        raise Unavailable(f"the {task} adapter is not available ({error})") from None
     try:
-        model = adapter.load_scene_classifier(device=settings.device)
+        return adapter, getattr(adapter, loader)(device=device)
     except FileNotFoundError as error:
         raise Unavailable(str(error)) from None
+
+
+def _classification(settings: DemoSettings, section: Section) -> dict[str, Any]:
+    adapter, model = _shipped("classification", "load_scene_classifier", settings.device)
     model.eval()
     labels = list(getattr(model, "labels", adapter.SCENE_CLASSES))
     out = settings.out / "classification"
@@ -266,16 +274,9 @@ def evaluate_distillation(teacher: torch.nn.Module, student: torch.nn.Module, n:
 
 
 def _distillation(settings: DemoSettings, section: Section) -> dict[str, Any]:
-    try:
-        from .adapters import distillation as adapter
-    except ImportError as error:
-        raise Unavailable(f"the distillation adapter is not available ({error})") from None
     from . import GradCAM, GradCAMPlusPlus
 
-    try:
-        teacher, student = adapter.load_distillation_pair(device=settings.device)
-    except FileNotFoundError as error:
-        raise Unavailable(str(error)) from None
+    adapter, (teacher, student) = _shipped("distillation", "load_distillation_pair", settings.device)
     teacher.eval(), student.eval()
     models = {"teacher": teacher, "student": student}
     names = {"teacher": _arch_name(teacher), "student": _arch_name(student)}
@@ -362,14 +363,7 @@ def evaluate_captioning(model: torch.nn.Module, vocabulary: Any, n: int, seed: i
 
 
 def _captioning(settings: DemoSettings, section: Section) -> dict[str, Any]:
-    try:
-        from .adapters import captioning as adapter
-    except ImportError as error:
-        raise Unavailable(f"the captioning adapter is not available ({error})") from None
-    try:
-        model, vocabulary = adapter.load_show_and_tell(device=settings.device)
-    except FileNotFoundError as error:
-        raise Unavailable(str(error)) from None
+    adapter, (model, vocabulary) = _shipped("captioning", "load_show_and_tell", settings.device)
     section.add_text(
         "A Show-Attend-Tell captioner (CNN encoder + LSTM decoder) writes a caption for each scene; every "
         "word is then scored by its log-probability given the image and the words before it, and all word "
@@ -427,14 +421,7 @@ def evaluate_video(model: torch.nn.Module, n: int, seed: int, device: torch.devi
 
 
 def _video(settings: DemoSettings, section: Section) -> dict[str, Any]:
-    try:
-        from .adapters import video as adapter
-    except ImportError as error:
-        raise Unavailable(f"the video adapter is not available ({error})") from None
-    try:
-        model, class_names = adapter.load_action_c3d(device=settings.device)
-    except FileNotFoundError as error:
-        raise Unavailable(str(error)) from None
+    adapter, (model, class_names) = _shipped("video", "load_action_c3d", settings.device)
     section.add_text(
         "A small C3D (3x3x3 convolutions throughout) recognises the action of one shape among distractors, "
         "one of which drifts through the whole clip. The map of its last convolutional layer has a time "
