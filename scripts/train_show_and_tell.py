@@ -10,7 +10,9 @@ the caption and serve as free augmentation. About 7 minutes on one CPU thread.
 What makes the attention (and so each word's Grad-CAM++ map) sit on the object the word names:
 the encoder's cells see 17 px (about one object; with 25 px the attention learnt to read objects
 off background cells beside them), a penalty on the attention's entropy (one object, not a blend),
-and mild label smoothing (the word's log-probability keeps a gradient instead of saturating at 0).
+mild label smoothing (the word's log-probability keeps a gradient instead of saturating at 0),
+and equal-length feature vectors in every cell (``normalize_cells``: a map is channel weights dotted
+with each cell's features, and without it cells that fire hard elsewhere took the map's peak).
 The ground-truth masks are never used in training.
 """
 
@@ -57,6 +59,7 @@ def main() -> None:
     parser.add_argument("--entropy", type=float, default=0.05, help="weight of the attention-entropy penalty")
     parser.add_argument("--receptive-field", type=int, default=17, choices=(13, 17, 25), help="the encoder cells' receptive field in pixels")
     parser.add_argument("--label-smoothing", type=float, default=0.05)
+    parser.add_argument("--no-normalize-cells", dest="normalize_cells", action="store_false", help="keep the raw feature lengths (the earlier shipped model)")
     parser.add_argument("--threads", type=int, default=1, help="1: on a shared 2-core machine 2 threads stalled behind other jobs")
     parser.add_argument("--device", default="cpu", help="cpu (the default, a few minutes) or cuda")
     parser.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "..", "multiexplain", "checkpoints", "show_and_tell.pt"))
@@ -74,7 +77,7 @@ def main() -> None:
     device = torch.device(args.device)
     train.images, ids = train.images.to(device), ids.to(device)
     held_out.images = held_out.images.to(device)
-    model = ShowAttendTell(len(vocabulary), receptive_field=args.receptive_field).to(device)
+    model = ShowAttendTell(len(vocabulary), receptive_field=args.receptive_field, normalize_cells=args.normalize_cells).to(device)
     optimizer = torch.optim.Adam(model.parameters(), lr=args.lr)
     schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=args.lr, total_steps=args.steps, pct_start=0.1)
     gen = torch.Generator().manual_seed(0)
@@ -116,7 +119,7 @@ def main() -> None:
             "state_dict": {name: tensor.cpu() for name, tensor in model.state_dict().items()},
             "vocabulary": vocabulary.itos,
             "held_out": metrics,
-            "train": {"scenes": args.train_scenes, "steps": args.steps, "batch": args.batch, "seed": TRAIN_SEED, "entropy": args.entropy, "label_smoothing": args.label_smoothing,
+            "train": {"scenes": args.train_scenes, "steps": args.steps, "batch": args.batch, "seed": TRAIN_SEED, "entropy": args.entropy, "label_smoothing": args.label_smoothing, "normalize_cells": args.normalize_cells,
                       "device": str(device), "seconds": round(time.time() - began)},
         },
         args.out,
