@@ -142,8 +142,7 @@ def bench_vit_gpt2(repeats: int, device: torch.device) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=15)
-    # 2 threads (the project's cap); with 1 thread the batched backward loses its parallelism
-    # and the speed-up falls (2.4x for Show-Attend-Tell in benchmarks/results/captioning.md).
+    # 2 threads: the cores of the machines this project runs on (--threads 1 adds 1-thread rows).
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--device", default="cpu")
     args = parser.parse_args()

@@ -4,6 +4,7 @@ VisionEncoderDecoderModel (ViT + GPT-2 / BERT) and BLIP captioners, and the capt
 from __future__ import annotations
 
 import copy
+import math
 
 import numpy as np
 import pytest
@@ -172,11 +173,21 @@ def test_counts_appear_and_are_right():
 def _reference_raw_maps(model64: ShowAttendTell, image: torch.Tensor, ids: list[int], rows: list[list[int]]):
     """float64 Grad-CAM++ and Grad-CAM maps of the sums of token log-probabilities in ``rows``
     (positions into ids[1:]), computed here from the formulas, not with multiexplain.core."""
-    features = model64.encoder(model64.normalize(image[None].double())).detach().requires_grad_(True)
-    cells, projected, h, c = model64._start(features)
+    m = model64
+    features = m.encoder(m.normalize(image[None].double())).detach().requires_grad_(True)
+    # The decoder step written out from its modules (not through model._step).
+    cells = features.flatten(2).transpose(1, 2)
+    projected = m.attend_features(cells)
+    h = cells.new_zeros(1, m.lstm.hidden_size)
+    c = torch.zeros_like(h)
     log_probs = []
     for t in range(len(ids) - 1):
-        logits, _, h, c = model64._step(torch.tensor([ids[t]]), cells, projected, h, c)
+        h, c = m.lstm(m.embed(torch.tensor([ids[t]])), (h, c))
+        energy = m.attention_score(torch.tanh(projected + m.attend_hidden(h).unsqueeze(1))).squeeze(2)
+        context = (energy.softmax(dim=1).unsqueeze(2) * cells).sum(dim=1)
+        evidence = torch.logsumexp(energy, dim=1, keepdim=True) - math.log(energy.shape[1])
+        mass = torch.sigmoid(m.match(cells * context.unsqueeze(1))).squeeze(2).sum(dim=1, keepdim=True) / m.CELLS_PER_OBJECT
+        logits = m.read_state(h) + m.read_context(context) + m.read_scalars(torch.cat([evidence, mass], dim=1))
         log_probs.append(logits.log_softmax(dim=1)[0, ids[t + 1]])
     plus, plain = [], []
     for row in rows:
