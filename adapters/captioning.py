@@ -827,7 +827,7 @@ def explain_caption(
             generation arguments pass through ``generate_kwargs``).
         processor / tokenizer: the model's image processor / processor and tokenizer.
         method: primary method, ``"gradcam++"`` or ``"gradcam"``; ``compare_with`` adds a second
-            method's maps (another forward pass), ``None`` for none.
+            method's maps (from the same forward pass and gradients), ``None`` for none.
         target_layer: the layer to explain; default the vision encoder's last hidden states
             (``encoder`` of ShowAttendTell, ``encoder.layernorm`` of a ViT encoder,
             ``vision_model.post_layernorm`` of BLIP), reshaped to the patch grid without CLS.
@@ -889,10 +889,9 @@ def explain_caption(
     rule = reshape if reshape is not None else captioner.reshape()
     if layer_call is None and target_layer is None:
         layer_call = captioner.default_layer_call
-    explanations: dict[str, Explanation] = {}
-    for name in methods:
-        explainer: BaseCAM = METHODS[name](model, layer, reshape=rule, layer_call=layer_call)
-        explanations[name] = explainer(inputs, explained_scores, input_size=tuple(pixel_values.shape[2:]))
+    explainer: BaseCAM = METHODS[method](model, layer, reshape=rule, layer_call=layer_call)
+    # Grad-CAM++ and the comparison method share the forward pass and the gradients.
+    explanations = explainer.explain_methods(inputs, explained_scores, methods=methods, input_size=tuple(pixel_values.shape[2:]))
     return _collect(captioner, plans, layouts, explanations, display, single)
 
 

@@ -334,6 +334,25 @@ class BaseCAM:
         create_graph: bool | None = None,
     ) -> Explanation:
         """Same as calling the explainer."""
+        return self.explain_methods(inputs, targets, methods=(self.method,), input_size=input_size, create_graph=create_graph)[self.method]
+
+    def explain_methods(
+        self,
+        inputs: Inputs,
+        targets: Targets = None,
+        *,
+        methods: Sequence[str],
+        input_size: Sequence[int] | None = None,
+        create_graph: bool | None = None,
+    ) -> dict[str, Explanation]:
+        """Maps of several methods (names of :data:`METHODS`, e.g. ``("gradcam++", "gradcam")``)
+        from ONE forward pass and one set of gradients: the methods differ only in their channel
+        weights. The others use this explainer's layer, reshape, layer call and pooling; this
+        explainer's own ``method`` name (a subclass's too) is always accepted.
+        Returns ``{method: Explanation}`` in the order given."""
+        unknown = [name for name in methods if name != self.method and name not in METHODS]
+        if unknown or not methods:
+            raise ValueError(f"unknown method(s) {unknown}; choose from {sorted(METHODS)}" if unknown else "no methods given")
         differentiable = self.create_graph if create_graph is None else create_graph
         if torch.is_inference_mode_enabled():
             raise RuntimeError(
@@ -364,7 +383,14 @@ class BaseCAM:
             gradients = self._gradients(scores, capture.activation, differentiable)
         finally:
             torch.set_grad_enabled(grad_mode)
-        return self._maps(capture, scores, indices, multi, gradients, reference, input_size, differentiable)
+        explanations = {}
+        for name in methods:
+            explainer = self if name == self.method else METHODS[name](
+                self.model, layer, reshape=self.reshape, layer_call=self.layer_call, logits=self.logits,
+                pool_axes=self.pool_axes, create_graph=self.create_graph,
+            )
+            explanations[name] = explainer._maps(capture, scores, indices, multi, gradients, reference, input_size, differentiable)
+        return explanations
 
     # -- steps -----------------------------------------------------------------------------
     def _scores(self, output: Any, targets: Targets, n: int) -> tuple[Tensor, Tensor | None, bool]:

@@ -9,6 +9,7 @@ import torchvision
 from torch import nn
 
 from multiexplain import GradCAM, GradCAMPlusPlus, TokenReshape, core
+from multiexplain.cam import BaseCAM
 
 
 def _all_hooks(model: nn.Module) -> int:
@@ -126,6 +127,35 @@ def test_multi_target_from_one_forward_equals_separate_calls(tiny):
         torch.testing.assert_close(explanation.maps[:, k], single.maps)
         torch.testing.assert_close(explanation.raw[:, k], single.raw)
         torch.testing.assert_close(explanation.scores[:, k], single.scores)
+
+
+def test_several_methods_from_one_forward_equal_separate_calls(tiny):
+    x = torch.randn(2, 3, 16, 16)
+    calls = []
+    handle = tiny.register_forward_hook(lambda *_: calls.append(1))
+    try:
+        both = GradCAMPlusPlus(tiny, "conv2").explain_methods(x, [[0, 2], [1, 4]], methods=("gradcam++", "gradcam"))
+    finally:
+        handle.remove()
+    assert len(calls) == 1 and list(both) == ["gradcam++", "gradcam"]
+    for name, cls in (("gradcam++", GradCAMPlusPlus), ("gradcam", GradCAM)):
+        alone = cls(tiny, "conv2")(x, [[0, 2], [1, 4]])
+        assert both[name].method == name
+        torch.testing.assert_close(both[name].raw, alone.raw)
+        torch.testing.assert_close(both[name].maps, alone.maps)
+    assert not torch.allclose(both["gradcam++"].raw, both["gradcam"].raw)
+
+    class PositiveGradients(BaseCAM):  # a user's own method: only its channel weights
+        method = "positive-gradients"
+
+        def channel_weights(self, activations, gradients, spatial_ndim):
+            return gradients.clamp(min=0).flatten(3).mean(dim=3)
+
+    mine = PositiveGradients(tiny, "conv2").explain_methods(x, 1, methods=("positive-gradients", "gradcam"))
+    assert mine["positive-gradients"].maps.shape == (2, 16, 16)
+    torch.testing.assert_close(mine["gradcam"].raw, GradCAM(tiny, "conv2")(x, 1).raw)
+    with pytest.raises(ValueError, match=r"unknown method\(s\) \['scorecam'\]"):
+        GradCAMPlusPlus(tiny, "conv2").explain_methods(x, 1, methods=("gradcam++", "scorecam"))
 
 
 def test_target_callable_and_model_output_types(tiny):

@@ -274,10 +274,13 @@ def test_one_forward_for_all_words(show_and_tell, scenes):
     handle = model.register_forward_hook(lambda *_: calls.append(1))
     try:
         explanation = explain_caption(model, scenes.images[1], scenes.captions[1], tokenizer=vocabulary, compare_with=None)
+        both = explain_caption(model, scenes.images[1], scenes.captions[1], tokenizer=vocabulary)
     finally:
         handle.remove()
-    assert len(calls) == 1 and len(explanation.words) >= 3
-    assert list(explanation.results) == ["gradcam++"]
+    # One forward for all words, and the Grad-CAM comparison shares it.
+    assert len(calls) == 2 and len(explanation.words) >= 3
+    assert list(explanation.results) == ["gradcam++"] and list(both.results) == ["gradcam++", "gradcam"]
+    torch.testing.assert_close(both.raw, explanation.raw)
 
 
 @pytest.mark.slow
