@@ -17,8 +17,6 @@ per device (CPU here; a GPU run adds its rows).
 from __future__ import annotations
 
 import argparse
-import json
-import os
 import statistics
 import time
 

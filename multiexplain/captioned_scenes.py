@@ -17,7 +17,7 @@ with ``(seed, i)``, so a subset is reproducible without drawing the scenes befor
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor

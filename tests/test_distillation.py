@@ -11,7 +11,6 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
-from torch import nn
 
 from multiexplain.adapters import distillation as D
 from multiexplain.distill_data import DISTILL_CLASSES, make_distill_dataset
