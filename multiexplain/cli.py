@@ -117,7 +117,7 @@ def _parse_class(value: str, labels: list[str] | None, num_classes: int) -> int:
 def cmd_classify(args: argparse.Namespace) -> int:
     import torch
 
-    from . import GradCAM, GradCAMPlusPlus, model_logits
+    from . import GradCAMPlusPlus, model_logits
     from .report import Figure, Report
     from .viz import save_overlay_grid, to_rgb_array
 
@@ -136,10 +136,9 @@ def cmd_classify(args: argparse.Namespace) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     layer = args.layer or loaded.layer
-    explainers = {
-        "Grad-CAM++": GradCAMPlusPlus(loaded.model, layer, reshape=loaded.reshape),
-        "Grad-CAM": GradCAM(loaded.model, layer, reshape=loaded.reshape),
-    }
+    # One explainer: Grad-CAM comes from the same forward pass and gradients (explain_methods).
+    explainer = GradCAMPlusPlus(loaded.model, layer, reshape=loaded.reshape)
+    method_titles = {"gradcam++": "Grad-CAM++", "gradcam": "Grad-CAM"}
     report = Report("multiexplain classify", intro=f"Model {args.model}: Grad-CAM++ and Grad-CAM for each image.")
     section = report.section("classification", "Classification")
     figures, results = [], []
@@ -157,7 +156,8 @@ def cmd_classify(args: argparse.Namespace) -> int:
             targets = logits.topk(k, dim=1).indices.tolist()
         # Multi-label models (the shipped scene classifier) score each class with its own sigmoid.
         probabilities = logits.sigmoid() if getattr(loaded.model, "multi_label", False) else logits.softmax(dim=1)
-        maps = {name: explainer(inputs, targets).maps for name, explainer in explainers.items()}
+        explained = explainer.explain_methods(inputs, targets, methods=tuple(method_titles))
+        maps = {method_titles[method]: explanation.maps for method, explanation in explained.items()}
         for row, (path, _) in enumerate(batch):
             index = len(results)
             heatmaps, titles = [], []
@@ -166,7 +166,7 @@ def cmd_classify(args: argparse.Namespace) -> int:
                 label = loaded.labels[cls] if loaded.labels and cls < len(loaded.labels) else str(cls)
                 p = float(probabilities[row, cls])
                 entry["targets"].append({"class": cls, "label": label, "probability": p})
-                for name in explainers:
+                for name in method_titles.values():
                     heatmaps.append(maps[name][row, column])
                     titles.append(f"{name}: {label} (p={p:.2f})")
             picture = to_rgb_array(inputs[row], loaded.mean, loaded.std)
@@ -180,7 +180,7 @@ def cmd_classify(args: argparse.Namespace) -> int:
     section.add_figures(figures, "Grad-CAM++ vs Grad-CAM")
     if failed:
         section.add_note("Skipped unreadable files: " + "; ".join(f"{p} ({r})" for p, r in failed))
-    settings = {"model": args.model, "layer": explainers["Grad-CAM++"].layer_name, "device": str(device),
+    settings = {"model": args.model, "layer": explainer.layer_name, "device": str(device),
                 "colormap": args.colormap, "alpha": args.alpha}
     section.add_settings(settings)
     (out / "predictions.json").write_text(json.dumps({"settings": settings, "results": results,
@@ -366,7 +366,7 @@ def _evaluate_image_folder(loaded, folder: Path, batch_size: int, device: str) -
     """Faithfulness metrics (no masks in a plain folder) for each image's top-1 class."""
     import torch
 
-    from . import GradCAM, GradCAMPlusPlus, model_logits
+    from . import GradCAMPlusPlus, model_logits
     from .demo import faithfulness_metrics
 
     images, _ = read_images(_folder_files(folder, IMAGE_SUFFIXES))
@@ -374,17 +374,17 @@ def _evaluate_image_folder(loaded, folder: Path, batch_size: int, device: str) -
         raise CommandError(f"no readable image under {folder}")
     if loaded.preprocess is None:
         raise CommandError(f"{loaded.spec} has no image preprocessing; evaluate it on --data synthetic")
-    explainers = {"gradcam++": GradCAMPlusPlus(loaded.model, loaded.layer, reshape=loaded.reshape),
-                  "gradcam": GradCAM(loaded.model, loaded.layer, reshape=loaded.reshape)}
+    explainer = GradCAMPlusPlus(loaded.model, loaded.layer, reshape=loaded.reshape)
+    methods = ("gradcam++", "gradcam")
     score = "sigmoid" if getattr(loaded.model, "multi_label", False) else "softmax"
-    inputs_all, maps_all, targets_all = [], {m: [] for m in explainers}, []
+    inputs_all, maps_all, targets_all = [], {m: [] for m in methods}, []
     batches = [images[i : i + batch_size] for i in range(0, len(images), batch_size)]
     for batch in _progress(batches, len(batches), "evaluate"):
         inputs = torch.stack([loaded.preprocess(image) for _, image in batch]).to(device)
         with torch.no_grad():
             targets = model_logits(loaded.model(inputs)).argmax(dim=1)
-        for method, explainer in explainers.items():
-            maps_all[method].append(explainer(inputs, targets).maps)
+        for method, explanation in explainer.explain_methods(inputs, targets, methods=methods).items():
+            maps_all[method].append(explanation.maps)
         inputs_all.append(inputs)
         targets_all.append(targets)
     maps = {m: torch.cat(v) for m, v in maps_all.items()}
