@@ -193,7 +193,7 @@ def quality_lines(report: dict) -> list[str]:
     words, caption, accuracy = report["words"], report["caption"], report["caption_accuracy"]
     lines = [
         f"Shipped Show-Attend-Tell model, {report['scenes']} held-out synthetic scenes (seed {report['seed']}); the "
-        "ground-truth caption is explained word by word (one teacher-forced forward per image and method). "
+        "ground-truth caption is explained word by word (one teacher-forced forward per image; Grad-CAM shares its gradients). "
         f"Model: exact caption {100 * accuracy['exact_caption']:.1f}% (greedy), per-word {100 * accuracy['word']:.1f}% "
         f"(teacher forced). `benchmarks/quality_captioning.py`, {report['seconds']:.0f}s.",
         "",
