@@ -4,7 +4,7 @@
 
 For the shipped Show-Attend-Tell model and ``--scenes`` held-out scenes (seed 3; training used
 seed 1), every word of the ground-truth caption is explained (one teacher-forced forward per
-image and method). Reported for Grad-CAM++ and Grad-CAM side by side:
+image; Grad-CAM comes from the same gradients). Reported for Grad-CAM++ and Grad-CAM side by side:
 
 * per-word pointing game (the map's peak inside the union of the masks of the objects the word
   names) and energy-in-mask (energy-based pointing game), for colour, shape and count words;
