@@ -27,8 +27,9 @@ import time
 import torch
 
 from multiexplain import metrics
-from multiexplain.adapters.captioning import caption_scores, explain_caption, load_show_and_tell
-from multiexplain.captioned_scenes import PLURALS, make_captioned_scenes
+from multiexplain.adapters.captioning import caption_scores, explain_caption
+from multiexplain.data.captioned_scenes import PLURALS, make_captioned_scenes
+from multiexplain.models import load_show_and_tell
 
 SINGULAR = {plural: singular for singular, plural in PLURALS.items()}
 
@@ -79,8 +80,10 @@ def main() -> None:
         words: list[dict] = []
         for start in range(0, len(scenes), args.batch):
             stop = min(start + args.batch, len(scenes))
-            results = explain_caption(model, scenes.images[start:stop], scenes.captions[start:stop], tokenizer=vocabulary, target_layer=layer, score=score)
-            for offset, result in enumerate(results):
+            # Grad-CAM++ and Grad-CAM from the same forward pass and gradients.
+            both = explain_caption(model, scenes.images[start:stop], scenes.captions[start:stop], tokenizer=vocabulary,
+                                   target_layer=layer, score=score, methods=METHODS)
+            for offset, result in enumerate(both[METHODS[0]]):
                 scene = scenes[start + offset]
                 assert result.words == scene.words
                 for j, kind in enumerate(scene.word_kinds):
@@ -88,11 +91,11 @@ def main() -> None:
                         words.append({
                             "kind": kind, "look_alike": has_look_alike(scene, j), "mask": scene.word_masks[j],
                             "objects": scene.object_masks.any(dim=0), "attention": attention[start + offset][j],
-                            **{method: result.for_method(method).maps[j] for method in METHODS},
+                            **{method: both[method][offset].maps[j] for method in METHODS},
                         })
                 if label == CONFIGS[0][0]:
                     for method in METHODS:
-                        caption_maps.setdefault(method, []).append(result.for_method(method).caption_map)
+                        caption_maps.setdefault(method, []).append(both[method][offset].caption_map)
             print(f"{label}: explained {stop}/{len(scenes)} scenes  {time.time() - began:.0f}s", flush=True)
         report["words"][label] = {}
         for kind in KINDS:

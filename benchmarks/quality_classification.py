@@ -35,14 +35,15 @@ from typing import Any
 import torch
 
 from multiexplain import metrics
-from multiexplain.adapters.classification import explain_images, load_scene_classifier
-from multiexplain.scenes import Scenes, make_scenes
+from multiexplain.adapters.classification import explain_images
+from multiexplain.data.scenes import Scenes, make_scenes
+from multiexplain.models import load_scene_classifier
 
 BENCHMARK_STREAM = 2  # training uses stream 0, the training script's held-out split stream 1
 RESULTS = Path(__file__).resolve().parent / "results" / "classification"
 METHODS = ("gradcam++", "gradcam")
 
-# shared/GRADCAMPP.md: ImageNet val, VGG-16 (Avg Drop / Incr. Conf. / Win) and VOC12 mLoc.
+# docs/GRADCAMPP.md: ImageNet val, VGG-16 (Avg Drop / Incr. Conf. / Win) and VOC12 mLoc.
 PAPER = {
     "gradcam++": {"average_drop": 36.84, "increase_in_confidence": 17.05, "win": 70.72, "loc_0": 0.34, "loc_0.25": 0.38, "loc_0.5": 0.28},
     "gradcam": {"average_drop": 46.56, "increase_in_confidence": 13.42, "win": 29.28, "loc_0": 0.33, "loc_0.25": 0.28, "loc_0.5": 0.16},
@@ -97,11 +98,11 @@ def evaluate(
     masks = scenes.class_masks[index, classes]
     instances = scenes[index].instances_of(classes)
     per_method: dict[str, dict[str, torch.Tensor]] = {}
+    # Both methods' maps from one forward pass per batch.
+    batches = [explain_images(model, images[s : s + batch_size], methods=METHODS, targets=classes[s : s + batch_size].tolist())
+               for s in range(0, images.shape[0], batch_size)]
     for method in METHODS:
-        maps = torch.cat([
-            explain_images(model, images[s : s + batch_size], method=method, targets=classes[s : s + batch_size].tolist()).maps
-            for s in range(0, images.shape[0], batch_size)
-        ]) if images.shape[0] else torch.zeros(0, *images.shape[2:])
+        maps = torch.cat([b[method].maps for b in batches]) if batches else torch.zeros(0, *images.shape[2:])
         full, explained = metrics.confidences(model, images, maps, classes, score="sigmoid", batch_size=batch_size)
         coverage, count = metrics.multi_instance_coverage(maps, instances)
         per_method[method] = {
@@ -213,7 +214,7 @@ def render(results: dict[str, Any]) -> str:
         "error (Win %: its distance from 50% exceeds twice the binomial standard error; the difference column "
         "then shows Win - 50).",
         "Paper columns: Average Drop / Increase / Win are ImageNet val with VGG-16, Loc is VOC12 mLoc "
-        "(shared/GRADCAMPP.md). They are different data and models: a reference point, not comparable.",
+        "(docs/GRADCAMPP.md). They are different data and models: a reference point, not comparable.",
     ]
     return "\n".join(lines)
 

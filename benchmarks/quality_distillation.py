@@ -32,15 +32,10 @@ from pathlib import Path
 import torch
 
 from multiexplain import GradCAMPlusPlus
-from multiexplain.adapters.distillation import (
-    Trainer,
-    evaluate_student,
-    load_distillation_pair,
-    map_correlation,
-    wide_resnet,
-)
-from multiexplain.distill_data import make_distill_dataset
-from multiexplain.metrics import energy_pointing_game
+from multiexplain.data.distill_data import make_distill_dataset
+from multiexplain.metrics import energy_pointing_game, map_correlation
+from multiexplain.models import load_distillation_pair, wide_resnet
+from multiexplain.train import Trainer, evaluate_student
 
 RESULTS = Path(__file__).resolve().parent / "results"
 

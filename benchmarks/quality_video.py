@@ -28,8 +28,9 @@ import time
 
 import torch
 
-from multiexplain.action_clips import make_action_clips
-from multiexplain.adapters.video import explain_clip, load_action_c3d
+from multiexplain.adapters.video import explain_clip
+from multiexplain.data.action_clips import make_action_clips
+from multiexplain.models import load_action_c3d, load_checkpoint
 from multiexplain.core import normalize_maps, upsample_maps
 from multiexplain.metrics import (
     average_drop,
@@ -47,7 +48,7 @@ PAPER = {"Grad-CAM++": (59.79, 6.68, 94.09), "Grad-CAM": (95.26, 0.84, 5.91)}
 
 def ours(model, method: str, per_slice: bool):
     def run(clips, targets):
-        return explain_clip(model, clips, target=targets, method=method, per_slice=per_slice).maps
+        return explain_clip(model, clips, target=targets, methods=(method,), per_slice=per_slice)[method].maps
 
     return run
 
@@ -116,7 +117,11 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(2)
 
-    model, names = load_action_c3d(args.checkpoint)
+    if args.checkpoint:
+        loaded = load_checkpoint(args.checkpoint)
+        model, names = loaded.model, loaded.labels
+    else:
+        model, names = load_action_c3d()
     data = make_action_clips(args.clips, seed=3)
     with torch.no_grad():
         predictions = torch.cat([model(data.clips[i : i + 50]).argmax(1) for i in range(0, len(data), 50)])

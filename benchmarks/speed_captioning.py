@@ -23,8 +23,9 @@ import time
 import torch
 
 from multiexplain import GradCAMPlusPlus, TokenReshape
-from multiexplain.adapters.captioning import caption_scores, explain_caption, load_show_and_tell
-from multiexplain.captioned_scenes import make_captioned_scene, make_captioned_scenes
+from multiexplain.adapters.captioning import caption_scores, explain_caption
+from multiexplain.data.captioned_scenes import make_captioned_scene, make_captioned_scenes
+from multiexplain.models import load_show_and_tell
 
 from quality_captioning import load_results, write  # same folder: one results file for both benchmarks
 
@@ -71,7 +72,7 @@ def bench_show_and_tell(repeats: int, device: torch.device) -> dict:
     mask = torch.ones_like(ids)
 
     def ours():
-        return explain_caption(model, image, scene.caption, tokenizer=vocabulary, compare_with=None)
+        return explain_caption(model, image, scene.caption, tokenizer=vocabulary)
 
     def loop():
         explainer = GradCAMPlusPlus(model, "encoder")
@@ -111,15 +112,15 @@ def bench_vit_gpt2(repeats: int, device: torch.device) -> dict:
     model, tokenizer = build_vit_gpt2(device)
     scene = long_scene()
     pixel_values = torch.nn.functional.interpolate(scene.image[None], size=(224, 224), mode="bilinear").to(device)
-    probe = explain_caption(model, pixel_values, scene.caption, tokenizer=tokenizer, compare_with=None)[0]
+    probe = explain_caption(model, pixel_values, scene.caption, tokenizer=tokenizer)[0]
     ids = torch.tensor([[tokenizer.bos_token_id, *probe.token_ids.tolist(), tokenizer.eos_token_id]], device=device)
     mask = torch.ones_like(ids)
 
     def ours():
-        return explain_caption(model, pixel_values, scene.caption, tokenizer=tokenizer, compare_with=None, token_maps=False)[0]
+        return explain_caption(model, pixel_values, scene.caption, tokenizer=tokenizer, token_maps=False)[0]
 
     def ours_with_tokens():
-        return explain_caption(model, pixel_values, scene.caption, tokenizer=tokenizer, compare_with=None)[0]
+        return explain_caption(model, pixel_values, scene.caption, tokenizer=tokenizer)[0]
 
     def loop():
         explainer = GradCAMPlusPlus(model, "encoder.layernorm", reshape=TokenReshape((14, 14), 1))

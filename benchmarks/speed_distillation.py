@@ -19,7 +19,8 @@ from pathlib import Path
 
 import torch
 
-from multiexplain.adapters.distillation import build_loss, wide_resnet
+from multiexplain.losses import build_loss
+from multiexplain.models import wide_resnet
 
 RESULTS = Path(__file__).resolve().parent / "results"
 OBJECTIVES = {

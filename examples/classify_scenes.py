@@ -22,7 +22,9 @@ from pathlib import Path
 
 import torch
 
-from multiexplain.adapters.classification import explain_images, load_scene_classifier, make_scenes
+from multiexplain.adapters.classification import explain_images
+from multiexplain.data import make_scenes
+from multiexplain.models import load_scene_classifier
 from multiexplain.viz import save_overlay_grid
 
 
@@ -39,8 +41,9 @@ def main() -> None:
     # Prefer scenes where one class appears more than once: the multi-instance case.
     repeated = (pool.instance_counts().max(dim=1).values >= 2).nonzero().flatten()[: args.scenes]
     scenes = pool[repeated]
-    plus = explain_images(model, scenes.images, multi_label=True, method="gradcam++")
-    plain = explain_images(model, scenes.images, targets=plus.targets.clamp(min=0), method="gradcam")
+    # Both methods from one forward pass, for every label the model predicts.
+    both = explain_images(model, scenes.images, multi_label=True, methods=("gradcam++", "gradcam"))
+    plus, plain = both["gradcam++"], both["gradcam"]
 
     written = []
     for i in range(len(scenes)):

@@ -18,15 +18,17 @@ from pathlib import Path
 import torch
 
 from multiexplain import GradCAMPlusPlus
-from multiexplain.adapters.distillation import Trainer, evaluate_student, load_distillation_pair, map_correlation
-from multiexplain.distill_data import DISTILL_CLASSES, make_distill_dataset
+from multiexplain.data import DISTILL_CLASSES, make_distill_dataset
+from multiexplain.metrics import map_correlation
+from multiexplain.models import load_distillation_pair
+from multiexplain.train import Trainer, evaluate_student
 from multiexplain.viz import overlay, to_rgb_array
 
 
 def explain(model: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor):
-    """Grad-CAM++ of the true class at the model's last activation, in eval mode."""
+    """Grad-CAM++ of the true class at the model's declared layer (its last activation), in eval mode."""
     model.eval()
-    return GradCAMPlusPlus(model, "relu")(images, labels)
+    return GradCAMPlusPlus(model)(images, labels)
 
 
 def main() -> None:

@@ -23,7 +23,9 @@ import argparse
 
 import torch
 
-from multiexplain.adapters.captioning import explain_caption, load_show_and_tell, make_captioned_scenes
+from multiexplain.adapters.captioning import explain_caption
+from multiexplain.data import make_captioned_scenes
+from multiexplain.models import load_show_and_tell
 
 
 def main() -> None:
@@ -35,7 +37,9 @@ def main() -> None:
 
     model, vocabulary = load_show_and_tell()
     scene = make_captioned_scenes(1, seed=args.seed, start=args.index)[0]
-    explanation = explain_caption(model, scene.image, tokenizer=vocabulary)  # caption=None: the model writes it
+    # caption=None: the model writes it; both methods come from one teacher-forced forward pass.
+    both = explain_caption(model, scene.image, tokenizer=vocabulary, methods=("gradcam++", "gradcam"))
+    explanation = both["gradcam++"]
 
     print(f"true caption:      {scene.caption}")
     print(f"generated caption: {explanation.caption}  (log p = {explanation.caption_score:.3f})")
@@ -43,7 +47,7 @@ def main() -> None:
         peak = divmod(int(word_map.argmax()), word_map.shape[1])
         print(f"  {word:>10s}  log p = {score:7.3f}  peak at (row, col) = {peak}")
     print("wrote", explanation.save_figure(args.out))
-    print("wrote", explanation.save_figure(args.out.replace(".png", "_gradcam.png"), method="gradcam"))
+    print("wrote", both["gradcam"].save_figure(args.out.replace(".png", "_gradcam.png")))
 
 
 if __name__ == "__main__":

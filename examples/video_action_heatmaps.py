@@ -17,8 +17,11 @@ import os
 
 import torch
 
-from multiexplain.action_clips import ACTIONS, draw_action_clip
-from multiexplain.adapters.video import explain_clip, load_action_c3d, read_clip, write_gif, write_mp4, write_strip
+from multiexplain.adapters.video import explain_clip
+from multiexplain.data.action_clips import ACTIONS, draw_action_clip
+from multiexplain.io import read_clip, write_gif, write_mp4
+from multiexplain.models import load_action_c3d
+from multiexplain.viz import write_strip
 
 
 def explain_and_write(model, names, clip, out_dir, stem, method, per_slice, fps=8.0, active=None, truth=None):

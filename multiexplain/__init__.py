@@ -1,38 +1,45 @@
-"""multiexplain: Grad-CAM++ explanations for classification, captioning, video and distillation."""
+"""multiexplain: Grad-CAM++ explanations for classification, captioning, video and distillation.
 
-from .cam import METHODS, BaseCAM, Explanation, GradCAM, GradCAMPlusPlus, call_model, model_logits, primary_input
+Importing the package loads only the core (:mod:`multiexplain.core`, the CAM math) and the
+explainer (:mod:`multiexplain.explain`); both import nothing but torch. The task adapters
+(``multiexplain.adapters``), model definitions (``multiexplain.models``), data generators
+(``multiexplain.data``) and applications (``zoo``, ``io``, ``cli``, ``demo``, ``train``) load on
+first import.
+"""
+
 from .core import (
     class_activation_map,
     grad_cam_plus_plus_alpha,
     grad_cam_plus_plus_weights,
     grad_cam_weights,
     normalize_maps,
+    scale_maps,
     upsample_maps,
     weighted_activation_map,
 )
-from .layers import ChannelsLast, TokenReshape, find_auto_layer, resolve_layer
+from .explain import (
+    METHODS,
+    BaseCAM,
+    ChannelsLast,
+    ExplainRequest,
+    Explanation,
+    GradCAM,
+    GradCAMPlusPlus,
+    LayerChoice,
+    TokenReshape,
+    call_model,
+    explain_request,
+    model_logits,
+    primary_input,
+    register_method,
+    resolve_layer,
+)
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 __all__ = [
-    "BaseCAM",
-    "ChannelsLast",
-    "Explanation",
-    "GradCAM",
-    "GradCAMPlusPlus",
-    "METHODS",
-    "TokenReshape",
-    "call_model",
-    "class_activation_map",
-    "find_auto_layer",
-    "grad_cam_plus_plus_alpha",
-    "grad_cam_plus_plus_weights",
-    "grad_cam_weights",
-    "model_logits",
-    "normalize_maps",
-    "primary_input",
-    "resolve_layer",
-    "upsample_maps",
-    "weighted_activation_map",
-    "__version__",
+    "BaseCAM", "ChannelsLast", "ExplainRequest", "Explanation", "GradCAM", "GradCAMPlusPlus", "LayerChoice",
+    "METHODS", "TokenReshape", "call_model", "class_activation_map", "explain_request", "grad_cam_plus_plus_alpha",
+    "grad_cam_plus_plus_weights", "grad_cam_weights", "model_logits", "normalize_maps", "primary_input",
+    "register_method", "resolve_layer", "scale_maps", "upsample_maps", "weighted_activation_map", "__version__",
 ]

@@ -55,19 +55,10 @@ def _progress(iterable, total: int, desc: str, unit: str = "batch"):
 
 
 def read_images(paths: Sequence[str]) -> tuple[list[tuple[str, Any]], list[tuple[str, str]]]:
-    """Open every image with PIL. Returns ``(ok, failed)``: ``[(path, RGB image)]`` and
-    ``[(path, reason)]``; a bad file never stops the others."""
-    from PIL import Image, UnidentifiedImageError
+    """:func:`multiexplain.io.read_images`, saying on stderr which files are skipped and why."""
+    from .io import read_images as read
 
-    ok, failed = [], []
-    for path in paths:
-        try:
-            with Image.open(path) as image:
-                ok.append((path, image.convert("RGB")))
-        except FileNotFoundError:
-            failed.append((path, "no such file"))
-        except (UnidentifiedImageError, OSError, ValueError) as error:
-            failed.append((path, f"not a readable image ({type(error).__name__}: {error})"))
+    ok, failed = read(paths)
     for path, reason in failed:
         _log(f"multiexplain: skipping {path}: {reason}")
     return ok, failed
@@ -117,7 +108,8 @@ def _parse_class(value: str, labels: list[str] | None, num_classes: int) -> int:
 def cmd_classify(args: argparse.Namespace) -> int:
     import torch
 
-    from . import GradCAMPlusPlus, model_logits
+    from .adapters.classification import explain_images
+    from .explain import model_logits
     from .report import Figure, Report
     from .viz import save_overlay_grid, to_rgb_array
 
@@ -136,8 +128,6 @@ def cmd_classify(args: argparse.Namespace) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     layer = args.layer or loaded.layer
-    # One explainer: Grad-CAM comes from the same forward pass and gradients (explain_methods).
-    explainer = GradCAMPlusPlus(loaded.model, layer, reshape=loaded.reshape)
     method_titles = {"gradcam++": "Grad-CAM++", "gradcam": "Grad-CAM"}
     report = Report("multiexplain classify", intro=f"Model {args.model}: Grad-CAM++ and Grad-CAM for each image.")
     section = report.section("classification", "Classification")
@@ -156,7 +146,10 @@ def cmd_classify(args: argparse.Namespace) -> int:
             targets = logits.topk(k, dim=1).indices.tolist()
         # Multi-label models (the shipped scene classifier) score each class with its own sigmoid.
         probabilities = logits.sigmoid() if getattr(loaded.model, "multi_label", False) else logits.softmax(dim=1)
-        explained = explainer.explain_methods(inputs, targets, methods=tuple(method_titles))
+        # Grad-CAM comes from the same forward pass and gradients as Grad-CAM++.
+        explained = explain_images(loaded.model, inputs, targets=targets, methods=tuple(method_titles),
+                                   layer=layer, reshape=loaded.reshape)
+        layer_name = explained["gradcam++"].layer
         maps = {method_titles[method]: explanation.maps for method, explanation in explained.items()}
         for row, (path, _) in enumerate(batch):
             index = len(results)
@@ -180,7 +173,7 @@ def cmd_classify(args: argparse.Namespace) -> int:
     section.add_figures(figures, "Grad-CAM++ vs Grad-CAM")
     if failed:
         section.add_note("Skipped unreadable files: " + "; ".join(f"{p} ({r})" for p, r in failed))
-    settings = {"model": args.model, "layer": explainer.layer_name, "device": str(device),
+    settings = {"model": args.model, "layer": layer_name, "device": str(device),
                 "colormap": args.colormap, "alpha": args.alpha}
     section.add_settings(settings)
     (out / "predictions.json").write_text(json.dumps({"settings": settings, "results": results,
@@ -234,13 +227,15 @@ def cmd_caption(args: argparse.Namespace) -> int:
     for index, (path, image) in enumerate(_progress(images, len(images), "caption", "image")):
         if processor is None and isinstance(side, int):
             image = image.resize((side, side))  # the shipped captioner takes side x side inputs
-        explanation = explain_caption(loaded.model, image, args.caption, processor=processor, tokenizer=tokenizer)
+        both = explain_caption(loaded.model, image, args.caption, processor=processor, tokenizer=tokenizer,
+                               methods=("gradcam++", "gradcam"))
+        explanation = both["gradcam++"]
         entry = {"image": path, "caption": explanation.caption, "generated": explanation.generated,
                  "words": explanation.words, "word_log_probabilities": [float(v) for v in explanation.scores],
                  "caption_log_probability": float(explanation.caption_score), "figures": {}}
         for method, name in (("gradcam++", "Grad-CAM++"), ("gradcam", "Grad-CAM")):
             figure = out / f"{_stem(path, index)}_{method.replace('+', 'p')}.png"
-            explanation.save_figure(str(figure), method, alpha=args.alpha, colormap=args.colormap)
+            both[method].save_figure(str(figure), alpha=args.alpha, colormap=args.colormap)
             entry["figures"][method] = figure.name
             figures.append(Figure(figure.name, f"{Path(path).name}, {name}: \"{explanation.caption}\""))
         results.append(entry)
@@ -268,7 +263,7 @@ def _video_geometry(loaded, frames: int | None) -> tuple[int, int, Any]:
 
 
 def _read_videos(paths: Sequence[str], frames: int, side: int) -> tuple[list, list[tuple[str, str]]]:
-    from .adapters.video import read_clip
+    from .io import read_clip
 
     ok, failed = [], []
     for path in paths:
@@ -285,7 +280,9 @@ def cmd_video(args: argparse.Namespace) -> int:
     import torch
 
     from .adapters import video as adapter
+    from .io import write_gif, write_mp4
     from .report import Figure, Report
+    from .viz import write_strip
 
     loaded = _load(args.model, args.arch, "video", args.device)
     frames, side, normalisation = _video_geometry(loaded, args.frames)
@@ -308,8 +305,10 @@ def cmd_video(args: argparse.Namespace) -> int:
                 num_classes = loaded.model(model_input.unsqueeze(0)).shape[-1]
             target = _parse_class(args.target, labels, num_classes)
         entry = {"video": path, "fps": fps, "frames": frames, "outputs": {}}
+        both = adapter.explain_clip(loaded.model, model_input, target, layer=args.layer or "auto",
+                                    methods=("gradcam++", "gradcam"))
         for method, name in (("gradcam++", "Grad-CAM++"), ("gradcam", "Grad-CAM")):
-            explanation = adapter.explain_clip(loaded.model, model_input, target, layer=args.layer or "auto", method=method)
+            explanation = both[method]
             cls = int(explanation.targets[0])
             label = labels[cls] if labels and cls < len(labels) else str(cls)
             stem = out / f"{_stem(path, index)}_{method.replace('+', 'p')}"
@@ -317,9 +316,9 @@ def cmd_video(args: argparse.Namespace) -> int:
             scale = max(1, 256 // side)
             kwargs = {"alpha": args.alpha, "colormap": args.colormap}
             # The animations keep the clip's frame rate (as read from the file).
-            adapter.write_gif(f"{stem}.gif", clip, maps, fps, scale=scale, **kwargs)
-            adapter.write_mp4(f"{stem}.mp4", clip, maps, fps, scale=scale, **kwargs)
-            adapter.write_strip(f"{stem}_strip.png", clip, maps, title=f"{name}: {label}", **kwargs)
+            write_gif(f"{stem}.gif", clip, maps, fps, scale=scale, **kwargs)
+            write_mp4(f"{stem}.mp4", clip, maps, fps, scale=scale, **kwargs)
+            write_strip(f"{stem}_strip.png", clip, maps, title=f"{name}: {label}", **kwargs)
             entry["outputs"][method] = {"class": cls, "label": label, "score": float(explanation.scores[0]),
                                         "layer": explanation.layer, "gif": f"{stem.name}.gif",
                                         "mp4": f"{stem.name}.mp4", "strip": f"{stem.name}_strip.png"}
@@ -341,10 +340,6 @@ def cmd_video(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff")
-VIDEO_SUFFIXES = (".mp4", ".avi", ".mov", ".mkv", ".webm")
-
-
 def _format_table(results: dict[str, dict[str, float]]) -> str:
     """Metrics as a text table: one row per metric, Grad-CAM++ and Grad-CAM side by side."""
     names = list(results["gradcam++"])
@@ -356,7 +351,9 @@ def _format_table(results: dict[str, dict[str, float]]) -> str:
 
 
 def _folder_files(folder: Path, suffixes: tuple[str, ...]) -> list[str]:
-    files = sorted(str(p) for p in folder.rglob("*") if p.is_file() and p.suffix.lower() in suffixes)
+    from .io import folder_files
+
+    files = folder_files(folder, suffixes)
     if not files:
         raise CommandError(f"no {'/'.join(suffixes)} files under {folder}")
     return files
@@ -366,16 +363,17 @@ def _evaluate_image_folder(loaded, folder: Path, batch_size: int, device: str) -
     """Faithfulness metrics (no masks in a plain folder) for each image's top-1 class."""
     import torch
 
-    from . import GradCAMPlusPlus, model_logits
-    from .demo import faithfulness_metrics
+    from .adapters.classification import explain_images
+    from .evaluation import METHODS_COMPARED, faithfulness_metrics
+    from .explain import model_logits
+    from .io import IMAGE_SUFFIXES
 
     images, _ = read_images(_folder_files(folder, IMAGE_SUFFIXES))
     if not images:
         raise CommandError(f"no readable image under {folder}")
     if loaded.preprocess is None:
         raise CommandError(f"{loaded.spec} has no image preprocessing; evaluate it on --data synthetic")
-    explainer = GradCAMPlusPlus(loaded.model, loaded.layer, reshape=loaded.reshape)
-    methods = ("gradcam++", "gradcam")
+    methods = METHODS_COMPARED
     score = "sigmoid" if getattr(loaded.model, "multi_label", False) else "softmax"
     inputs_all, maps_all, targets_all = [], {m: [] for m in methods}, []
     batches = [images[i : i + batch_size] for i in range(0, len(images), batch_size)]
@@ -383,7 +381,9 @@ def _evaluate_image_folder(loaded, folder: Path, batch_size: int, device: str) -
         inputs = torch.stack([loaded.preprocess(image) for _, image in batch]).to(device)
         with torch.no_grad():
             targets = model_logits(loaded.model(inputs)).argmax(dim=1)
-        for method, explanation in explainer.explain_methods(inputs, targets, methods=methods).items():
+        explained = explain_images(loaded.model, inputs, targets=targets, methods=methods, layer=loaded.layer,
+                                   reshape=loaded.reshape)
+        for method, explanation in explained.items():
             maps_all[method].append(explanation.maps)
         inputs_all.append(inputs)
         targets_all.append(targets)
@@ -395,12 +395,10 @@ def _evaluate_image_folder(loaded, folder: Path, batch_size: int, device: str) -
 def _distillation_models(args: argparse.Namespace):
     """The teacher and student to evaluate: the shipped pair, or the shipped teacher and a student
     checkpoint written by ``multiexplain distill`` (``{"arch", "state_dict"}``)."""
-    import torch
-
-    from .adapters import distillation as adapter
+    from .models import load_checkpoint, load_distillation_pair
 
     try:
-        teacher, student = adapter.load_distillation_pair(device=args.device)
+        teacher, student = load_distillation_pair(device=args.device)
     except FileNotFoundError as error:
         raise CommandError(str(error)) from None
     if args.model and args.model != DEFAULT_MODELS["distillation"]:
@@ -408,18 +406,15 @@ def _distillation_models(args: argparse.Namespace):
         if not path.is_file():
             raise CommandError(f"--model for distillation is builtin:distill-pair or a student .pt written by "
                                f"`multiexplain distill`; {args.model!r} is neither")
-        payload = torch.load(path, map_location="cpu", weights_only=True)
-        if not isinstance(payload, dict) or "arch" not in payload or "state_dict" not in payload:
-            raise CommandError(f"{path} is not a student checkpoint of `multiexplain distill` (keys arch, state_dict)")
-        arch = payload["arch"]
-        student = adapter.wide_resnet(int(arch["depth"]), int(arch["widen_factor"]), int(arch["num_classes"]))
-        student.load_state_dict(payload["state_dict"])
-        student = student.to(args.device).eval()
+        try:
+            student = load_checkpoint(path, device=args.device).model
+        except ValueError as error:
+            raise CommandError(f"{error} (a student written by `multiexplain distill`)") from None
     return teacher, student
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
-    from . import demo
+    from . import evaluation
     from .report import Report
 
     task = args.task
@@ -433,7 +428,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     n, extra = args.num_samples, {}
     if task == "distillation":
         teacher, student = _distillation_models(args)
-        results, errors = demo.evaluate_distillation(teacher, student, n, args.seed, args.device)
+        results, errors = evaluation.evaluate_distillation(teacher, student, n, args.seed, args.device)
         extra["test error %"] = errors
     else:
         loaded = _load(spec, args.arch, task, args.device)
@@ -447,14 +442,14 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
                 raise CommandError("synthetic classification data are the shipped shape scenes: evaluate "
                                    "builtin:scene-classifier (or a .pt with --arch builtin:scene-classifier), "
                                    "or give --data FOLDER for other models")
-            results = demo.evaluate_classification(loaded.model, n, args.seed, args.device)
+            results = evaluation.evaluate_classification(loaded.model, n, args.seed, args.device)
         elif task == "captioning":
             if "tokenizer" not in loaded.extra or not hasattr(loaded.model, "generate"):
                 raise CommandError("synthetic captioning data need the shipped captioner (builtin:show-and-tell)")
-            results, words, exact = demo.evaluate_captioning(loaded.model, loaded.extra["tokenizer"], n, args.seed, args.device)
+            results, words, exact = evaluation.evaluate_captioning(loaded.model, loaded.extra["tokenizer"], n, args.seed, args.device)
             extra.update({"words scored": words, "exact caption match %": exact})
         else:
-            results = demo.evaluate_video(loaded.model, n, args.seed, args.device)
+            results = evaluation.evaluate_video(loaded.model, n, args.seed, args.device)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     settings = {"task": task, "model": spec, "data": args.data, "samples": n,
@@ -466,7 +461,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         print(f"{key}: {value}")
     report = Report(f"multiexplain evaluate: {task}")
     section = report.section(task, f"{task.capitalize()}: Grad-CAM++ vs Grad-CAM")
-    demo.add_metrics_table(section, results, f"{n} samples from {args.data}")
+    evaluation.add_metrics_table(section, results, f"{n} samples from {args.data}")
     section.add_settings({k: v for k, v in {**settings, **extra}.items() if v is not None})
     print(f"metrics: {out / 'metrics.json'}")
     _finish(report, out)
@@ -478,7 +473,8 @@ def _evaluate_video_folder(loaded, folder: Path, args: argparse.Namespace):
     import torch
 
     from .adapters import video as adapter
-    from .demo import faithfulness_metrics
+    from .evaluation import METHODS_COMPARED, faithfulness_metrics
+    from .io import VIDEO_SUFFIXES
 
     frames, side, normalisation = _video_geometry(loaded, None)
     videos, _ = _read_videos(_folder_files(folder, VIDEO_SUFFIXES), frames, side)
@@ -486,16 +482,14 @@ def _evaluate_video_folder(loaded, folder: Path, args: argparse.Namespace):
         raise CommandError(f"no readable video under {folder}")
     clips = torch.stack([clip if normalisation is None else adapter.normalize_clip(clip, *normalisation)
                          for _, clip, _ in videos]).to(loaded.device)
-    maps, targets = {}, None
-    for method in ("gradcam++", "gradcam"):
-        explained = [adapter.explain_clip(loaded.model, clips[i : i + 4], method=method) for i in range(0, len(clips), 4)]
-        maps[method] = torch.cat([e.maps for e in explained])
-        targets = torch.cat([e.targets for e in explained])
+    explained = [adapter.explain_clip(loaded.model, clips[i : i + 4], methods=METHODS_COMPARED) for i in range(0, len(clips), 4)]
+    maps = {method: torch.cat([e[method].maps for e in explained]) for method in METHODS_COMPARED}
+    targets = torch.cat([e["gradcam++"].targets for e in explained])
     return faithfulness_metrics(loaded.model, clips, maps, targets, "softmax"), len(videos)
 
 
 def cmd_distill(args: argparse.Namespace) -> int:
-    from .adapters.distillation import load_config_file, train_from_config
+    from .train import load_config_file, train_from_config
 
     path = Path(args.config)
     if not path.is_file():

@@ -7,13 +7,13 @@ video ``T, H, W``). Nothing detaches, leaves torch or writes into its inputs, so
 differentiable whenever the activations and gradients carry a graph (double backpropagation).
 
 The formulas are those of Chattopadhyay et al., "Grad-CAM++", WACV 2018 (eq. 19, 5, 20), see
-``shared/GRADCAMPP.md``. The paper's ``Y = exp(S)`` cancels inside alpha and only rescales every
+``docs/GRADCAMPP.md``. The paper's ``Y = exp(S)`` cancels inside alpha and only rescales every
 channel weight by one positive factor, so it is left out.
 """
 
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -27,7 +27,8 @@ __all__ = [
     "class_activation_map",
     "normalize_maps",
     "upsample_maps",
-    "CAM_METHODS",
+    "scale_maps",
+    "MAP_SCALINGS",
 ]
 
 
@@ -162,16 +163,13 @@ def weighted_activation_map(
     return torch.relu(combined)
 
 
-CAM_METHODS = {
-    "gradcam": grad_cam_weights,
-    "gradcam++": grad_cam_plus_plus_weights,
-}
+WeightFunction = Callable[[Tensor, Tensor, "int | None", "Sequence[int] | None"], Tensor]
 
 
 def class_activation_map(
     activations: Tensor,
     gradients: Tensor,
-    method: str = "gradcam++",
+    weight_fn: WeightFunction = grad_cam_plus_plus_weights,
     spatial_ndim: int | None = None,
     pool_axes: Sequence[int] | None = None,
 ) -> tuple[Tensor, Tensor]:
@@ -181,15 +179,13 @@ def class_activation_map(
         activations: ``(*batch, C, *spatial)``, e.g. ``(N, C, H, W)``.
         gradients: ``dS/dA``, broadcastable with ``activations``: e.g. ``(N, K, C, H, W)`` for
             ``K`` targets per sample against activations ``(N, 1, C, H, W)``.
-        method: ``"gradcam++"`` or ``"gradcam"``.
+        weight_fn: :func:`grad_cam_plus_plus_weights` (default) or :func:`grad_cam_weights`.
     Returns:
         ``(weights, map)``: weights ``(*batch, C, *unpooled_spatial)`` (``(N, C)`` by default) and
         the non-negative map ``(*batch, *spatial)``.
     """
-    try:
-        weight_fn = CAM_METHODS[method]
-    except KeyError:
-        raise ValueError(f"unknown CAM method {method!r}; choose one of {sorted(CAM_METHODS)}") from None
+    if not callable(weight_fn):
+        raise TypeError(f"weight_fn must be a weight function such as grad_cam_weights, got {weight_fn!r}")
     weights = weight_fn(activations, gradients, spatial_ndim, pool_axes)
     return weights, weighted_activation_map(activations, weights, spatial_ndim, pool_axes)
 
@@ -204,6 +200,34 @@ def normalize_maps(maps: Tensor, spatial_ndim: int) -> Tensor:
     span = maps.amax(dim=dims, keepdim=True) - low
     flat = span <= 0
     return torch.where(flat, torch.zeros_like(maps), (maps - low) / torch.where(flat, torch.ones_like(span), span))
+
+
+#: How :func:`scale_maps` can scale a map before two maps are compared (a distillation loss, a metric).
+MAP_SCALINGS = ("none", "minmax", "l2", "max")
+
+
+def scale_maps(maps: Tensor, spatial_ndim: int, scaling: str = "minmax") -> Tensor:
+    """Scale every map ``(*batch, *spatial)`` over its last ``spatial_ndim`` axes.
+
+    ``"minmax"``: to ``[0, 1]`` (:func:`normalize_maps`); ``"l2"``: unit L2 norm (as attention
+    transfer does); ``"max"``: divided by its maximum; ``"none"``: unchanged. An all-zero map stays
+    all zero under every scaling, never NaN.
+    """
+    if scaling == "none":
+        return maps
+    if scaling == "minmax":
+        return normalize_maps(maps, spatial_ndim)
+    flat = maps.flatten(-spatial_ndim)
+    if scaling == "l2":
+        size = flat.norm(dim=-1, keepdim=True)
+    elif scaling == "max":
+        size = flat.amax(dim=-1, keepdim=True)
+    else:
+        raise ValueError(f"unknown map scaling {scaling!r}; choose one of {MAP_SCALINGS}")
+    # Divide where the size is positive; a safe divisor keeps the backward pass NaN-free too.
+    positive = size > 0
+    scaled = torch.where(positive, flat / torch.where(positive, size, torch.ones_like(size)), torch.zeros_like(flat))
+    return scaled.view_as(maps)
 
 
 _INTERPOLATION = {1: "linear", 2: "bilinear", 3: "trilinear"}

@@ -27,17 +27,26 @@ from pathlib import Path
 from typing import Any, Callable, Sequence
 
 import torch
-from torch import Tensor
 
-from . import metrics
+from . import data, models
+from .adapters.captioning import explain_caption
+from .adapters.classification import explain_images
+from .adapters.video import explain_clip
+from .evaluation import (
+    METHOD_NAMES,
+    METHODS_COMPARED,
+    add_metrics_table,
+    evaluate_captioning,
+    evaluate_classification,
+    evaluate_distillation,
+    evaluate_video,
+)
+from .explain import ExplainRequest, explain_request
+from .io import write_gif, write_mp4
 from .report import Figure, Report, Section, write_report
-from .viz import DEFAULT_ALPHA, DEFAULT_COLORMAP, save_overlay_grid
+from .viz import DEFAULT_ALPHA, DEFAULT_COLORMAP, save_overlay_grid, write_strip
 
-__all__ = [
-    "DATA_SEED_OFFSET", "DemoResult", "DemoSettings", "TASKS", "add_metrics_table", "evaluate_captioning",
-    "evaluate_classification", "evaluate_distillation", "evaluate_video", "faithfulness_metrics",
-    "localisation_metrics", "run_demo",
-]
+__all__ = ["DATA_SEED_OFFSET", "DemoResult", "DemoSettings", "TASKS", "run_demo"]
 
 TASKS = ("classification", "captioning", "video", "distillation")
 TITLES = {
@@ -46,7 +55,6 @@ TITLES = {
     "video": "Video: space-time maps of a 3D CNN",
     "distillation": "Distillation: teacher vs student",
 }
-METHOD_NAMES = {"gradcam++": "Grad-CAM++", "gradcam": "Grad-CAM"}
 #: The demo draws its data from stream ``DATA_SEED_OFFSET + seed``, far from the seeds (0, 1, ...)
 #: the training scripts use, so every explained sample is held out.
 DATA_SEED_OFFSET = 9_000
@@ -89,59 +97,6 @@ class Unavailable(Exception):
 
 
 # -- small shared helpers ----------------------------------------------------------------------------
-def _both(explain: Callable[[str], Any]) -> dict[str, Any]:
-    """Run ``explain(method)`` for Grad-CAM++ and Grad-CAM."""
-    return {method: explain(method) for method in METHOD_NAMES}
-
-
-def faithfulness_metrics(model: torch.nn.Module, inputs: Tensor, maps: dict[str, Tensor], targets: Tensor,
-                  score: str) -> dict[str, dict[str, float]]:
-    """The paper's Average Drop, % Increase in Confidence and Win % for both methods."""
-    results: dict[str, dict[str, float]] = {}
-    signed: dict[str, Tensor] = {}
-    for method, method_maps in maps.items():
-        full, explained = metrics.confidences(model, inputs, method_maps, targets, score)
-        results[method] = {
-            "Average Drop % (lower is better)": metrics.average_drop(full, explained),
-            "Increase in Confidence % (higher is better)": metrics.increase_in_confidence(full, explained),
-        }
-        signed[method] = metrics.per_sample_drop(full, explained, clip=False)
-    results["gradcam++"]["Win % (higher is better)"] = metrics.win_percent(signed["gradcam++"], signed["gradcam"])
-    results["gradcam"]["Win % (higher is better)"] = metrics.win_percent(signed["gradcam"], signed["gradcam++"])
-    return results
-
-
-def localisation_metrics(maps: dict[str, Tensor], masks: Tensor) -> dict[str, dict[str, float]]:
-    """Loc(delta) (paper eq. 26), pointing game and energy pointing game, means over samples."""
-    results = {}
-    for method, method_maps in maps.items():
-        row = {f"Loc({delta}) (higher is better)": float(metrics.localization(method_maps, masks, delta).mean())
-               for delta in (0.0, 0.25, 0.5)}
-        row["Pointing game % (higher is better)"] = 100 * float(metrics.pointing_game(method_maps, masks).double().mean())
-        row["Energy inside the region % (higher is better)"] = 100 * float(metrics.energy_pointing_game(method_maps, masks).mean())
-        results[method] = row
-    return results
-
-
-def _merge(*parts: dict[str, dict[str, float]]) -> dict[str, dict[str, float]]:
-    merged: dict[str, dict[str, float]] = {method: {} for method in METHOD_NAMES}
-    for part in parts:
-        for method, row in part.items():
-            merged[method].update(row)
-    return merged
-
-
-def add_metrics_table(section: Section, results: dict[str, dict[str, float]], caption: str) -> None:
-    """Rows = metrics, columns = Grad-CAM++ | Grad-CAM; the better value is bold."""
-    rows, best = [], []
-    for name in results["gradcam++"]:
-        pp, gc = results["gradcam++"][name], results["gradcam"][name]
-        rows.append([name, pp, gc])
-        lower = "lower is better" in name
-        best.append(None if pp == gc else (1 if (pp < gc) == lower else 2))
-    section.add_table(["metric", "Grad-CAM++", "Grad-CAM"], rows, caption, highlight=best)
-
-
 def _progress(items: Sequence[Any], settings: DemoSettings, desc: str):
     if not settings.progress or len(items) <= 1:
         return items
@@ -150,55 +105,18 @@ def _progress(items: Sequence[Any], settings: DemoSettings, desc: str):
     return tqdm(items, desc=desc, leave=False, file=sys.stderr)
 
 
-def _batches(n: int, size: int) -> list[slice]:
-    return [slice(start, min(start + size, n)) for start in range(0, n, size)]
-
-
 # -- classification ----------------------------------------------------------------------------------
-def evaluate_classification(model: torch.nn.Module, n: int, seed: int, device: torch.device | str = "cpu") -> dict[str, dict[str, float]]:
-    """Metrics of Grad-CAM++ and Grad-CAM for the shipped scene classifier on ``make_scenes(n, seed)``.
-
-    Each scene is explained for its highest-scoring class that is present. Returns
-    ``{method: {metric: value}}``: Average Drop / Increase in Confidence / Win % (sigmoid
-    confidences, eq. 25 explanation input), Loc(delta), pointing game, energy inside the class's
-    pixels and the share of the class's instances the map covers.
-    """
-    from .adapters import classification as adapter
-
-    held_out = adapter.make_scenes(n, seed)
-    inputs = held_out.images.to(device)
-    with torch.no_grad():
-        logits = model(inputs)
-    present = held_out.labels.to(device) > 0
-    targets = torch.where(present, logits, torch.full_like(logits, -torch.inf)).argmax(dim=1)
-    maps = {m: torch.cat([adapter.explain_images(model, inputs[b], method=m, targets=targets[b]).maps
-                          for b in _batches(n, 128)]) for m in METHOD_NAMES}
-    masks = held_out.class_masks.to(device)[torch.arange(n, device=device), targets]
-    instances = held_out.instances_of(targets.cpu()).to(device)
-    coverage = {m: {"Instances covered % (higher is better)": 100 * float(metrics.multi_instance_coverage(maps[m], instances)[0].mean())}
-                for m in METHOD_NAMES}
-    return _merge(faithfulness_metrics(model, inputs, maps, targets, "sigmoid"), localisation_metrics(maps, masks), coverage)
-
-
-def _shipped(task: str, loader: str, device: Any) -> tuple[Any, Any]:
-    """``(adapter module, what its shipped-model loader returns)``; a missing adapter or checkpoint
-    makes the section "unavailable" instead of failing the demo."""
-    import importlib
-
+def _shipped(loader: Callable[..., Any], device: Any) -> Any:
+    """What a shipped-model loader returns; a missing checkpoint makes the section "unavailable"."""
     try:
-        adapter = importlib.import_module(f".adapters.{task}", __package__)
-    except ImportError as error:
-        raise Unavailable(f"the {task} adapter is not available ({error})") from None
-    try:
-        return adapter, getattr(adapter, loader)(device=device)
+        return loader(device=device)
     except FileNotFoundError as error:
         raise Unavailable(str(error)) from None
 
 
 def _classification(settings: DemoSettings, section: Section) -> dict[str, Any]:
-    adapter, model = _shipped("classification", "load_scene_classifier", settings.device)
-    model.eval()
-    labels = list(getattr(model, "labels", adapter.SCENE_CLASSES))
+    model = _shipped(models.load_scene_classifier, settings.device)
+    labels = list(getattr(model, "labels", data.SCENE_CLASSES))
     out = settings.out / "classification"
     out.mkdir(parents=True, exist_ok=True)
     section.add_text(
@@ -208,9 +126,9 @@ def _classification(settings: DemoSettings, section: Section) -> dict[str, Any]:
         "gradients with per-position alphas, which is why it tends to light up every instance of a class "
         "where Grad-CAM favours the strongest one."
     )
-    scenes = adapter.make_scenes(settings.show["classification"], settings.data_seed)
+    scenes = data.make_scenes(settings.show["classification"], settings.data_seed)
     images = scenes.images.to(settings.device)
-    explained = _both(lambda m: adapter.explain_images(model, images, method=m, multi_label=True))
+    explained = explain_images(model, images, methods=METHODS_COMPARED, multi_label=True)
     figures = []
     for i in range(len(scenes)):
         targets = explained["gradcam++"].targets[i].tolist()
@@ -243,42 +161,9 @@ def _classification(settings: DemoSettings, section: Section) -> dict[str, Any]:
 
 
 # -- distillation ----------------------------------------------------------------------------------
-def evaluate_distillation(teacher: torch.nn.Module, student: torch.nn.Module, n: int, seed: int,
-                          device: torch.device | str = "cpu") -> tuple[dict[str, dict[str, float]], dict[str, float]]:
-    """Map agreement of a teacher/student pair on ``make_distill_dataset(n, seed)`` (true class).
-
-    Returns ``({method: {metric: value}}, {"teacher": error %, "student": error %})``: the mean
-    Pearson correlation of the student's and the teacher's maps, and each model's map energy on
-    the target shape.
-    """
-    from . import GradCAM, GradCAMPlusPlus
-    from .adapters import distillation as adapter
-
-    models = {"teacher": teacher, "student": student}
-    held_out = adapter.make_distill_dataset(n, seed)
-    inputs, targets = held_out.images.to(device), held_out.labels.to(device)
-    masks = held_out.masks.to(device)
-    results: dict[str, dict[str, float]] = {m: {} for m in METHOD_NAMES}
-    errors = {role: adapter.evaluate_student(m, held_out, device=device) for role, m in models.items()}
-    for method, cls in (("gradcam++", GradCAMPlusPlus), ("gradcam", GradCAM)):
-        role_maps = {}
-        for role, model in models.items():
-            explainer = cls(model, getattr(model, "cam_layer", "auto"))
-            role_maps[role] = torch.cat([explainer(inputs[b], targets[b]).maps for b in _batches(n, 128)])
-        results[method]["Student-teacher map correlation (higher is better)"] = float(
-            adapter.map_correlation(role_maps["student"], role_maps["teacher"]).mean())
-        for role in models:
-            energy = metrics.energy_pointing_game(role_maps[role], masks)
-            results[method][f"{role.capitalize()} energy on the target % (higher is better)"] = 100 * float(energy.mean())
-    return results, errors
-
-
 def _distillation(settings: DemoSettings, section: Section) -> dict[str, Any]:
-    from . import GradCAM, GradCAMPlusPlus
-
-    adapter, (teacher, student) = _shipped("distillation", "load_distillation_pair", settings.device)
-    teacher.eval(), student.eval()
-    models = {"teacher": teacher, "student": student}
+    teacher, student = _shipped(models.load_distillation_pair, settings.device)
+    pair = {"teacher": teacher, "student": student}
     names = {"teacher": _arch_name(teacher), "student": _arch_name(student)}
     section.add_text(
         f"The teacher ({names['teacher']}) and the student ({names['student']}) classify the kind of the "
@@ -286,23 +171,21 @@ def _distillation(settings: DemoSettings, section: Section) -> dict[str, Any]:
         "(eq. 27-28) pulls the student's Grad-CAM++ map towards the teacher's; here both maps are shown for "
         "the true class, with Grad-CAM for comparison, and the agreement of the two maps is measured."
     )
-    classes = list(adapter.DISTILL_CLASSES)
-    layer = {role: getattr(m, "cam_layer", "auto") for role, m in models.items()}
-    explainers = {(role, method): cls(models[role], layer[role])
-                  for role in models for method, cls in (("gradcam++", GradCAMPlusPlus), ("gradcam", GradCAM))}
-
-    shown = adapter.make_distill_dataset(settings.show["distillation"], settings.data_seed)
+    classes = list(data.DISTILL_CLASSES)
+    shown = data.make_distill_dataset(settings.show["distillation"], settings.data_seed)
     images = shown.images.to(settings.device)
     labels = shown.labels.to(settings.device)
-    maps = {key: explainer(images, labels).maps for key, explainer in explainers.items()}
+    explained = {role: explain_request(m, ExplainRequest(images, labels), METHODS_COMPARED) for role, m in pair.items()}
+    maps = {(role, method): explained[role][method].maps for role in pair for method in METHOD_NAMES}
+    layer = {role: explained[role]["gradcam++"].layer for role in pair}
     with torch.no_grad():
-        predicted = {role: m(images).argmax(1) for role, m in models.items()}
+        predicted = {role: m(images).argmax(1) for role, m in pair.items()}
     out = settings.out / "distillation"
     out.mkdir(parents=True, exist_ok=True)
     figures = []
     for i in range(len(shown)):
         heatmaps, titles = [], []
-        for role in models:
+        for role in pair:
             for method in METHOD_NAMES:
                 heatmaps.append(maps[(role, method)][i])
                 titles.append(f"{role} {METHOD_NAMES[method]} (says {classes[int(predicted[role][i])]})")
@@ -329,41 +212,8 @@ def _arch_name(model: torch.nn.Module) -> str:
 
 
 # -- captioning ----------------------------------------------------------------------------------------
-def evaluate_captioning(model: torch.nn.Module, vocabulary: Any, n: int, seed: int,
-                        device: torch.device | str = "cpu") -> tuple[dict[str, dict[str, float]], int, float]:
-    """Per-word localisation of Grad-CAM++ and Grad-CAM on ``make_captioned_scenes(n, seed)``.
-
-    The ground-truth caption of each scene is explained word by word and each content word's
-    (count, colour, shape) map is compared with the exact pixels of the objects it names.
-    Returns ``({method: {metric: value}}, number of words scored, exact-match % of the greedy
-    captions)``.
-    """
-    from .adapters import captioning as adapter
-
-    held_out = adapter.make_captioned_scenes(n, seed)
-    explanations = adapter.explain_caption(model, held_out.images.to(device), list(held_out.captions),
-                                           tokenizer=vocabulary)
-    word_maps: dict[str, list[Tensor]] = {m: [] for m in METHOD_NAMES}
-    word_masks: list[Tensor] = []
-    for i, explanation in enumerate(explanations):
-        if explanation.words != held_out.words[i]:
-            continue  # tokenisation differs from the data set's words: nothing to align
-        keep = [j for j, kind in enumerate(held_out.word_kinds[i]) if kind != "other" and held_out.word_masks[i][j].any()]
-        for method in METHOD_NAMES:
-            word_maps[method].append(explanation.for_method(method).maps[keep])
-        word_masks.append(held_out.word_masks[i][keep])
-    if not word_masks:
-        raise RuntimeError("no held-out caption could be aligned with its word masks")
-    maps = {m: torch.cat(word_maps[m]) for m in METHOD_NAMES}
-    masks = torch.cat(word_masks).to(maps["gradcam++"].device)
-    ids = model.generate(held_out.images.to(device))  # greedy, as in the figures
-    captions = [vocabulary.decode(row.tolist()) for row in ids]
-    exact = 100.0 * sum(c == t for c, t in zip(captions, held_out.captions)) / n
-    return localisation_metrics(maps, masks), int(masks.shape[0]), exact
-
-
 def _captioning(settings: DemoSettings, section: Section) -> dict[str, Any]:
-    adapter, (model, vocabulary) = _shipped("captioning", "load_show_and_tell", settings.device)
+    model, vocabulary = _shipped(models.load_show_and_tell, settings.device)
     section.add_text(
         "A Show-Attend-Tell captioner (CNN encoder + LSTM decoder) writes a caption for each scene; every "
         "word is then scored by its log-probability given the image and the words before it, and all word "
@@ -373,13 +223,13 @@ def _captioning(settings: DemoSettings, section: Section) -> dict[str, Any]:
     )
     out = settings.out / "captioning"
     out.mkdir(parents=True, exist_ok=True)
-    scenes = adapter.make_captioned_scenes(settings.show["captioning"], settings.data_seed)
+    scenes = data.make_captioned_scenes(settings.show["captioning"], settings.data_seed)
     figures = []
     for i in _progress(range(len(scenes)), settings, "captions"):
-        explanation = adapter.explain_caption(model, scenes.images[i], tokenizer=vocabulary)
-        for method in METHOD_NAMES:
+        both = explain_caption(model, scenes.images[i], tokenizer=vocabulary, methods=METHODS_COMPARED)
+        for method, explanation in both.items():
             path = out / f"scene_{i}_{method.replace('+', 'p')}.png"
-            explanation.save_figure(str(path), method, alpha=settings.alpha, colormap=settings.colormap)
+            explanation.save_figure(str(path), alpha=settings.alpha, colormap=settings.colormap)
             figures.append(Figure(path.relative_to(settings.out),
                                   f"Scene {i}, {METHOD_NAMES[method]}: generated \"{explanation.caption}\" "
                                   f"(ground truth \"{scenes.captions[i]}\")"))
@@ -397,31 +247,8 @@ def _captioning(settings: DemoSettings, section: Section) -> dict[str, Any]:
 
 
 # -- video ----------------------------------------------------------------------------------------------
-def evaluate_video(model: torch.nn.Module, n: int, seed: int, device: torch.device | str = "cpu",
-                   batch_size: int = 16) -> dict[str, dict[str, float]]:
-    """Metrics of Grad-CAM++ and Grad-CAM for the shipped C3D on ``make_action_clips(n, seed)``.
-
-    Each clip is explained for its true action. Returns ``{method: {metric: value}}``: Average
-    Drop / Increase in Confidence / Win % (softmax confidences, the explanation input is the map
-    times the clip voxel by voxel), space-time Loc(delta), pointing game and energy on the
-    actor's pixels in every frame, and the share of the map's energy in the frames where the
-    action happens.
-    """
-    from .adapters import video as adapter
-
-    held_out = adapter.make_action_clips(n, seed)
-    inputs, targets = held_out.clips.to(device), held_out.labels.to(device)
-    maps = {m: torch.cat([adapter.explain_clip(model, inputs[b], targets[b], method=m).maps for b in _batches(n, batch_size)])
-            for m in METHOD_NAMES}
-    masks = held_out.masks.to(device)
-    frames = held_out.active.to(device)[:, :, None, None].expand_as(masks)
-    temporal = {m: {"Energy in the action frames % (higher is better)": 100 * float(metrics.energy_pointing_game(maps[m], frames).mean())}
-                for m in METHOD_NAMES}
-    return _merge(faithfulness_metrics(model, inputs, maps, targets, "softmax"), localisation_metrics(maps, masks), temporal)
-
-
 def _video(settings: DemoSettings, section: Section) -> dict[str, Any]:
-    adapter, (model, class_names) = _shipped("video", "load_action_c3d", settings.device)
+    model, class_names = _shipped(models.load_action_c3d, settings.device)
     section.add_text(
         "A small C3D (3x3x3 convolutions throughout) recognises the action of one shape among distractors, "
         "one of which drifts through the whole clip. The map of its last convolutional layer has a time "
@@ -432,20 +259,19 @@ def _video(settings: DemoSettings, section: Section) -> dict[str, Any]:
     )
     out = settings.out / "video"
     out.mkdir(parents=True, exist_ok=True)
-    clips = adapter.make_action_clips(settings.show["video"], settings.data_seed)
+    clips = data.make_action_clips(settings.show["video"], settings.data_seed)
     fps = 8.0
     animations, strips = [], []
     for i in range(len(clips)):
         clip = clips.clips[i].to(settings.device)
         truth = class_names[int(clips.labels[i])]
-        for method in METHOD_NAMES:
-            explanation = adapter.explain_clip(model, clip, method=method)
+        for method, explanation in explain_clip(model, clip, methods=METHODS_COMPARED).items():
             said = class_names[int(explanation.targets[0])]
             stem = out / f"clip_{i}_{method.replace('+', 'p')}"
             maps = explanation.maps[0]
-            adapter.write_gif(f"{stem}.gif", clip, maps, fps, alpha=settings.alpha, colormap=settings.colormap, scale=3)
-            adapter.write_mp4(f"{stem}.mp4", clip, maps, fps, alpha=settings.alpha, colormap=settings.colormap, scale=3)
-            adapter.write_strip(f"{stem}_strip.png", clip, maps, alpha=settings.alpha, colormap=settings.colormap,
+            write_gif(f"{stem}.gif", clip, maps, fps, alpha=settings.alpha, colormap=settings.colormap, scale=3)
+            write_mp4(f"{stem}.mp4", clip, maps, fps, alpha=settings.alpha, colormap=settings.colormap, scale=3)
+            write_strip(f"{stem}_strip.png", clip, maps, alpha=settings.alpha, colormap=settings.colormap,
                                 active=clips.active[i], title=f"{METHOD_NAMES[method]}: {said} (true: {truth})")
             caption = f"Clip {i}, {METHOD_NAMES[method]}, predicted {said}, true {truth}"
             animations.append(Figure(Path(f"{stem}.gif").relative_to(settings.out), caption,

@@ -12,7 +12,7 @@ Axis conventions (every function here):
   samples by repeating the inputs).
 
 Faithfulness metrics follow Chattopadhyay et al., "Grad-CAM++" (WACV 2018), section 4 and
-eq. 25-26 (see ``shared/GRADCAMPP.md``); pointing game (Zhang et al. 2016), energy-based pointing
+eq. 25-26 (see ``docs/GRADCAMPP.md``); pointing game (Zhang et al. 2016), energy-based pointing
 game (Wang et al., Score-CAM 2020) and deletion / insertion AUC (Petsiuk et al., RISE 2018) are
 the usual additions. Degenerate cases never give NaN: each docstring states the value an empty
 map or an empty mask gets.
@@ -28,7 +28,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .cam import call_model, model_logits
+from . import core
+from .explain.targets import call_model, model_logits
 
 __all__ = [
     "per_sample_drop",
@@ -49,6 +50,7 @@ __all__ = [
     "curve_auc",
     "boxes_to_masks",
     "box_blur",
+    "map_correlation",
 ]
 
 Score = Union[str, Callable[[Any], Tensor]]
@@ -102,13 +104,8 @@ def _flat(tensor: Tensor) -> Tensor:
 
 
 def _minmax(maps: Tensor) -> Tensor:
-    """Per-sample min-max normalisation of ``(N, *spatial)``; a constant map becomes all zeros."""
-    flat = _flat(maps).to(torch.promote_types(maps.dtype, torch.float32))
-    low = flat.amin(dim=1, keepdim=True)
-    span = flat.amax(dim=1, keepdim=True) - low
-    flat_span = span <= 0
-    normalised = torch.where(flat_span, torch.zeros_like(flat), (flat - low) / torch.where(flat_span, torch.ones_like(span), span))
-    return normalised.reshape(maps.shape)
+    """Per-sample min-max normalisation of ``(N, *spatial)`` in at least float32; a constant map becomes all zeros."""
+    return core.normalize_maps(maps.to(torch.promote_types(maps.dtype, torch.float32)), maps.ndim - 1)
 
 
 # -- confidence-based metrics (paper section 4) ----------------------------------------------
@@ -588,3 +585,13 @@ def boxes_to_masks(
         inside = (xs >= x0) & (xs <= x1) & (ys >= y0) & (ys <= y1)
         masks[i] = inside.any(dim=0)
     return masks
+
+
+def map_correlation(first: Tensor, second: Tensor) -> Tensor:
+    """Pearson correlation of two batches of maps ``(N, *spatial)`` -> ``(N,)``; 0 where a map is constant."""
+    a = first.flatten(1).double()
+    b = second.flatten(1).double()
+    a = a - a.mean(dim=1, keepdim=True)
+    b = b - b.mean(dim=1, keepdim=True)
+    denominator = a.norm(dim=1) * b.norm(dim=1)
+    return torch.where(denominator > 0, (a * b).sum(dim=1) / denominator.clamp_min(1e-300), torch.zeros_like(denominator))

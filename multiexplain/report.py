@@ -209,13 +209,9 @@ class _Writer:
 
     @staticmethod
     def _size(path: Path) -> tuple[int, int] | None:
-        try:
-            from PIL import Image
+        from .io import image_size
 
-            with Image.open(path) as image:
-                return image.size
-        except Exception:  # noqa: BLE001 - a size is only a layout hint
-            return None
+        return image_size(path)
 
     def block(self, block: _Block) -> str:
         title = f"<h3>{html.escape(block.title)}</h3>" if block.title else ""

@@ -1,4 +1,4 @@
-"""Figures at the edge: NumPy / PIL / matplotlib appear here and nowhere in the core.
+"""Figures at the edge: NumPy and matplotlib appear here (PIL and PyAV only in multiexplain.io), never in the core.
 
 Overlays blend a colour-mapped heat map over the input at ``DEFAULT_ALPHA`` (0.5): each output
 pixel is ``(1 - alpha) * image + alpha * colormap(map)``. ``jet`` is the default for parity with
@@ -15,7 +15,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-__all__ = ["DEFAULT_ALPHA", "DEFAULT_COLORMAP", "to_rgb_array", "colorize", "overlay", "save_overlay_grid"]
+__all__ = ["DEFAULT_ALPHA", "DEFAULT_COLORMAP", "clip_and_maps", "colorize", "overlay", "save_overlay_grid", "to_rgb_array", "write_strip"]
 
 DEFAULT_ALPHA = 0.5
 DEFAULT_COLORMAP = "jet"
@@ -119,3 +119,53 @@ def save_overlay_grid(
     fig.savefig(path, dpi=dpi, bbox_inches="tight")
     plt.close(fig)
     return str(path)
+
+
+def clip_and_maps(clip: Tensor, maps: Tensor) -> tuple[Tensor, Tensor]:
+    """Single clip ``(C, T, H, W)`` and maps ``(T, H, W)`` on the CPU, batch axes of 1 removed."""
+    if clip.ndim == 5 and clip.shape[0] == 1:
+        clip = clip[0]
+    if maps.ndim == 4 and maps.shape[0] == 1:
+        maps = maps[0]
+    if clip.ndim != 4 or maps.ndim != 3:
+        raise ValueError(f"expected one clip (C, T, H, W) and its maps (T, H, W), got {tuple(clip.shape)} and {tuple(maps.shape)}")
+    if clip.shape[1] != maps.shape[0]:
+        raise ValueError(f"the clip has {clip.shape[1]} frames but the maps have {maps.shape[0]}")
+    return clip.detach().cpu(), maps.detach().float().cpu()
+
+
+def write_strip(
+    path: str | os.PathLike, clip: Tensor, maps: Tensor, num_frames: int = 8, *,
+    mean: Sequence[float] | None = None, std: Sequence[float] | None = None,
+    alpha: float = DEFAULT_ALPHA, colormap: str = DEFAULT_COLORMAP,
+    title: str | None = None, active: Tensor | None = None, panel_inches: float = 1.3, dpi: int = 100,
+) -> str:
+    """PNG strip of ``num_frames`` uniformly sampled frames: frames on top, overlays below.
+
+    ``active`` ``(T,)`` bool (optional) marks the frames where the action happens in the titles.
+    Returns the path written.
+    """
+    import matplotlib
+
+    matplotlib.use("Agg", force=False)
+    import matplotlib.pyplot as plt
+
+    clip, maps = clip_and_maps(clip, maps)
+    total = clip.shape[1]
+    count = max(1, min(num_frames, total))
+    index = torch.linspace(0, total - 1, count).round().long().tolist()
+    fig, axes = plt.subplots(2, count, figsize=(panel_inches * count, panel_inches * 2 + (0.45 if title else 0.25)), squeeze=False)
+    for column, t in enumerate(index):
+        frame = to_rgb_array(clip[:, t], mean, std)
+        axes[0, column].imshow(frame)
+        axes[1, column].imshow(overlay(frame, maps[t], alpha, colormap))
+        mark = " *" if active is not None and bool(active[t]) else ""
+        axes[0, column].set_title(f"t={t}{mark}", fontsize=8)
+    for ax in axes.flat:
+        ax.axis("off")
+    if title:
+        fig.suptitle(title, fontsize=9)
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    fig.savefig(path, dpi=dpi, bbox_inches="tight")
+    plt.close(fig)
+    return os.fspath(path)

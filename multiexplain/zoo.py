@@ -21,7 +21,6 @@ for torchvision and pytorchvideo).
 
 from __future__ import annotations
 
-import importlib
 import os
 import socket
 from collections.abc import Mapping
@@ -58,44 +57,34 @@ SOURCES = ("torchvision", "hf", "pytorchvideo", "builtin", "file")
 # Where each source downloads from (only used to decide whether we are offline).
 _HOSTS = {"torchvision": "download.pytorch.org", "hf": "huggingface.co", "pytorchvideo": "dl.fbaipublicfiles.com"}
 
-# Clip geometry of pytorchvideo's Kinetics-400 hub models: (frames, side, suggested layer).
-_PYTORCHVIDEO_CLIPS: dict[str, tuple[int, int, str]] = {
-    "x3d_xs": (4, 182, "blocks.4"),
-    "x3d_s": (13, 182, "blocks.4"),
-    "x3d_m": (16, 256, "blocks.4"),
-    "x3d_l": (16, 356, "blocks.4"),
-    "slow_r50": (8, 256, "blocks.4"),
-    "c2d_r50": (8, 256, "blocks.4"),
-    "i3d_r50": (8, 256, "blocks.4"),
-    "r2plus1d_r50": (16, 256, "blocks.4"),
-    "csn_r101": (32, 256, "blocks.4"),
+# Clip geometry of pytorchvideo's Kinetics-400 hub models: (frames, side). The layer comes from
+# the one resolver (multiexplain.explain.families: the last stage before the head).
+_PYTORCHVIDEO_CLIPS: dict[str, tuple[int, int]] = {
+    "x3d_xs": (4, 182), "x3d_s": (13, 182), "x3d_m": (16, 256), "x3d_l": (16, 356),
+    "slow_r50": (8, 256), "c2d_r50": (8, 256), "i3d_r50": (8, 256), "r2plus1d_r50": (16, 256), "csn_r101": (32, 256),
+    "slowfast_r50": (32, 256), "slowfast_r101": (32, 256), "mvit_base_16x4": (16, 224), "mvit_base_32x3": (32, 224),
 }
 
 
 @dataclass(frozen=True)
 class BuiltinModel:
-    """A model shipped with multiexplain: ``loader`` is ``"module:function"`` returning the model."""
+    """A model shipped with multiexplain: the shipped checkpoint(s) it loads (see
+    :data:`multiexplain.models.SHIPPED`) and the task it serves."""
 
     task: str
-    loader: str
+    checkpoints: tuple[str, ...]
     description: str
 
 
-# Shipped models, by task. Each loader lives in the task's adapter and loads a checkpoint from
-# multiexplain/checkpoints/; nothing is downloaded.
+# Shipped models, by task; nothing is downloaded.
 BUILTIN_MODELS: dict[str, BuiltinModel] = {
-    "scene-classifier": BuiltinModel(
-        "classification", "multiexplain.adapters.classification:load_scene_classifier",
-        "small CNN trained on the synthetic multi-instance shape scenes"),
-    "show-and-tell": BuiltinModel(
-        "captioning", "multiexplain.adapters.captioning:load_show_and_tell",
-        "CNN encoder + LSTM decoder trained on the synthetic captioned scenes"),
-    "action-c3d": BuiltinModel(
-        "video", "multiexplain.adapters.video:load_action_c3d",
-        "small C3D-style 3D-conv net trained on the synthetic action clips"),
-    "distill-pair": BuiltinModel(
-        "distillation", "multiexplain.adapters.distillation:load_distillation_pair",
-        "teacher and explanation-distilled student (returns both)"),
+    "scene-classifier": BuiltinModel("classification", ("scene-classifier",),
+                                     "small CNN trained on the synthetic multi-instance shape scenes"),
+    "show-and-tell": BuiltinModel("captioning", ("show-and-tell",),
+                                  "CNN encoder + LSTM decoder trained on the synthetic captioned scenes"),
+    "action-c3d": BuiltinModel("video", ("action-c3d",), "small C3D-style 3D-conv net trained on the synthetic action clips"),
+    "distill-pair": BuiltinModel("distillation", ("distill-teacher", "distill-student"),
+                                 "teacher and explanation-distilled student (the student in extra['student'])"),
 }
 
 
@@ -132,8 +121,9 @@ class LoadedModel:
         task: ``classification``, ``captioning``, ``video`` or ``distillation`` (``None`` if unknown).
         preprocess: PIL image -> normalised ``(3, H, W)`` float tensor (images only).
         labels: class names, index-aligned with the logits, when known.
-        layer: suggested layer to explain (a dotted name or ``"auto"``).
-        reshape: channels-first rule for token outputs (Hugging Face ViTs), else ``None``.
+        layer: the layer to explain: ``"auto"``, which the one resolver turns into the same layer
+            for every entry point (:func:`multiexplain.resolve_layer`).
+        reshape: a channels-first rule when the SPEC knows one the resolver does not, else ``None``.
         mean, std: the input normalisation (to undo it for display).
         extra: source-specific details (clip frames/size for video models, the HF processor, ...).
     """
@@ -278,7 +268,7 @@ def _cached(url: str) -> bool:
     return (Path(torch.hub.get_dir()) / "checkpoints" / os.path.basename(url)).is_file()
 
 
-def _load_torchvision(parsed: ModelSpec) -> LoadedModel:
+def _load_torchvision(parsed: ModelSpec, num_classes: int | None = None) -> LoadedModel:
     import torchvision
 
     enum, weights = _torchvision_weights(parsed)
@@ -290,11 +280,20 @@ def _load_torchvision(parsed: ModelSpec) -> LoadedModel:
             f"--model {parsed.name}.pt --arch torchvision:{parsed.name}@none (or put the file in "
             f"{Path(torch.hub.get_dir()) / 'checkpoints'}); torchvision:{parsed.name}@none gives random weights",
         ))
-    model = torchvision.models.get_model(parsed.name, weights=weights)
+    extra_kwargs = {"num_classes": num_classes} if num_classes is not None else {}
+    model = torchvision.models.get_model(parsed.name, weights=weights, **extra_kwargs)
     # The preprocessing of the weights family applies to random weights too (same input convention).
     reference = weights if weights is not None else enum.DEFAULT
     labels = list(reference.meta.get("categories") or []) or None
-    return LoadedModel(model, parsed, "classification", preprocess=reference.transforms(), labels=labels)
+    if labels is not None and num_classes is not None and num_classes != len(labels):
+        labels = None  # a head of another size: the weights' class names do not apply
+    transforms = reference.transforms()
+    if parsed.name in torchvision.models.list_models(module=torchvision.models.video):
+        # A video builder: clips of 16 frames (the weights' recipe) at the transforms' crop size.
+        frames = max(16, int(reference.meta.get("min_temporal_size") or 1))
+        return LoadedModel(model, parsed, "video", labels=labels, mean=tuple(transforms.mean), std=tuple(transforms.std),
+                           extra={"frames": frames, "size": int(transforms.crop_size[0])})
+    return LoadedModel(model, parsed, "classification", preprocess=transforms, labels=labels)
 
 
 # -- Hugging Face -------------------------------------------------------------------------------
@@ -337,9 +336,8 @@ def _load_hf(parsed: ModelSpec, task: str | None) -> LoadedModel:
     id2label = getattr(config, "id2label", None)
     if id2label and not all(str(v).startswith("LABEL_") for v in id2label.values()):
         labels = [str(id2label[i]) for i in sorted(id2label)]
-    layer, reshape = _hf_layer(model)
-    return LoadedModel(model, parsed, "classification", preprocess=preprocess, labels=labels, layer=layer,
-                       reshape=reshape, mean=mean, std=std, extra={"processor": processor})
+    return LoadedModel(model, parsed, "classification", preprocess=preprocess, labels=labels, mean=mean, std=std,
+                       extra={"processor": processor})
 
 
 def _load_hf_captioner(parsed: ModelSpec, source: str, local_only: bool, offline: bool) -> LoadedModel:
@@ -400,28 +398,6 @@ def plain_preprocess(image: Any, size: int, mean: tuple[float, ...], std: tuple[
     return (tensor - torch.tensor(mean).view(3, 1, 1)) / torch.tensor(std).view(3, 1, 1)
 
 
-def _hf_layer(model: nn.Module) -> tuple[str, Callable[[Tensor], Tensor] | None]:
-    """The layer to explain in an HF image classifier: the last encoder block's first layer norm for
-    ViT-style token models (with the matching TokenReshape), else ``auto``."""
-    from .layers import TokenReshape
-
-    model_type = getattr(model.config, "model_type", "")
-    if model_type in ("vit", "deit", "dinov2", "beit", "data2vec-vision"):
-        # The block list moved between transformers versions (``vit.encoder.layer`` in 4.x,
-        # ``vit.layers`` in 5.x): take the module list whose blocks have a pre-norm.
-        for name, module in model.named_modules():
-            if isinstance(module, nn.ModuleList) and len(module) > 0:
-                last = module[-1]
-                norm = next((n for n in ("layernorm_before", "norm1") if hasattr(last, n)), None)
-                if norm is None:
-                    continue
-                embeddings = getattr(getattr(model, getattr(model, "base_model_prefix", ""), None), "embeddings", None)
-                prefix = 2 if getattr(embeddings, "distillation_token", None) is not None else 1
-                registers = int(getattr(model.config, "num_register_tokens", 0) or 0)
-                return f"{name}.{len(module) - 1}.{norm}", TokenReshape(num_prefix_tokens=prefix + registers)
-    return "auto", None
-
-
 # -- pytorchvideo -------------------------------------------------------------------------------
 def _load_pytorchvideo(parsed: ModelSpec) -> LoadedModel:
     import pytorchvideo.models.hub as hub
@@ -445,20 +421,15 @@ def _load_pytorchvideo(parsed: ModelSpec) -> LoadedModel:
                 f"--model {parsed.name}.pt --arch pytorchvideo:{parsed.name}@none",
             ))
     model = factory(pretrained=pretrained)
-    frames, side, layer = _PYTORCHVIDEO_CLIPS.get(parsed.name, (8, 224, "auto"))
-    labels = None
-    return LoadedModel(model, parsed, "video", labels=labels, layer=layer, mean=PYTORCHVIDEO_MEAN, std=PYTORCHVIDEO_STD,
+    frames, side = _PYTORCHVIDEO_CLIPS.get(parsed.name, (8, 224))
+    return LoadedModel(model, parsed, "video", mean=PYTORCHVIDEO_MEAN, std=PYTORCHVIDEO_STD,
                        extra={"frames": frames, "size": side})
 
 
 # -- builtin ------------------------------------------------------------------------------------
-def _import_loader(path: str) -> Callable[..., Any]:
-    module_name, _, function = path.partition(":")
-    module = importlib.import_module(module_name)
-    return getattr(module, function)
-
-
 def _load_builtin(parsed: ModelSpec, task: str | None) -> LoadedModel:
+    from .models import CaptionVocabulary, load_shipped
+
     entry = BUILTIN_MODELS.get(parsed.name)
     if entry is None:
         listing = ", ".join(f"{n} ({b.task})" for n, b in BUILTIN_MODELS.items())
@@ -466,38 +437,15 @@ def _load_builtin(parsed: ModelSpec, task: str | None) -> LoadedModel:
     if task is not None and entry.task != task:
         matching = [n for n, b in BUILTIN_MODELS.items() if b.task == task]
         raise SpecError(f"builtin:{parsed.name} is a {entry.task} model; for {task} use builtin:{matching[0] if matching else '?'}")
-    try:
-        loader = _import_loader(entry.loader)
-    except (ImportError, AttributeError) as error:
-        raise SpecError(f"builtin:{parsed.name} needs {entry.loader}, which is not available: {error}") from None
-    result = loader()
+    loaded = [load_shipped(name) for name in entry.checkpoints]
     extra: dict[str, Any] = {}
-    labels: list[str] | None = None
-    model = result
-    if isinstance(result, tuple):
-        # Loaders return (model, companion): the distillation pair's student, the video model's
-        # class names, or the captioner's vocabulary (used as its tokenizer).
-        model, *others = result
-        for other in others:
-            if isinstance(other, nn.Module):
-                extra["student"] = other
-            elif isinstance(other, (list, tuple)) and all(isinstance(v, str) for v in other):
-                labels = list(other)
-            else:
-                extra["tokenizer"] = other
-    loaded = LoadedModel(model, parsed, entry.task, labels=labels or _builtin_labels(model), extra=extra)
-    if entry.task in ("classification", "captioning", "video", "distillation"):
-        # The shipped models take inputs in [0, 1] and normalise inside (or not at all).
-        loaded.mean, loaded.std = (0.0, 0.0, 0.0), (1.0, 1.0, 1.0)
-    return loaded
-
-
-def _builtin_labels(model: nn.Module) -> list[str] | None:
-    for attribute in ("labels", "classes", "class_names"):
-        value = getattr(model, attribute, None)
-        if isinstance(value, (list, tuple)) and value:
-            return [str(v) for v in value]
-    return None
+    if len(loaded) > 1:
+        extra["student"] = loaded[1].model
+    if loaded[0].vocabulary is not None:
+        extra["tokenizer"] = CaptionVocabulary(loaded[0].vocabulary)
+    # The shipped models take inputs in [0, 1] and normalise inside (or not at all).
+    return LoadedModel(loaded[0].model, parsed, entry.task, labels=loaded[0].labels, mean=(0.0, 0.0, 0.0),
+                       std=(1.0, 1.0, 1.0), extra=extra)
 
 
 # -- state-dict files -----------------------------------------------------------------------------
@@ -510,6 +458,12 @@ def _state_dict(payload: Any) -> Mapping[str, Tensor] | None:
             if isinstance(inner, Mapping) and inner and all(isinstance(v, Tensor) for v in inner.values()):
                 return inner
     return None
+
+
+def _head_rows(state: Mapping[str, Tensor]) -> int | None:
+    """Rows of the last 2-D weight in a state dict: the class count of torchvision-style heads."""
+    matrices = [v for k, v in state.items() if k.endswith("weight") and v.ndim == 2]
+    return int(matrices[-1].shape[0]) if matrices else None
 
 
 def _load_file(parsed: ModelSpec, arch: str | None, task: str | None) -> LoadedModel:
@@ -536,7 +490,13 @@ def _load_file(parsed: ModelSpec, arch: str | None, task: str | None) -> LoadedM
     state = _state_dict(payload)
     if state is None:
         raise SpecError(f"{parsed.name} holds no state dict (a mapping of parameter names to tensors)")
-    loaded = load_model(arch_spec, task=task, device="cpu")
+    if arch_spec.source == "torchvision":
+        # A fine-tuned head: build the architecture with the file's class count.
+        loaded = _load_torchvision(arch_spec, _head_rows(state))
+        if task is not None and loaded.task != task:
+            raise SpecError(f"model {arch_spec} is a {loaded.task} model, not a {task} model")
+    else:
+        loaded = load_model(arch_spec, task=task, device="cpu")
     try:
         loaded.model.load_state_dict(state, strict=True)
     except RuntimeError as error:

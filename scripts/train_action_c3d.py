@@ -1,6 +1,6 @@
 """Train the small C3D-style network shipped as multiexplain/checkpoints/action_c3d.pt.
 
-Data: :func:`multiexplain.action_clips.make_action_clips` (16 frames of 64x64, 8 actions), train
+Data: :func:`multiexplain.data.action_clips.make_action_clips` (16 frames of 64x64, 8 actions), train
 seed 1, validation seed 2 (the quality benchmark uses seed 3). Model: ``c3d(8, stages=
 ACTION_C3D_STAGES, input_pool=(1, 2, 2), batch_norm=True, global_pool=True)`` (46k parameters,
 last conv 8 x 8 x 8). Fixed torch seed, 2 CPU threads. The shipped checkpoint came from the
@@ -20,8 +20,8 @@ import time
 import torch
 import torch.nn.functional as F
 
-from multiexplain.action_clips import ACTIONS, make_action_clips
-from multiexplain.adapters.video import ACTION_C3D_STAGES, c3d
+from multiexplain.data.action_clips import ACTIONS, make_action_clips
+from multiexplain.models import ACTION_C3D_STAGES, c3d, save_checkpoint
 
 MEAN, STD = (0.4, 0.4, 0.4), (0.25, 0.25, 0.25)
 
@@ -100,17 +100,7 @@ def main() -> None:
         print(f"epoch {epoch + 1}/{args.epochs} loss {total / len(order):.3f} val acc {val_acc:.3f} ({time.time() - start:.0f}s)", flush=True)
 
     out = os.path.abspath(args.out)
-    os.makedirs(os.path.dirname(out), exist_ok=True)
-    torch.save(
-        {
-            "config": model.config,
-            "state_dict": {k: v.cpu() for k, v in model.state_dict().items()},
-            "class_names": list(ACTIONS),
-            "val_accuracy": val_acc,
-            "clip_size": [16, 64, 64],
-        },
-        out,
-    )
+    save_checkpoint(out, model.cpu(), labels=list(ACTIONS), meta={"val_accuracy": val_acc, "clip_size": [16, 64, 64]})
     print(f"trained on {device} in {time.time() - start:.0f}s; saved {out} ({os.path.getsize(out) / 1e3:.0f} kB), val accuracy {val_acc:.3f}")
 
 

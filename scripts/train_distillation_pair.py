@@ -19,16 +19,13 @@ from pathlib import Path
 
 import torch
 
-from multiexplain.adapters.distillation import (
-    CHECKPOINT_DIR,
-    SHIPPED_STUDENT,
-    SHIPPED_TEACHER,
-    Trainer,
-    evaluate_student,
-    save_wide_resnet,
-    wide_resnet,
-)
-from multiexplain.distill_data import make_distill_dataset
+from multiexplain.data.distill_data import make_distill_dataset
+from multiexplain.models import CHECKPOINT_DIR, save_checkpoint, wide_resnet
+from multiexplain.train import Trainer, evaluate_student
+
+#: The shipped pair's architectures.
+SHIPPED_TEACHER = {"depth": 16, "widen_factor": 2}
+SHIPPED_STUDENT = {"depth": 10, "widen_factor": 1}
 
 PRESETS = {
     # train images, teacher epochs, student epochs, batch size
@@ -64,7 +61,7 @@ def main() -> None:
         error = evaluate_student(model, test_set)
         model = model.cpu().eval()
         path = args.out_dir / f"distill_{role}.pt"
-        save_wide_resnet(model, path, test_error=error, train_size=preset["train_size"], epochs=epochs, seed=seed)
+        save_checkpoint(path, model, meta={"test_error": error, "train_size": preset["train_size"], "epochs": epochs, "seed": seed})
         summary[role] = {"arch": f"WRN-{arch['depth']}-{arch['widen_factor']}", "test_error": error, "seconds": round(seconds, 1), "final_ce": history[-1]["ce"]}
         print(f"{role}: WRN-{arch['depth']}-{arch['widen_factor']} test error {error:.2f}% ({seconds:.0f} s) -> {path}", flush=True)
     print(json.dumps(summary))

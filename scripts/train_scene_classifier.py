@@ -2,7 +2,7 @@
 
     python scripts/train_scene_classifier.py            # ~5-8 minutes on 2 CPU cores
 
-Fixed seeds: training scenes are stream 0 of :func:`multiexplain.scenes.make_scenes`, the held-out
+Fixed seeds: training scenes are stream 0 of :func:`multiexplain.data.scenes.make_scenes`, the held-out
 split stream 1 (the benchmark uses stream 2, the tests others). Loss: binary cross-entropy per
 label. The script stops early once the held-out per-label accuracy passes ``--target`` after an
 epoch, and refuses to write a checkpoint below 95%.
@@ -17,8 +17,11 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from multiexplain.adapters.classification import SCENE_CHECKPOINT, SceneCNN
-from multiexplain.scenes import make_scenes
+from multiexplain.data.scenes import make_scenes
+from multiexplain.models import SceneCNN, save_checkpoint
+from multiexplain.models.checkpoints import CHECKPOINT_DIR
+
+SCENE_CHECKPOINT = CHECKPOINT_DIR / "scene_cnn.pt"
 
 TRAIN_STREAM, HELD_OUT_STREAM = 0, 1
 
@@ -89,13 +92,12 @@ def main() -> None:
     if accuracy < 0.95:
         raise SystemExit(f"held-out per-label accuracy {accuracy:.4f} < 0.95: not writing a checkpoint")
     model.eval()
-    payload = model.checkpoint(
+    meta = dict(
         seed=args.seed, train_scenes=args.train, train_stream=TRAIN_STREAM, held_out_stream=HELD_OUT_STREAM,
         held_out_scenes=args.held_out, epochs=epoch + 1, held_out_per_label_accuracy=round(accuracy, 4),
         held_out_exact_match=round(exact, 4), seconds=round(time.time() - started),
     )
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    torch.save(payload, args.out)
+    save_checkpoint(args.out, model, meta=meta)
     print(f"wrote {args.out} ({args.out.stat().st_size / 1e6:.2f} MB)", flush=True)
 
 

@@ -25,8 +25,8 @@ import time
 import torch
 import torch.nn.functional as F
 
-from multiexplain.adapters.captioning import CaptionVocabulary, ShowAttendTell
-from multiexplain.captioned_scenes import CAPTION_VOCABULARY, make_captioned_scenes
+from multiexplain.data.captioned_scenes import CAPTION_VOCABULARY, make_captioned_scenes
+from multiexplain.models import CaptionVocabulary, ShowAttendTell, save_checkpoint
 
 TRAIN_SEED, HELD_OUT_SEED = 1, 2
 
@@ -112,18 +112,10 @@ def main() -> None:
 
     metrics = evaluate(model, vocabulary, held_out)
     print(f"held-out ({len(held_out)} scenes): {metrics}; total {time.time() - began:.0f}s", flush=True)
-    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-    torch.save(
-        {
-            "config": model.config,
-            "state_dict": {name: tensor.cpu() for name, tensor in model.state_dict().items()},
-            "vocabulary": vocabulary.itos,
-            "held_out": metrics,
-            "train": {"scenes": args.train_scenes, "steps": args.steps, "batch": args.batch, "seed": TRAIN_SEED, "entropy": args.entropy, "label_smoothing": args.label_smoothing, "normalize_cells": args.normalize_cells,
-                      "device": str(device), "seconds": round(time.time() - began)},
-        },
-        args.out,
-    )
+    train = {"scenes": args.train_scenes, "steps": args.steps, "batch": args.batch, "seed": TRAIN_SEED, "entropy": args.entropy,
+             "label_smoothing": args.label_smoothing, "normalize_cells": args.normalize_cells, "device": str(device),
+             "seconds": round(time.time() - began)}
+    save_checkpoint(args.out, model.cpu(), vocabulary=vocabulary.itos, meta={"held_out": metrics, "train": train})
     print(f"wrote {args.out}")
 
 

@@ -56,13 +56,13 @@ def render_results_markdown(payload: dict[str, Any]) -> str:
         "chosen layer, with no hooks, no `.grad` and no changed flags left on the model. ViT heads are "
         "zero-initialised by torchvision; they get small random weights first (`head_reinitialised`).",
         "",
-        "| model | family | pass | layer chosen | layout | map grid | input | build s | explain s | CPU s |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "| model | family | pass | layer chosen | chosen by | layout | map grid | input | build s | explain s | CPU s |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         ok = "yes" if r.get("passed") else f"**no**: {r.get('error', '')}"
         lines.append(
-            f"| {r['model']} | {r['family']} | {ok} | `{r.get('layer', '-')}` | {r.get('layout', '-')} | "
+            f"| {r['model']} | {r['family']} | {ok} | `{r.get('layer', '-')}` | {r.get('source', '-')} | {r.get('layout', '-')} | "
             f"{_shape(r.get('grid', [])) or '-'} | {_shape(r['input_shape'][2:])} | "
             f"{r.get('build_s', '-')} | {r.get('explain_s', '-')} | {r.get('cpu_s', '-')} |"
         )
@@ -79,9 +79,10 @@ def render_readme_section(payload: dict[str, Any]) -> str:
         "(finite map of the input's size from non-zero gradients at the chosen layer). Full table: "
         "[benchmarks/results/compatibility.md](benchmarks/results/compatibility.md). Layouts: *tokens* = "
         "`(N, prefix + h*w, D)` read on a grid found in the same forward pass (patch embedding, MViT's `thw`), "
-        "class token dropped; *channels-last* = `(N, *spatial, C)` (Swin3D); torchvision's 2-D Swin ends in a "
-        "`Permute` module, so its last feature map is already channels-first. Layers in brackets are the "
-        "automatic picks (the last layer whose grid gets a non-zero gradient).",
+        "class token dropped; *channels-last* = `(N, *spatial, C)` (Swin, Swin3D: their last stage's norm). Layers "
+        "in brackets are the automatic picks: a family rule of `multiexplain/explain/families.py` where the family "
+        "is known (ViT, Swin, video ResNets, S3D), else the probe's (the last layer whose grid gets a non-zero "
+        "gradient); the full table says which.",
         "",
     ]
     titles = {

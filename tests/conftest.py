@@ -12,3 +12,10 @@ def one_torch_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+def pytest_addoption(parser):
+    parser.addoption(
+        "--update-results", action="store_true", default=False,
+        help="write the compatibility matrix's results into benchmarks/results/ (tests write no tracked file otherwise)",
+    )

@@ -9,7 +9,7 @@ import torchvision
 from torch import nn
 
 from multiexplain import GradCAM, GradCAMPlusPlus, TokenReshape, core
-from multiexplain.cam import BaseCAM
+from multiexplain.explain import BaseCAM
 
 
 def _all_hooks(model: nn.Module) -> int:

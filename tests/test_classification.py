@@ -11,9 +11,11 @@ import torch
 import torchvision
 from torch import nn
 
+from multiexplain import ChannelsLast, resolve_layer, zoo
 from multiexplain.adapters import classification as cls
-from multiexplain.scenes import SCENE_CLASSES, make_scenes, scene_seed
-from multiexplain.synthetic import generator, textured_background
+from multiexplain.data.scenes import SCENE_CLASSES, make_scenes, scene_seed
+from multiexplain.data.synthetic import generator, textured_background
+from multiexplain.models import SceneCNN, load_scene_classifier, shipped_path
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -87,8 +89,8 @@ def test_torchvision_vit_and_swin_use_token_and_channels_last_rules():
         image_size=32, patch_size=8, num_layers=2, num_heads=2, hidden_dim=16, mlp_dim=32, num_classes=3
     ).eval()
     torch.nn.init.normal_(vit.heads.head.weight)  # torchvision zero-initialises the head: no gradient at all
-    layer, reshape = cls.default_layer(vit)
-    assert layer == "encoder.layers.encoder_layer_1.ln_1" and reshape.num_prefix_tokens == 1
+    choice = resolve_layer(vit)  # a family rule: no forward needed
+    assert choice.name == "encoder.layers.encoder_layer_1.ln_1" and choice.reshape.num_prefix_tokens == 1
     explanation = cls.explain_images(vit, torch.rand(2, 3, 32, 32))
     assert explanation.raw.shape == (2, 4, 4) and explanation.maps.shape == (2, 32, 32)
     assert not explanation.zero_gradient.any()  # patch tokens carry gradient at ln_1 (not at the last output)
@@ -96,8 +98,8 @@ def test_torchvision_vit_and_swin_use_token_and_channels_last_rules():
     swin = torchvision.models.SwinTransformer(
         patch_size=[4, 4], embed_dim=8, depths=[1, 1], num_heads=[1, 2], window_size=[2, 2], num_classes=3
     ).eval()
-    layer, reshape = cls.default_layer(swin)
-    assert layer == "features" and isinstance(reshape, cls.ChannelsLast)
+    choice = resolve_layer(swin)
+    assert choice.name == "norm" and isinstance(choice.reshape, ChannelsLast)
     explanation = cls.explain_images(swin, torch.rand(2, 3, 32, 32), method="gradcam")
     assert explanation.raw.shape == (2, 4, 4) and explanation.maps.shape == (2, 32, 32)
 
@@ -119,7 +121,7 @@ def test_hf_classifier_saved_and_reloaded_from_a_local_directory(tmp_path, kind)
     torch.manual_seed(2)
     original = model_class(config).eval()
     original.save_pretrained(tmp_path / kind)
-    loaded = cls.load_classifier(tmp_path / kind)
+    loaded = zoo.load_model(f"hf:{tmp_path / kind}").model
     assert not loaded.training
     images = torch.rand(2, 3, 32, 32)
     with torch.no_grad():
@@ -139,27 +141,23 @@ def test_state_dict_checkpoint_loading_and_errors(tmp_path):
     original = torchvision.models.resnet18(weights=None, num_classes=3).eval()
     path = tmp_path / "resnet18.pt"
     torch.save(original.state_dict(), path)
-    loaded = cls.load_classifier("resnet18", checkpoint=path)  # class count read from the file
+    loaded = zoo.load_model(str(path), arch="torchvision:resnet18")  # class count read from the file
+    assert loaded.labels is None  # ImageNet's names do not fit a 3-class head
     images = torch.rand(1, 3, 64, 64)
     with torch.no_grad():
-        torch.testing.assert_close(loaded(images), original(images))
+        torch.testing.assert_close(loaded.model(images), original(images))
     wrapped = tmp_path / "wrapped.pt"
     torch.save({"model_state_dict": original.state_dict(), "epoch": 3}, wrapped)
-    assert isinstance(cls.load_classifier("resnet18", checkpoint=wrapped), torchvision.models.ResNet)
-    with pytest.raises(ValueError, match="does not fit"):
-        cls.load_classifier("resnet34", checkpoint=path)
-    with pytest.raises(ValueError, match="not a multiexplain checkpoint"):
-        cls.load_classifier(path)
+    assert isinstance(zoo.load_model(str(wrapped), arch="torchvision:resnet18").model, torchvision.models.ResNet)
+    with pytest.raises(zoo.SpecError, match="does not fit"):
+        zoo.load_model(str(path), arch="torchvision:resnet34")
+    with pytest.raises(zoo.SpecError, match="--arch"):
+        zoo.load_model(str(path))
     with pytest.raises(FileNotFoundError):
-        cls.load_classifier(tmp_path / "missing.pt")
-    with pytest.raises(ValueError, match="no weights"):
-        cls.load_classifier("resnet18", weights="NOT_A_WEIGHT")
-    with pytest.raises(ValueError, match="not both"):
-        cls.load_classifier("resnet18", weights="DEFAULT", checkpoint=path)
-    random_init = cls.load_classifier("resnet18", num_classes=7)
-    assert random_init.fc.out_features == 7
-    # Zoo SPECs (the command line's form) load through multiexplain.zoo, also with a state dict.
-    assert isinstance(cls.load_classifier("torchvision:resnet18@none"), torchvision.models.ResNet)
+        zoo.load_model(str(tmp_path / "missing.pt"), arch="torchvision:resnet18")
+    with pytest.raises(zoo.SpecError, match="no weights"):
+        zoo.load_model("torchvision:resnet18@NOT_A_WEIGHT")
+    assert isinstance(zoo.load_model("torchvision:resnet18@none").model, torchvision.models.ResNet)
 
 
 def test_explain_images_rejects_conflicting_requests():
@@ -222,16 +220,16 @@ def test_several_instances_of_one_class_are_common():
 # -- the shipped model ---------------------------------------------------------------------
 
 def test_shipped_model_loads_and_is_accurate_on_a_fresh_seed():
-    model = cls.load_scene_classifier()
-    assert isinstance(model, cls.SceneCNN) and not model.training
+    model = load_scene_classifier()
+    assert isinstance(model, SceneCNN) and not model.training
     assert model.labels == list(SCENE_CLASSES)
     scenes = make_scenes(300, seed=424242)
     with torch.no_grad():
         predicted = model(scenes.images).sigmoid() >= 0.5
     accuracy = (predicted == scenes.labels.bool()).float().mean().item()
     assert accuracy >= 0.95, accuracy
-    assert cls.load_classifier("scene").state_dict().keys() == model.state_dict().keys()
-    assert isinstance(cls.load_classifier(cls.SCENE_CHECKPOINT), cls.SceneCNN)
+    assert zoo.load_model("builtin:scene-classifier").model.state_dict().keys() == model.state_dict().keys()
+    assert isinstance(zoo.load_model(str(shipped_path("scene-classifier")), arch="builtin:scene-classifier").model, SceneCNN)
     # The declared layer is the one the core's "auto" search picks too.
     from multiexplain import GradCAMPlusPlus
 
@@ -239,7 +237,7 @@ def test_shipped_model_loads_and_is_accurate_on_a_fresh_seed():
 
 
 def test_multi_label_explains_every_positive_label_and_pads():
-    model = cls.load_scene_classifier()
+    model = load_scene_classifier()
     scenes = make_scenes(6, seed=99)
     explanation = cls.explain_images(model, scenes.images, multi_label=True)
     assert explanation.layer == "features"
@@ -263,7 +261,7 @@ def test_benchmark_code_path_on_a_tiny_subset(tmp_path):
     spec = importlib.util.spec_from_file_location("quality_classification", ROOT / "benchmarks" / "quality_classification.py")
     bench = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(bench)
-    results = bench.evaluate(cls.load_scene_classifier(), make_scenes(6, seed=5), steps=4)
+    results = bench.evaluate(load_scene_classifier(), make_scenes(6, seed=5), steps=4)
     for method in ("gradcam++", "gradcam"):
         row = results["methods"][method]
         for key in ("average_drop", "increase_in_confidence", "win", "loc_0", "loc_0.25", "loc_0.5", "pointing_game",

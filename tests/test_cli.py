@@ -21,7 +21,6 @@ def _offline_and_few_threads(monkeypatch):
     # Tests never reach the network: the zoo must answer from local files or say it is offline.
     monkeypatch.setenv("MULTIEXPLAIN_OFFLINE", "1")
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    torch.set_num_threads(2)
 
 
 @pytest.fixture
@@ -122,10 +121,11 @@ def test_hf_local_directory_and_token_layer(tmp_path):
     ViTImageProcessor(size={"height": 32, "width": 32}).save_pretrained(tmp_path / "vit")
     loaded = zoo.load_model(f"hf:{tmp_path / 'vit'}", device="cpu")
     assert loaded.labels == ["cat", "dog", "fox"]
-    assert loaded.layer in ("vit.layers.1.layernorm_before", "vit.encoder.layer.1.layernorm_before")
+    assert loaded.layer == "auto"  # the one resolver's family rule: the last block's pre-attention norm
     x = loaded.preprocess(Image.new("RGB", (50, 40), "red")).unsqueeze(0)
     assert x.shape == (1, 3, 32, 32)
     explanation = GradCAMPlusPlus(loaded.model, loaded.layer, reshape=loaded.reshape)(x, 2)
+    assert explanation.layer in ("vit.layers.1.layernorm_before", "vit.encoder.layer.1.layernorm_before")
     assert explanation.raw.shape == (1, 4, 4) and explanation.maps.shape == (1, 32, 32)
     with pytest.raises(FileNotFoundError, match="no such directory"):
         zoo.load_model(f"hf:{tmp_path / 'absent'}")
@@ -217,7 +217,7 @@ def _save_scene(path: Path, image: torch.Tensor) -> str:
 
 @_shipped("show_and_tell.pt")
 def test_caption_end_to_end(tmp_path, capsys):
-    from multiexplain.captioned_scenes import make_captioned_scenes
+    from multiexplain.data.captioned_scenes import make_captioned_scenes
 
     scenes = make_captioned_scenes(2, seed=77)
     paths = [_save_scene(tmp_path / f"scene{i}.png", scenes.images[i]) for i in range(2)]
@@ -298,7 +298,7 @@ def test_distill_from_a_config_file(suffix, tmp_path, capsys):
     log = json.loads((out / "distill.json").read_text())
     assert 0 <= log["test_error"] <= 100 and len(log["history"]) == 1
     saved = torch.load(out / "student.pt", weights_only=True)
-    assert saved["arch"]["depth"] == 10 and "conv1.weight" in saved["state_dict"]
+    assert saved["architecture"] == "wide_resnet" and saved["config"]["depth"] == 10 and "conv1.weight" in saved["state_dict"]
 
 
 def test_distill_errors(tmp_path, capsys):
@@ -336,7 +336,7 @@ def _frames_of(path: Path) -> int:
 
 @_shipped("action_c3d.pt")
 def test_video_end_to_end(tmp_path, capsys):
-    from multiexplain.action_clips import ACTIONS, make_action_clips
+    from multiexplain.data.action_clips import ACTIONS, make_action_clips
 
     clips = make_action_clips(2, seed=55)
     paths = [_write_clip_mp4(tmp_path / f"clip{i}.mp4", clips.clips[i], fps=10) for i in range(2)]
@@ -381,7 +381,7 @@ def test_video_with_a_pytorchvideo_model(tmp_path):
 
 @_shipped("scene_cnn.pt")
 def test_classify_with_the_shipped_multi_label_model(tmp_path):
-    from multiexplain.scenes import make_scenes
+    from multiexplain.data.scenes import make_scenes
 
     scenes = make_scenes(3, seed=4242)
     paths = [_save_scene(tmp_path / f"s{i}.png", scenes.images[i]) for i in range(3)]
@@ -411,7 +411,7 @@ def test_caption_with_a_local_hf_vision_encoder_decoder(tmp_path):
     from transformers import (GPT2Config, PreTrainedTokenizerFast, ViTConfig, ViTImageProcessor,
                               VisionEncoderDecoderConfig, VisionEncoderDecoderModel)
 
-    from multiexplain.captioned_scenes import make_captioned_scenes
+    from multiexplain.data.captioned_scenes import make_captioned_scenes
 
     scenes = make_captioned_scenes(20, seed=3)
     bpe = Tokenizer(models.BPE())

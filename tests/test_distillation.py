@@ -12,17 +12,17 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from multiexplain.adapters import distillation as D
-from multiexplain.distill_data import DISTILL_CLASSES, make_distill_dataset
-
-torch.set_num_threads(2)
+from multiexplain import losses, metrics, models, train
+from multiexplain.adapters.distillation import ExplanationLoss
+from multiexplain.data.distill_data import DISTILL_CLASSES, make_distill_dataset
+from multiexplain.models import wrn
 REPO = Path(__file__).resolve().parent.parent
 
 
 def _pair(dtype=torch.float32, seed=0):
     torch.manual_seed(seed)
-    teacher = D.wide_resnet(10, 2).to(dtype).eval()
-    student = D.wide_resnet(10, 1).to(dtype).train()
+    teacher = models.wide_resnet(10, 2).to(dtype).eval()
+    student = models.wide_resnet(10, 1).to(dtype).train()
     return teacher, student
 
 
@@ -65,12 +65,12 @@ def test_dataset_is_seeded_balanced_and_masks_lie_on_the_target():
 
 
 def test_wide_resnet_shapes_and_depth_check():
-    model = D.wide_resnet(16, 2, num_classes=10)
-    assert sum(isinstance(m, D._WideBlock) for m in model.modules()) == 6
+    model = models.wide_resnet(16, 2, num_classes=10)
+    assert sum(isinstance(m, wrn._WideBlock) for m in model.modules()) == 6
     assert model(torch.rand(2, 3, 32, 32)).shape == (2, 10)
     assert len(model.block1) == 2 and model.block3[0].conv1.out_channels == 128
     with pytest.raises(ValueError, match="6n \\+ 4"):
-        D.wide_resnet(12, 1)
+        models.wide_resnet(12, 1)
 
 
 # -- the explanation loss -----------------------------------------------------------------------
@@ -80,7 +80,7 @@ def test_explanation_loss_matches_an_independent_float64_reference_and_aligns_re
     x = torch.rand(4, 3, 32, 32, dtype=torch.float64)
     y = torch.tensor([0, 1, 2, 3])
     # student explained at block2 (16x16) against the teacher's final layer (8x8)
-    loss = D.ExplanationLoss(teacher, student, student_layer="block2", weight=0.5)
+    loss = ExplanationLoss(teacher, student, student_layer="block2", weight=0.5)
     student_ref = _reference_gradcampp(student, student.block2, x, y)
     teacher_ref = _reference_gradcampp(teacher, teacher.relu, x, y).detach()
     assert student_ref.shape == (4, 16, 16) and teacher_ref.shape == (4, 8, 8)
@@ -91,7 +91,7 @@ def test_explanation_loss_matches_an_independent_float64_reference_and_aligns_re
     assert maps_s.shape == maps_t.shape == (4, 8, 8)
 
     # both resized to a given size, L2-normalised per map
-    sized = D.ExplanationLoss(teacher, student, student_layer="block2", size=(32, 32), normalize="l2")
+    sized = ExplanationLoss(teacher, student, student_layer="block2", size=(32, 32), normalize="l2")
     maps_s, maps_t, _, _ = sized.explain_pair(x, y)
     assert maps_s.shape == maps_t.shape == (4, 32, 32)
     up = lambda m: F.interpolate(m[:, None], size=(32, 32), mode="bilinear", align_corners=False)[:, 0]
@@ -100,13 +100,13 @@ def test_explanation_loss_matches_an_independent_float64_reference_and_aligns_re
     torch.testing.assert_close(maps_t, unit(up(teacher_ref)), rtol=1e-9, atol=1e-12)
 
     # min-max normalisation, as Explanation.maps (but at layer resolution)
-    minmax = D.ExplanationLoss(teacher, student, normalize="minmax")
+    minmax = ExplanationLoss(teacher, student, normalize="minmax")
     maps_s, maps_t, _, _ = minmax.explain_pair(x, y)
     scale = lambda m: (m - m.flatten(1).amin(1).view(-1, 1, 1)) / (m.flatten(1).amax(1) - m.flatten(1).amin(1)).view(-1, 1, 1)
     torch.testing.assert_close(maps_t, scale(teacher_ref), rtol=1e-9, atol=1e-12)
 
     # Grad-CAM variant and "max" normalisation
-    gc = D.ExplanationLoss(teacher, student, method="gradcam", normalize="max", weight=1.0)
+    gc = ExplanationLoss(teacher, student, method="gradcam", normalize="max", weight=1.0)
     s_ref = _reference_gradcampp(student, student.relu, x, y, "gradcam")
     t_ref = _reference_gradcampp(teacher, teacher.relu, x, y, "gradcam").detach()
     peak = lambda m: m / m.flatten(1).amax(1).view(-1, 1, 1)
@@ -117,7 +117,7 @@ def test_gradient_wrt_student_parameters_matches_finite_differences():
     teacher, student = _pair(torch.float64, seed=1)
     x = torch.rand(3, 3, 12, 12, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
     y = torch.tensor([1, 4, 2])
-    loss = D.ExplanationLoss(teacher, student, weight=1.0)  # student in train mode, as in training
+    loss = ExplanationLoss(teacher, student, weight=1.0)  # student in train mode, as in training
     value = loss(x, y)
     assert value.item() > 0
     params = dict(student.named_parameters())
@@ -149,7 +149,7 @@ def test_teacher_gets_no_gradient_and_models_are_left_as_they_were():
     teacher_modes = [m.training for m in teacher.modules()]
     x, y = torch.rand(4, 3, 32, 32), torch.tensor([0, 1, 2, 3])
     for config in ({"ce": 1, "expl": 0.01}, {"ce": 1, "kd": 1, "expl": {"weight": 0.01, "method": "gradcam"}}, {"ce": 1, "at": 500}):
-        loss = D.build_loss(config, student, teacher)
+        loss = losses.build_loss(config, student, teacher)
         total, terms, logits = loss(x, y)
         total.backward()
         assert all(p.grad is None for p in teacher.parameters()), config
@@ -165,7 +165,7 @@ def test_a_few_steps_reduce_the_map_distance_on_a_fixed_batch():
     teacher, student = _pair(seed=2)
     data = make_distill_dataset(16, seed=0)
     x, y = data.images, data.labels
-    loss = D.ExplanationLoss(teacher, student, weight=1.0, normalize="l2")
+    loss = ExplanationLoss(teacher, student, weight=1.0, normalize="l2")
     optimizer = torch.optim.Adam(student.parameters(), lr=3e-3)
     distances = []
     for _ in range(10):
@@ -178,22 +178,22 @@ def test_a_few_steps_reduce_the_map_distance_on_a_fixed_batch():
 
 
 def test_losses_match_their_definitions_and_the_registry():
-    assert set(D.LOSSES) == {"ce", "kd", "at", "expl"}
+    assert set(losses.LOSSES) == {"ce", "kd", "at", "expl"}
     student_logits, teacher_logits = torch.randn(5, 6, dtype=torch.float64), torch.randn(5, 6, dtype=torch.float64)
     labels = torch.tensor([0, 1, 2, 3, 4])
-    step = D.StepOutputs(labels, student_logits, teacher_logits)
+    step = losses.StepOutputs(labels, student_logits, teacher_logits)
     t = 4.0
     p_t = torch.softmax(teacher_logits / t, 1)
     expected_kd = (p_t * (p_t.log() - torch.log_softmax(student_logits / t, 1))).sum(1).mean() * t * t
-    torch.testing.assert_close(D.HintonKDLoss().value(step), expected_kd)
-    torch.testing.assert_close(D.CrossEntropyLoss().value(step), F.cross_entropy(student_logits, labels))
+    torch.testing.assert_close(losses.HintonKDLoss().value(step), expected_kd)
+    torch.testing.assert_close(losses.CrossEntropyLoss().value(step), F.cross_entropy(student_logits, labels))
     fs, ft = torch.rand(2, 3, 4, 4, dtype=torch.float64), torch.rand(2, 5, 4, 4, dtype=torch.float64)
     at = lambda f: (f.pow(2).mean(1).flatten(1) / f.pow(2).mean(1).flatten(1).norm(dim=1, keepdim=True))
-    step = D.StepOutputs(labels, student_logits, teacher_logits, student_features=[fs], teacher_features=[ft])
-    torch.testing.assert_close(D.AttentionTransferLoss().value(step), (at(fs) - at(ft)).pow(2).mean())
+    step = losses.StepOutputs(labels, student_logits, teacher_logits, student_features=[fs], teacher_features=[ft])
+    torch.testing.assert_close(losses.AttentionTransferLoss().value(step), (at(fs) - at(ft)).pow(2).mean())
 
     teacher, student = _pair()
-    loss = D.build_loss({"ce": 2.0, "kd": {"weight": 0.5, "temperature": 2}}, student, teacher)
+    loss = losses.build_loss({"ce": 2.0, "kd": {"weight": 0.5, "temperature": 2}}, student, teacher)
     assert loss.terms["kd"].temperature == 2 and loss.terms["ce"].weight == 2.0
     x, y = torch.rand(3, 3, 32, 32), torch.tensor([0, 1, 2])
     total, terms, _ = loss(x, y)
@@ -203,19 +203,19 @@ def test_losses_match_their_definitions_and_the_registry():
 def test_bad_configs_raise_clear_errors():
     teacher, student = _pair()
     with pytest.raises(ValueError, match="unknown loss 'mse'"):
-        D.build_loss({"mse": 1}, student, teacher)
+        losses.build_loss({"mse": 1}, student, teacher)
     with pytest.raises(ValueError, match="need a teacher"):
-        D.build_loss({"ce": 1, "kd": 1}, student, None)
+        losses.build_loss({"ce": 1, "kd": 1}, student, None)
     with pytest.raises(ValueError, match="normalisation"):
-        D.ExplanationLoss(teacher, student, normalize="zscore")
-    with pytest.raises(ValueError, match="CAM method"):
-        D.ExplanationLoss(teacher, student, method="scorecam")
+        ExplanationLoss(teacher, student, normalize="zscore")
+    with pytest.raises(ValueError, match="unknown method"):
+        ExplanationLoss(teacher, student, method="scorecam")
     with pytest.raises(ValueError, match="no layer named"):
-        D.ExplanationLoss(teacher, student, student_layer="layer4")(torch.rand(2, 3, 32, 32), torch.tensor([0, 1]))
+        ExplanationLoss(teacher, student, student_layer="layer4")(torch.rand(2, 3, 32, 32), torch.tensor([0, 1]))
     with pytest.raises(ValueError, match="unknown train option"):
-        D.TrainConfig.from_dict({"epochs": 1, "learning_rate": 0.1})
+        train.TrainConfig.from_dict({"epochs": 1, "learning_rate": 0.1})
     with pytest.raises(ValueError, match="weight"):
-        D.CrossEntropyLoss(weight=float("nan"))
+        losses.CrossEntropyLoss(weight=float("nan"))
 
 
 # -- trainer ------------------------------------------------------------------------------------
@@ -227,26 +227,26 @@ def test_trainer_checkpoints_every_epoch_and_resumes_to_the_same_weights(tmp_pat
     def make():
         teacher, _ = _pair(seed=9)
         torch.manual_seed(0)
-        return teacher, D.wide_resnet(10, 1)
+        return teacher, models.wide_resnet(10, 1)
 
     teacher, student = make()
-    history = D.Trainer(student, teacher, losses, data, {**config, "checkpoint_dir": str(tmp_path / "a")}, eval_set=data).fit()
+    history = train.Trainer(student, teacher, losses, data, {**config, "checkpoint_dir": str(tmp_path / "a")}, eval_set=data).fit()
     assert [h["epoch"] for h in history] == [1.0, 2.0] and {"loss", "ce", "kd", "expl", "eval_error"} <= set(history[0])
     assert sorted(p.name for p in (tmp_path / "a").iterdir()) == ["epoch_001.pt", "epoch_002.pt", "last.pt"]
 
     # stop after one epoch, then resume from the checkpoint: same final weights as one straight run
     teacher, resumed = make()
-    D.Trainer(resumed, teacher, losses, data, {**config, "checkpoint_dir": str(tmp_path / "b")}).fit(max_epochs=1)
+    train.Trainer(resumed, teacher, losses, data, {**config, "checkpoint_dir": str(tmp_path / "b")}).fit(max_epochs=1)
     teacher, resumed = make()
-    trainer = D.Trainer(resumed, teacher, losses, data, {**config, "checkpoint_dir": str(tmp_path / "b"), "resume": True})
+    trainer = train.Trainer(resumed, teacher, losses, data, {**config, "checkpoint_dir": str(tmp_path / "b"), "resume": True})
     assert trainer.fit()[0]["epoch"] == 1.0 and trainer.epoch == 2
     for (name, a), b in zip(student.state_dict().items(), resumed.state_dict().values()):
         torch.testing.assert_close(a, b, msg=name)
 
 
 def test_train_from_config_saves_a_loadable_student_and_the_pair_loader_reads_it(tmp_path):
-    teacher = D.wide_resnet(10, 2)
-    D.save_wide_resnet(teacher, tmp_path / "distill_teacher.pt")
+    teacher = models.wide_resnet(10, 2)
+    models.save_checkpoint(tmp_path / "distill_teacher.pt", teacher)
     config = {
         "seed": 1,
         "data": {"train_size": 36, "test_size": 12, "fraction": 0.5},
@@ -256,18 +256,19 @@ def test_train_from_config_saves_a_loadable_student_and_the_pair_loader_reads_it
         "train": {"epochs": 1, "batch_size": 6, "progress": False},
         "output": str(tmp_path / "distill_student.pt"),
     }
-    result = D.train_from_config(config)
+    result = train.train_from_config(config)
     assert 0 <= result["test_error"] <= 100 and len(result["history"]) == 1
-    loaded_teacher, loaded_student = D.load_distillation_pair(directory=tmp_path)
+    loaded_teacher = models.load_checkpoint(tmp_path / "distill_teacher.pt").model
+    loaded_student = models.load_checkpoint(tmp_path / "distill_student.pt").model
     assert loaded_student.depth == 10 and not loaded_student.training
     torch.testing.assert_close(loaded_teacher.fc.weight, teacher.fc.weight)
 
 
 def test_map_correlation():
     a = torch.rand(3, 8, 8)
-    torch.testing.assert_close(D.map_correlation(a, 2 * a + 1), torch.ones(3, dtype=torch.float64))
-    torch.testing.assert_close(D.map_correlation(a, -a), -torch.ones(3, dtype=torch.float64))
-    assert D.map_correlation(a, torch.zeros(3, 8, 8)).eq(0).all()
+    torch.testing.assert_close(metrics.map_correlation(a, 2 * a + 1), torch.ones(3, dtype=torch.float64))
+    torch.testing.assert_close(metrics.map_correlation(a, -a), -torch.ones(3, dtype=torch.float64))
+    assert metrics.map_correlation(a, torch.zeros(3, 8, 8)).eq(0).all()
 
 
 @pytest.mark.slow
@@ -285,11 +286,11 @@ def test_torchrun_ddp_with_two_gloo_processes_ends_with_equal_weights(tmp_path):
     path.write_text(json.dumps(config))
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-               "-m", "multiexplain.adapters.distillation", "--config", str(path)]
+               "-m", "multiexplain.train", "--config", str(path)]
     run = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=240)
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
     states = [torch.load(tmp_path / f"student_rank{r}.pt", weights_only=True)["state_dict"] for r in (0, 1)]
-    untrained = (torch.manual_seed(3), D.wide_resnet(10, 1))[1].state_dict()
+    untrained = (torch.manual_seed(3), models.wide_resnet(10, 1))[1].state_dict()
     assert any(not torch.equal(states[0][k], untrained[k]) for k in untrained)  # it did train
     for name in states[0]:
         torch.testing.assert_close(states[0][name], states[1][name], rtol=0, atol=0, msg=name)
@@ -301,7 +302,7 @@ def test_config_files_in_json_yaml_and_toml_load_to_the_same_dict(tmp_path):
     (tmp_path / "c.yaml").write_text("seed: 2\nstudent: {depth: 10, widen_factor: 1}\nlosses:\n  ce: 1.0\n  expl: {weight: 0.01, method: gradcam}\n")
     (tmp_path / "c.toml").write_text('seed = 2\n[student]\ndepth = 10\nwiden_factor = 1\n[losses]\nce = 1.0\n[losses.expl]\nweight = 0.01\nmethod = "gradcam"\n')
     for name in ("c.json", "c.yaml", "c.toml"):
-        assert D.load_config_file(tmp_path / name) == expected, name
+        assert train.load_config_file(tmp_path / name) == expected, name
     (tmp_path / "c.ini").write_text("")
     with pytest.raises(ValueError, match="config format"):
-        D.load_config_file(tmp_path / "c.ini")
+        train.load_config_file(tmp_path / "c.ini")

@@ -165,7 +165,7 @@ def test_exception_inside_forward_leaves_the_model_as_it_was(layer, grad_context
     x = torch.randn(2, 3, 16, 16)
     explainer = GradCAMPlusPlus(model, layer)
     if layer == "auto":
-        explainer.resolve_auto_layer(x)  # pick once while the model works; the failing call is the explanation
+        explainer.resolve(x)  # pick once while the model works; the failing call is the explanation
     model.explode = True
     context = torch.no_grad() if grad_context == "no_grad" else torch.enable_grad()
     with context:

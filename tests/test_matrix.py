@@ -7,9 +7,10 @@ must give a finite map of the input's spatial size computed from non-zero gradie
 layer, leaving the model as it was (no hooks, no ``.grad``, eval flags kept). Random weights can
 legitimately give an all-zero map after the ReLU, so the map's contents are not checked here.
 
-Every run merges its per-model results (layer chosen, layout, grid, pass, seconds) into
-``benchmarks/results/compatibility.json`` and re-renders ``compatibility.md``;
-``scripts/update_readme_compat.py`` writes the README's list from that JSON.
+With ``--update-results`` a run merges its per-model results (layer chosen, how it was chosen,
+layout, grid, pass, seconds) into ``benchmarks/results/compatibility.json`` and re-renders
+``compatibility.md``; without it nothing tracked is written. ``scripts/update_readme_compat.py``
+writes the README's list from that JSON.
 
 The module also holds the token / channels-last path's own tests on small models (Hugging Face ViT
 and Swin from tiny configs, a hand-built Swin-style model, and the errors).
@@ -33,7 +34,7 @@ from torch import nn
 from torchvision import models
 
 from multiexplain import GradCAMPlusPlus
-from multiexplain.layers import ChannelsLast, TokenReshape, auto_layer
+from multiexplain.explain.layers import ChannelsLast, TokenReshape, probe_layer
 
 pytestmark = pytest.mark.matrix
 
@@ -78,6 +79,8 @@ def case_for(name: str) -> Case:
         return Case(input_shape=(1, 3, 16, 224, 224), expected_layout="tokens")
     if name.startswith("swin3d"):
         return Case(input_shape=(1, 3, 8, 64, 64), expected_layout="channels_last")
+    if name.startswith("swin"):
+        return Case(expected_layout="channels_last")  # the last stage's norm, (N, H, W, C)
     return Case()
 
 
@@ -93,15 +96,15 @@ def _render_module():
 
 
 @pytest.fixture(scope="module")
-def matrix_results():
-    """Collects one record per model; on teardown merges them into the results JSON and re-renders
-    the Markdown twin (entries of models torchvision no longer lists are dropped)."""
+def matrix_results(request):
+    """Collects one record per model; with ``--update-results``, on teardown merges them into the
+    results JSON and re-renders the Markdown twin (entries of models torchvision no longer lists are dropped)."""
     threads = torch.get_num_threads()
     torch.set_num_threads(min(threads, 2))
     records: dict[str, dict[str, Any]] = {}
     yield records
     torch.set_num_threads(threads)
-    if not records:
+    if not records or not request.config.getoption("--update-results"):
         return
     previous = json.loads(RESULTS_JSON.read_text())["models"] if RESULTS_JSON.exists() else []
     merged = {entry["model"]: entry for entry in previous}
@@ -169,14 +172,16 @@ def test_torchvision_model_explains_with_auto_layer(name: str, family: str, matr
         record["cpu_s"] = round(time.process_time() - cpu_started, 2)
         found = explainer.auto
         assert found is not None
-        record.update(layer=explanation.layer, layout=found.layout, grid=list(found.grid), probed=found.probed)
+        record.update(layer=explanation.layer, layout=found.layout, grid=list(found.grid), probed=found.probed,
+                      source=found.source)
 
         spatial = case.input_shape[2:]
         assert explanation.maps.shape == (1, *spatial)
         assert explanation.raw.shape == (1, *found.grid) and math.prod(found.grid) > 1
         assert torch.isfinite(explanation.maps).all() and torch.isfinite(explanation.raw).all()
         assert explanation.maps.min() >= 0 and explanation.maps.max() <= 1
-        assert found.probed, "the auto pick must be confirmed by a non-zero gradient"
+        # A family rule names the layer; otherwise the probe confirmed a non-zero gradient on its grid.
+        assert found.probed or found.source.startswith("family"), found
         assert not explanation.zero_gradient.any(), f"all gradients at {explanation.layer} are zero"
         assert found.layout == case.expected_layout, f"{name} went through the {found.layout} path"
         if name.startswith("vit_"):
@@ -211,8 +216,11 @@ def test_hugging_face_vit_goes_through_the_token_path():
     x = torch.randn(2, 3, 32, 32)
     explainer = GradCAMPlusPlus(model, "auto")
     explanation = explainer({"pixel_values": x}, targets=[1, 3])
-    assert explainer.auto.layout == "tokens"
-    assert explainer.reshape == TokenReshape(grid=(4, 4), num_prefix_tokens=1)
+    assert explainer.auto.layout == "tokens" and explainer.auto.grid == (4, 4)
+    assert explainer.auto.source.startswith("family") and explainer.reshape.num_prefix_tokens == 1
+    # The probe, without the family rule, finds the same layer and reading.
+    probed = probe_layer(model, lambda m: m(pixel_values=x), (2, 3, 32, 32), lambda out: out.logits[:, 1])
+    assert probed.name == explanation.layer and probed.reshape == TokenReshape(grid=(4, 4), num_prefix_tokens=1)
     # The last layer whose patch tokens reach the CLS-token head: the last layer's pre-attention norm.
     assert explanation.layer.endswith(".1.layernorm_before")
     assert explanation.raw.shape == (2, 4, 4) and explanation.maps.shape == (2, 32, 32)
@@ -265,7 +273,7 @@ def test_channels_last_output_is_detected_and_matches_an_explicit_reshape():
 def test_square_ambiguity_prefers_channels_first():
     # (N, 6, 6, 6) on a 24 x 24 input reads both ways; channels-first is PyTorch's convention.
     model = nn.Sequential(nn.Conv2d(3, 6, 4, stride=4), nn.ReLU(), nn.Flatten(), nn.Linear(216, 2))
-    found = auto_layer(model, lambda: model(torch.randn(1, 3, 24, 24)), (1, 3, 24, 24))
+    found = probe_layer(model, lambda m: m(torch.randn(1, 3, 24, 24)), (1, 3, 24, 24))
     assert found.layout == "channels_first" and found.reshape is None and found.name == "1"
 
 

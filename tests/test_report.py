@@ -131,7 +131,6 @@ def test_chromium_sees_every_image_and_catches_a_broken_one(tmp_path):
 def test_demo_report_renders_with_all_sections(tmp_path):
     """The demo on small batches: every task's section exists, every image loads, and a task whose
     shipped checkpoint exists ran (status ok, at least one figure)."""
-    torch.set_num_threads(2)
     settings = DemoSettings(tmp_path / "demo", seed=3, progress=False,
                             eval_size={"classification": 16, "captioning": 3, "video": 4, "distillation": 16},
                             show={"classification": 1, "captioning": 1, "video": 1, "distillation": 1})
@@ -161,8 +160,7 @@ def test_demo_report_renders_with_all_sections(tmp_path):
 def test_demo_degrades_gracefully_without_a_checkpoint(tmp_path, monkeypatch):
     """A missing shipped checkpoint gives a section that says so; a task that breaks is marked failed;
     the report is written either way."""
-    from multiexplain import cli
-    from multiexplain.adapters import classification, distillation
+    from multiexplain import cli, models
 
     def missing(*_args, **_kwargs):
         raise FileNotFoundError("scene_cnn.pt is missing; run scripts/train_scene_classifier.py")
@@ -170,8 +168,8 @@ def test_demo_degrades_gracefully_without_a_checkpoint(tmp_path, monkeypatch):
     def broken(*_args, **_kwargs):
         raise RuntimeError("boom")
 
-    monkeypatch.setattr(classification, "load_scene_classifier", missing)
-    monkeypatch.setattr(distillation, "load_distillation_pair", broken)
+    monkeypatch.setattr(models, "load_scene_classifier", missing)
+    monkeypatch.setattr(models, "load_distillation_pair", broken)
     result = run_demo(DemoSettings(tmp_path / "demo", tasks=["classification", "distillation"], progress=False))
     assert result.status == {"classification": "unavailable", "distillation": "failed"}
     page = result.index.read_text()

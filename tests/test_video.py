@@ -10,22 +10,13 @@ import pytest
 import torch
 from torch import nn
 
-from multiexplain.action_clips import ACTIONS, draw_action_clip, make_action_clips
-from multiexplain.adapters import video
-from multiexplain.adapters.video import (
-    C3D,
-    c3d,
-    explain_clip,
-    load_c3d_weights,
-    read_clip,
-    slowfast_pathways,
-    write_gif,
-    write_mp4,
-    write_strip,
-)
-from multiexplain.synthetic import COLOURS
-
-torch.set_num_threads(2)
+from multiexplain.adapters.video import explain_clip, slowfast_pathways
+from multiexplain.data.action_clips import ACTIONS, draw_action_clip, make_action_clips
+from multiexplain.data.synthetic import COLOURS
+from multiexplain.explain.layers import probe_layer
+from multiexplain.io import read_clip, write_gif, write_mp4
+from multiexplain.models import C3D, c3d, load_action_c3d, load_c3d_weights
+from multiexplain.viz import write_strip
 
 SMALL_STAGES = ((1, 4, (1, 2, 2)), (1, 8, (2, 2, 2)), (2, 8, (1, 2, 2)), (2, 8, None))
 
@@ -228,7 +219,7 @@ def _pytorchvideo(name):
 
 @pytest.mark.parametrize(
     "name, size",
-    [("x3d", (4, 32, 32)), ("slow_r50", (4, 32, 32)), ("r2plus1d", (8, 64, 64)), ("csn", (4, 32, 32))],
+    [("x3d", (4, 32, 32)), ("slow_r50", (4, 32, 32)), ("r2plus1d", (8, 64, 64)), ("csn", (16, 32, 32))],
 )
 def test_pytorchvideo_models_auto_layer_and_maps(name, size):
     torch.manual_seed(0)
@@ -280,14 +271,17 @@ def test_torchvision_video_resnets(name):
     import torchvision.models.video as tv
 
     torch.manual_seed(0)
-    from multiexplain.layers import find_auto_layer
-
     model = getattr(tv, name)(num_classes=5).eval()
-    clip = torch.rand(1, 3, 8, 32, 32)
+    clip = torch.rand(1, 3, 16, 32, 32)  # layer4 keeps 2 (r3d, r(2+1)d) or 16 (mc3) time slices
     result = explain_clip(model, clip)
-    assert result.layer == "layer4"
-    assert find_auto_layer(model, lambda: model(clip), 1) is model.layer4  # the generic rule agrees
-    assert result.maps.shape == (1, 8, 32, 32) and torch.isfinite(result.maps).all()
+    assert result.layer == "layer4" and result.raw.shape[1] == (16 if name == "mc3_18" else 2)
+    # The family rule and the probe agree.
+    assert probe_layer(model, lambda m: m(clip), tuple(clip.shape), lambda out: out[:, 0]).module is model.layer4
+    if name != "mc3_18":
+        # With 8 frames layer4 has one time slice: every frame would get the same map, so it says so.
+        with pytest.warns(RuntimeWarning, match="one time slice"):
+            explain_clip(model, clip[:, :, :8])
+    assert result.maps.shape == (1, 16, 32, 32) and torch.isfinite(result.maps).all()
 
 
 @pytest.mark.slow
@@ -420,7 +414,7 @@ def test_read_explain_and_write_video(tmp_path):
 def test_shipped_action_c3d_is_accurate_and_looks_at_the_actor():
     from multiexplain.metrics import energy_pointing_game
 
-    model, names = video.load_action_c3d()
+    model, names = load_action_c3d()
     assert names == list(ACTIONS) and not model.training
     data = make_action_clips(40, seed=3)
     with torch.no_grad():

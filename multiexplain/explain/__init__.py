@@ -1,0 +1,26 @@
+"""The only place that runs a model for an explanation: explainers and their method registry
+(:mod:`.explainer`), the one capture (:mod:`.capture`), the one layer resolver (:mod:`.layers`,
+with per-family rules as data in :mod:`.families`) and the target rules (:mod:`.targets`).
+Imports only torch and :mod:`multiexplain.core`."""
+
+from .capture import LayerCapture, feature_element
+from .explainer import (
+    METHODS,
+    BaseCAM,
+    ExplainRequest,
+    Explanation,
+    GradCAM,
+    GradCAMPlusPlus,
+    explain_request,
+    method_names,
+    register_method,
+)
+from .layers import ChannelsLast, LayerChoice, TokenReshape, layer_name, resolve_layer
+from .targets import Inputs, Targets, call_model, model_logits, primary_input, target_scores
+
+__all__ = [
+    "BaseCAM", "ChannelsLast", "ExplainRequest", "Explanation", "GradCAM", "GradCAMPlusPlus", "Inputs",
+    "LayerCapture", "LayerChoice", "METHODS", "Targets", "TokenReshape", "call_model", "explain_request",
+    "feature_element", "layer_name", "method_names", "model_logits", "primary_input", "register_method",
+    "resolve_layer", "target_scores",
+]

@@ -1,0 +1,427 @@
+"""Explainers: run a model once, capture one layer, turn scores into Grad-CAM / Grad-CAM++ maps.
+
+``BaseCAM`` does everything that is not the choice of channel weights: the layer (through the one
+resolver), the capture, targets, vector-Jacobian products, reshapes, upsampling and normalisation.
+A method is a small subclass that supplies :meth:`BaseCAM.channel_weights` and registers itself
+in :data:`METHODS` with :func:`register_method`; every adapter, the command line and
+``explain_methods`` find methods there.
+
+Task adapters describe one explanation as an :class:`ExplainRequest` (call inputs, scores, layer,
+input size) and run it with :func:`explain_request`; every task's result is an
+:class:`Explanation` (a task view adds its own fields on top).
+"""
+
+from __future__ import annotations
+
+import threading
+import warnings
+from dataclasses import dataclass, replace
+from typing import Any, Callable, ClassVar, Sequence, TypeVar
+
+import torch
+from torch import Tensor, nn
+
+from .. import core
+from .capture import Element, LayerCapture, bypassed
+from .families import final_activations
+from .layers import ChannelsLast, LayerChoice, LayerSpec, Reshape, TokenReshape, _geometry_misfit, read_layout, resolve_layer
+from .targets import Inputs, Targets, call_model, model_logits, primary_input, target_scores
+
+__all__ = [
+    "BaseCAM",
+    "ExplainRequest",
+    "Explanation",
+    "GradCAM",
+    "GradCAMPlusPlus",
+    "METHODS",
+    "explain_request",
+    "method_names",
+    "register_method",
+]
+
+
+@dataclass
+class Explanation:
+    """What one explanation returns; every task's result has these fields. Tensors live on the
+    model's device.
+
+    Attributes:
+        maps: upsampled to the input's spatial size, min-max normalised to ``[0, 1]`` per map:
+            ``(N, *input_spatial)``, or ``(N, K, *input_spatial)`` for ``K`` targets per sample.
+        raw: layer-resolution maps before normalisation, ``(N, [K,] *layer_spatial)``.
+        weights: channel weights ``(N, [K,] C[, *unpooled_spatial])``.
+        scores: the explained scalar scores ``(N, [K])`` (pre-softmax logits for class targets).
+        targets: class indices ``(N, [K])``, or ``None`` when a score callable was given.
+        zero_gradient: ``(N, [K])`` bool, True where every gradient at the layer was zero (the map
+            is then all zeros, never NaN).
+        method: the method's registered name (``"gradcam++"``, ``"gradcam"``, ...).
+        layer: dotted name of the explained layer.
+    """
+
+    maps: Tensor
+    raw: Tensor
+    weights: Tensor
+    scores: Tensor
+    targets: Tensor | None
+    zero_gradient: Tensor
+    method: str
+    layer: str
+
+    @property
+    def multi_target(self) -> bool:
+        return self.scores.ndim == 2
+
+
+#: Registered CAM methods by name (one registry; :func:`register_method` adds a user's subclass).
+METHODS: dict[str, type["BaseCAM"]] = {}
+
+CAM = TypeVar("CAM", bound=type["BaseCAM"])
+
+
+def register_method(cls: CAM) -> CAM:
+    """Class decorator: make a :class:`BaseCAM` subclass available by its ``method`` name to
+    ``explain_methods``, every adapter's ``methods=`` and the command line's ``--method``."""
+    name = getattr(cls, "method", "")
+    if not (isinstance(cls, type) and issubclass(cls, BaseCAM)) or not name:
+        raise TypeError("register_method takes a BaseCAM subclass with a non-empty `method` name")
+    existing = METHODS.get(name)
+    if existing is not None and existing is not cls:
+        raise ValueError(f"a method named {name!r} is registered already ({existing.__name__}); choose another name")
+    METHODS[name] = cls
+    return cls
+
+
+def method_names(method: str | None = None, methods: Sequence[str] | None = None) -> tuple[tuple[str, ...], bool]:
+    """``(names, single)`` from an adapter's ``method=`` / ``methods=`` arguments, checked against
+    :data:`METHODS`; ``single`` says the caller asked for one method (and gets one result back)."""
+    if method is not None and methods is not None:
+        raise ValueError("give method= (one result) or methods= (a dict of results), not both")
+    names = (method or "gradcam++",) if methods is None else tuple(methods)
+    if isinstance(methods, str):
+        names = (methods,)
+    if not names:
+        raise ValueError("methods= is empty; name at least one method, e.g. ('gradcam++', 'gradcam')")
+    unknown = [name for name in names if name not in METHODS]
+    if unknown:
+        raise ValueError(f"unknown method(s) {unknown}; choose from {sorted(METHODS)}")
+    return tuple(dict.fromkeys(names)), methods is None
+
+
+class BaseCAM:
+    """Shared machinery of gradient-weighted class activation maps.
+
+    Args:
+        model: any ``nn.Module``; it is explained in the train/eval mode the caller left it in.
+        target_layer: an ``nn.Module`` of the model, its dotted name (``"layer4"``, ``"blocks.-1"``),
+            or ``"auto"`` (see :func:`multiexplain.explain.layers.resolve_layer`), resolved on the
+            first call.
+        reshape: turns the layer's output into channels-first ``(N, C, *spatial)``, e.g.
+            :class:`~multiexplain.TokenReshape` for ViT tokens or :class:`~multiexplain.ChannelsLast`;
+            for a named layer without one, tokens and channels-last outputs are read from their shape.
+        layer_call: which call to explain when the layer runs several times in one forward.
+        element: which element of a tuple / list / dict output is the feature map.
+        branch: which pathway of a multi-pathway model (SlowFast: 0 slow, 1 fast) "auto" picks.
+        logits: callable ``model_output -> (N, classes)``; default :func:`model_logits`.
+        pool_axes: spatial axes the channel weights are pooled over (default all; ``(1, 2)`` on
+            ``T, H, W`` gives per-time-slice weights).
+        create_graph: differentiable mode (maps carry gradients to the model's parameters).
+
+    Scores are pre-softmax logits: a head that ends in a softmax (pytorchvideo's, see
+    :data:`~multiexplain.explain.families.SOFTMAX_HEADS`) is explained before its activation, in
+    this thread's forward only. Gradients are taken with ``torch.autograd.grad`` w.r.t. the captured activation only: no
+    ``.backward()``, no parameter ``.grad`` written. Scores of different samples must not interact
+    (a batch-norm layer in train mode *after* the explained layer couples them).
+    """
+
+    method: ClassVar[str] = ""
+
+    def __init__(
+        self,
+        model: nn.Module,
+        target_layer: LayerSpec = "auto",
+        *,
+        reshape: Reshape | None = None,
+        layer_call: int | None = None,
+        element: Element = None,
+        branch: int | None = None,
+        logits: Callable[[Any], Tensor] | None = None,
+        pool_axes: Sequence[int] | None = None,
+        create_graph: bool = False,
+    ) -> None:
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+        self.model = model
+        self.target_layer = target_layer
+        self._options = {"reshape": reshape, "layer_call": layer_call, "element": element, "branch": branch}
+        self.logits = logits or model_logits
+        self.pool_axes = tuple(pool_axes) if pool_axes is not None else None
+        self.create_graph = create_graph
+        self._lock = threading.Lock()
+        self.choice: LayerChoice | None = None
+        if not (isinstance(target_layer, str) and target_layer == "auto"):
+            self.choice = resolve_layer(model, target_layer, **self._options)
+
+    # -- the one thing a method supplies -------------------------------------------------------
+    def channel_weights(self, activations: Tensor, gradients: Tensor, spatial_ndim: int) -> Tensor:
+        """Channel weights ``(N, K, C[, *unpooled])`` from activations ``(N, 1, C, *spatial)`` and
+        gradients ``(N, K, C, *spatial)``."""
+        raise NotImplementedError
+
+    # -- context-manager use: no hooks outlive a call -------------------------------------------
+    def __enter__(self) -> "BaseCAM":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """Nothing to release: hooks never outlive a call."""
+
+    # -- the layer ----------------------------------------------------------------------------
+    @property
+    def layer(self) -> nn.Module | None:
+        return None if self.choice is None else self.choice.module
+
+    @property
+    def layer_name(self) -> str | None:
+        return None if self.choice is None else self.choice.name
+
+    @property
+    def reshape(self) -> Reshape | None:
+        return self._options["reshape"] if self.choice is None else self.choice.reshape
+
+    @property
+    def auto(self) -> LayerChoice | None:
+        """What ``"auto"`` chose (``None`` for a named layer, or before the first call)."""
+        return self.choice if self.target_layer == "auto" else None
+
+    def resolve(self, inputs: Inputs, targets: Targets = None, input_size: Sequence[int] | None = None) -> LayerChoice:
+        """The layer choice, made on the first call (a probe runs only for models that declare no
+        layer and match no family rule; its result is cached per model and input shape)."""
+        if self.choice is None:
+            with self._lock:
+                if self.choice is None:
+                    reference = primary_input(inputs)
+                    n = reference.shape[0]
+                    spatial = tuple(input_size) if input_size is not None else tuple(reference.shape[2:])
+                    self.choice = resolve_layer(
+                        self.model, "auto", **self._options,
+                        call=lambda module: call_model(module, inputs),
+                        input_shape=(n, 0, *spatial),
+                        score=lambda output: target_scores(output, targets, n, self.logits)[0],
+                    )
+        return self.choice
+
+    # -- explaining ---------------------------------------------------------------------------
+    def __call__(self, inputs: Inputs, targets: Targets = None, *, input_size: Sequence[int] | None = None,
+                 create_graph: bool | None = None) -> Explanation:
+        """Explain ``inputs`` for ``targets``.
+
+        Args:
+            inputs: a tensor ``(N, C, *spatial)``, a tuple/list of tensors, or a dict of keyword
+                inputs (see :func:`~multiexplain.explain.targets.call_model`).
+            targets: ``None`` (each sample's top-1 class), an int, ``N`` ints, an ``(N, K)``
+                nested list or tensor of class indices (``K`` maps per sample from one forward),
+                or a callable ``model_output -> scores (N,) or (N, K)``.
+            input_size: spatial size to upsample maps to; default the primary input's ``shape[2:]``.
+            create_graph: override the differentiable mode for this call.
+        """
+        return self.explain(inputs, targets, input_size=input_size, create_graph=create_graph)
+
+    def explain(self, inputs: Inputs, targets: Targets = None, *, input_size: Sequence[int] | None = None,
+                create_graph: bool | None = None) -> Explanation:
+        """Same as calling the explainer."""
+        explained = self.explain_methods(inputs, targets, methods=(self.method,), input_size=input_size,
+                                         create_graph=create_graph)
+        return explained[self.method]
+
+    def explain_methods(
+        self,
+        inputs: Inputs,
+        targets: Targets = None,
+        *,
+        methods: Sequence[str],
+        input_size: Sequence[int] | None = None,
+        create_graph: bool | None = None,
+    ) -> dict[str, Explanation]:
+        """Maps of several methods (names in :data:`METHODS`, e.g. ``("gradcam++", "gradcam")``)
+        from ONE forward pass and one set of gradients: methods differ only in their channel
+        weights. Returns ``{method: Explanation}`` in the order given."""
+        unknown = [name for name in methods if name != self.method and name not in METHODS]
+        if unknown or not methods:
+            raise ValueError(f"unknown method(s) {unknown}; choose from {sorted(METHODS)}" if unknown else "no methods given")
+        differentiable = self.create_graph if create_graph is None else create_graph
+        if torch.is_inference_mode_enabled():
+            raise RuntimeError(
+                "cannot explain inside torch.inference_mode(): maps need gradients at the layer and "
+                "inference tensors record none; call the explainer outside it (torch.no_grad() is fine)"
+            )
+        reference = primary_input(inputs)
+        if input_size is None and reference.ndim < 3:
+            raise ValueError(
+                f"expected a batched channels-first input (N, C, *spatial), got shape {tuple(reference.shape)}; "
+                "add the batch axis (x.unsqueeze(0)) or pass input_size="
+            )
+        choice = self.resolve(inputs, targets, input_size)
+        capture = LayerCapture(choice.module, choice.name, call_index=choice.layer_call, element=choice.element,
+                               detach_below=not differentiable)
+        grad_mode = torch.is_grad_enabled()
+        try:
+            # Inference mode: nothing below the layer records a graph; the capture turns grad on.
+            torch.set_grad_enabled(differentiable)
+            with capture.attached(), bypassed(final_activations(self.model)):
+                output = call_model(self.model, inputs)
+            activation = capture.require()
+            scores, indices, multi = target_scores(output, targets, reference.shape[0], self.logits)
+            gradients = _gradients(scores, activation, differentiable)
+        finally:
+            torch.set_grad_enabled(grad_mode)
+        size = tuple(input_size) if input_size is not None else tuple(reference.shape[2:])
+        reshape = choice.reshape if choice.reshape is not None else _read_named_layer(activation, size)
+        activation, gradients = _channels_first(activation, gradients, reshape, choice.name)
+        if self.choice is not None and self.choice.grid is None:
+            layout = {type(None): "channels_first", TokenReshape: "tokens", ChannelsLast: "channels_last"}.get(type(reshape), "custom")
+            self.choice = replace(self.choice, layout=self.choice.layout or layout, grid=tuple(activation.shape[2:]))
+        explanations = {}
+        for name in methods:
+            method = self if name == self.method else METHODS[name](
+                self.model, choice.module, reshape=reshape, layer_call=choice.layer_call, element=choice.element,
+                logits=self.logits, pool_axes=self.pool_axes, create_graph=self.create_graph,
+            )
+            explanations[name] = method._maps(choice.name, activation, gradients, scores, indices, multi, size, differentiable)
+        return explanations
+
+    def _maps(self, layer: str, activation: Tensor, gradients: Tensor, scores: Tensor, indices: Tensor | None,
+              multi: bool, size: tuple[int, ...], differentiable: bool) -> Explanation:
+        spatial_ndim = activation.ndim - 2
+        if not differentiable:
+            activation, gradients = activation.detach(), gradients.detach()
+        weights = self.channel_weights(activation.unsqueeze(1), gradients, spatial_ndim)
+        raw = core.weighted_activation_map(activation.unsqueeze(1), weights, spatial_ndim, self.pool_axes)
+        zero_gradient = (gradients == 0).flatten(2).all(dim=2)
+        if len(size) != spatial_ndim:
+            raise ValueError(
+                f"the map of layer {layer!r} has {spatial_ndim} spatial axes {tuple(raw.shape[2:])} but the "
+                f"input's spatial size {size} has {len(size)}; pass a batched channels-first input or input_size="
+            )
+        maps = core.normalize_maps(core.upsample_maps(raw, size), spatial_ndim)
+        if not multi:
+            maps, raw, weights, scores, zero_gradient = (t.squeeze(1) for t in (maps, raw, weights, scores, zero_gradient))
+            indices = indices.squeeze(1) if indices is not None else None
+        if not differentiable:
+            scores = scores.detach()
+        return Explanation(maps, raw, weights, scores, indices, zero_gradient, self.method, layer)
+
+
+def _read_named_layer(activation: Tensor, size: tuple[int, ...]) -> Reshape | None:
+    """For a layer named without ``reshape=``: channels-first when that reading fits the input,
+    else tokens or channels-last when the output's shape says so (``None``: read channels-first)."""
+    if activation.ndim == len(size) + 2 and _geometry_misfit(tuple(activation.shape[2:]), size) is not None:
+        return None
+    reading = read_layout(activation, activation.shape[0], size)
+    return reading.reshape if reading is not None else None
+
+
+def _channels_first(activation: Tensor, gradients: Tensor, reshape: Reshape | None, layer: str) -> tuple[Tensor, Tensor]:
+    """Activations ``(N, C, *spatial)`` and gradients ``(N, K, C, *spatial)`` through ``reshape``."""
+    if reshape is not None:
+        n, k = gradients.shape[:2]
+        activation = reshape(activation)
+        gradients = reshape(gradients.flatten(0, 1)).unflatten(0, (n, k))
+    if activation.ndim < 3:
+        raise ValueError(
+            f"layer {layer!r} outputs shape {tuple(activation.shape)}, which has no spatial axes; "
+            "choose a convolutional layer, or give reshape= (TokenReshape for (N, L, D) tokens)"
+        )
+    return activation, gradients
+
+
+def _gradients(scores: Tensor, activation: Tensor, create_graph: bool) -> Tensor:
+    """``dS[:, k] / dA`` for every target: ``(N, K, *activation.shape[1:])``.
+
+    One vector-Jacobian product per target column, batched with ``is_grads_batched``; the
+    per-target loop is only the fallback for ops that vmap cannot batch.
+    """
+    if not scores.requires_grad:
+        raise RuntimeError(
+            "the explained scores do not depend on the layer (they carry no gradient); "
+            "check the target callable and the layer"
+        )
+    n, k = scores.shape
+
+    def vjp(grad_outputs: Tensor, batched: bool) -> Tensor:
+        (grad,) = torch.autograd.grad(
+            scores, activation, grad_outputs, retain_graph=True, create_graph=create_graph,
+            allow_unused=True, is_grads_batched=batched,
+        )
+        if grad is None:  # the scores do not depend on this layer at all
+            shape = (k, *activation.shape) if batched else activation.shape
+            grad = torch.zeros(shape, dtype=activation.dtype, device=activation.device)
+        return grad
+
+    if k == 1:
+        return vjp(torch.ones_like(scores), False).unsqueeze(1)
+    eye = torch.eye(k, dtype=scores.dtype, device=scores.device)
+    try:
+        batched = vjp(eye.unsqueeze(1).expand(k, n, k), True)
+    except RuntimeError as error:
+        warnings.warn(f"batched gradients failed ({error}); falling back to one pass per target", RuntimeWarning)
+        batched = torch.stack([vjp(eye[j].expand(n, k), False) for j in range(k)])
+    return batched.transpose(0, 1)
+
+
+@register_method
+class GradCAM(BaseCAM):
+    """Grad-CAM (Selvaraju et al. 2017): channel weights are the spatial mean of the gradients."""
+
+    method = "gradcam"
+
+    def channel_weights(self, activations: Tensor, gradients: Tensor, spatial_ndim: int) -> Tensor:
+        return core.grad_cam_weights(activations, gradients, spatial_ndim, self.pool_axes)
+
+
+@register_method
+class GradCAMPlusPlus(BaseCAM):
+    """Grad-CAM++ (Chattopadhyay et al. 2018), eq. 19/20 exactly, over every spatial axis."""
+
+    method = "gradcam++"
+
+    def channel_weights(self, activations: Tensor, gradients: Tensor, spatial_ndim: int) -> Tensor:
+        return core.grad_cam_plus_plus_weights(activations, gradients, spatial_ndim, self.pool_axes)
+
+
+# -- the adapter protocol ----------------------------------------------------------------------------
+
+@dataclass
+class ExplainRequest:
+    """What a task adapter hands to the shared explainer for one explanation.
+
+    Attributes:
+        inputs: the model's call inputs (tensor, tuple, list or dict; see ``call_model``).
+        targets: class indices or a score callable ``model_output -> (N,) | (N, K)``.
+        layer, reshape, layer_call, element, branch: the layer (``"auto"``: the one resolver).
+        input_size: spatial size the maps are upsampled to (default the primary input's).
+        pool_axes, logits, create_graph: as for :class:`BaseCAM`.
+    """
+
+    inputs: Inputs
+    targets: Targets = None
+    layer: LayerSpec = "auto"
+    reshape: Reshape | None = None
+    layer_call: int | None = None
+    element: Element = None
+    branch: int | None = None
+    input_size: Sequence[int] | None = None
+    pool_axes: Sequence[int] | None = None
+    logits: Callable[[Any], Tensor] | None = None
+    create_graph: bool = False
+
+
+def explain_request(model: nn.Module, request: ExplainRequest, methods: Sequence[str] = ("gradcam++",)) -> dict[str, Explanation]:
+    """Run ``request`` on ``model``: ``{method: Explanation}`` from one forward and one set of gradients."""
+    names, _ = method_names(methods=methods)
+    explainer = METHODS[names[0]](
+        model, request.layer, reshape=request.reshape, layer_call=request.layer_call, element=request.element,
+        branch=request.branch, logits=request.logits, pool_axes=request.pool_axes, create_graph=request.create_graph,
+    )
+    return explainer.explain_methods(request.inputs, request.targets, methods=names, input_size=request.input_size)

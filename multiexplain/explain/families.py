@@ -1,0 +1,226 @@
+"""Per-family layer knowledge, kept as data: which layer a model family is explained at and how
+its output is read. :func:`multiexplain.explain.layers.resolve_layer` is the only reader.
+
+A rule recognises a family by architecture -- ``isinstance`` of a library class (so subclasses
+match), a Hugging Face ``config.model_type``, or the modules a model has -- never by the exact
+class name. Library classes are looked up only in modules that are already imported: a model of
+a library that was never imported cannot exist, and the core stays free of those imports.
+
+Families not listed here go to the probe, which finds the same layers for these families too;
+the rules save the probe's two forward passes and fix the pick where several layers would do
+(a pytorchvideo net's last stage rather than its head's 1x1x1 projection).
+"""
+
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass
+from typing import Callable, Sequence
+
+from torch import nn
+
+from .capture import Element
+from .layers import ChannelsLast, Reshape, TokenReshape, find_module
+
+__all__ = ["FAMILY_RULES", "FamilyRule", "HasModules", "IsInstance", "ModelType", "SOFTMAX_HEADS", "final_activations"]
+
+Located = tuple[nn.Module, Reshape | None, int | None, Element]
+
+
+# -- how a family is recognised ------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class IsInstance:
+    """An instance (or subclass instance) of the class at ``path`` (``"module.Class"``)."""
+
+    path: str
+
+    def __call__(self, model: nn.Module) -> bool:
+        module_name, _, class_name = self.path.rpartition(".")
+        cls = getattr(sys.modules.get(module_name), class_name, None)
+        return isinstance(cls, type) and isinstance(model, cls)
+
+
+@dataclass(frozen=True)
+class ModelType:
+    """A Hugging Face model whose ``config.model_type`` is one of ``types`` and that has the
+    attributes in ``having`` (e.g. a classifier head)."""
+
+    types: frozenset[str]
+    having: tuple[str, ...] = ()
+
+    def __call__(self, model: nn.Module) -> bool:
+        model_type = getattr(getattr(model, "config", None), "model_type", None)
+        return model_type in self.types and all(hasattr(model, name) for name in self.having)
+
+
+@dataclass(frozen=True)
+class HasModules:
+    """A model with submodules (or attributes) of these names, e.g. timm's ViTs."""
+
+    names: tuple[str, ...]
+
+    def __call__(self, model: nn.Module) -> bool:
+        return all(hasattr(model, name) for name in self.names)
+
+
+# -- where its layer is -----------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class At:
+    """The submodule at a dotted path; negative indices count from the end (``"blocks.-1.norm1"``)."""
+
+    path: str
+
+    def __call__(self, model: nn.Module, branch: int | None) -> nn.Module | None:
+        return find_module(model, self.path)
+
+
+@dataclass(frozen=True)
+class BaseAt:
+    """A path inside a Hugging Face model's base model (``model.swin``, ``model.swinv2``, ...)."""
+
+    path: str
+
+    def __call__(self, model: nn.Module, branch: int | None) -> nn.Module | None:
+        base = getattr(model, getattr(model, "base_model_prefix", "") or "", None)
+        return find_module(base, self.path) if isinstance(base, nn.Module) else None
+
+
+@dataclass(frozen=True)
+class LastBlockNorm:
+    """The first of ``norms`` in the last block of the model's block list (Hugging Face ViTs keep
+    it in ``vit.encoder.layer`` in transformers 4.x and ``vit.layers`` in 5.x)."""
+
+    norms: tuple[str, ...]
+
+    def __call__(self, model: nn.Module, branch: int | None) -> nn.Module | None:
+        for module in model.modules():
+            if isinstance(module, nn.ModuleList) and len(module) > 0:
+                for norm in self.norms:
+                    if isinstance(getattr(module[-1], norm, None), nn.Module):
+                        return getattr(module[-1], norm)
+        return None
+
+
+_PYTORCHVIDEO_HEADS = (
+    "pytorchvideo.models.head.ResNetBasicHead", "pytorchvideo.models.head.ResNetRoIHead",
+    "pytorchvideo.models.head.SequencePool", "pytorchvideo.models.head.VisionTransformerBasicHead",
+    "pytorchvideo.models.slowfast.PoolConcatPathway",
+)
+
+
+@dataclass(frozen=True)
+class LastBodyBlock:
+    """The last entry of ``model.blocks`` before the head (pytorchvideo nets); for a block with
+    parallel pathways (SlowFast) its pathway ``branch`` (default ``default_branch``: the fast one)."""
+
+    default_branch: int = 1
+
+    def __call__(self, model: nn.Module, branch: int | None) -> nn.Module | None:
+        blocks = getattr(model, "blocks", None)
+        if not isinstance(blocks, nn.ModuleList):
+            return None
+        heads = [IsInstance(path) for path in _PYTORCHVIDEO_HEADS]
+        body = [block for block in blocks if not any(head(block) for head in heads)]
+        if not body or len(body) == len(blocks):
+            return None
+        last = body[-1]
+        pathways = getattr(last, "multipathway_blocks", None)
+        if isinstance(pathways, nn.ModuleList):
+            index = self.default_branch if branch is None else branch
+            if not 0 <= index < len(pathways):
+                raise ValueError(f"branch {branch} is out of range: this model has {len(pathways)} pathways (0 = slow, 1 = fast)")
+            return pathways[index]
+        return last
+
+
+# -- how its output is read --------------------------------------------------------------------------
+
+def _hf_prefix_tokens(model: nn.Module) -> Reshape:
+    """A class token, DeiT's distillation token and any register tokens come before the patches."""
+    base = getattr(model, getattr(model, "base_model_prefix", ""), None)
+    embeddings = getattr(base, "embeddings", None)
+    prefix = 2 if getattr(embeddings, "distillation_token", None) is not None else 1
+    prefix += int(getattr(model.config, "num_register_tokens", 0) or 0)
+    return TokenReshape(num_prefix_tokens=prefix)
+
+
+def _timm_prefix_tokens(model: nn.Module) -> Reshape:
+    return TokenReshape(num_prefix_tokens=int(model.num_prefix_tokens))
+
+
+def _constant(reshape: Reshape | None) -> Callable[[nn.Module], Reshape | None]:
+    return lambda _model: reshape
+
+
+@dataclass(frozen=True)
+class FamilyRule:
+    """One family: how it is recognised, where its layer is, how the layer's output is read."""
+
+    family: str
+    recognise: Callable[[nn.Module], bool]
+    layer: Callable[[nn.Module, int | None], nn.Module | None]
+    reshape: Callable[[nn.Module], Reshape | None] = _constant(None)
+    layer_call: int | None = None
+    element: Element = None
+
+    def locate(self, model: nn.Module, branch: int | None) -> Located | None:
+        module = self.layer(model, branch)
+        if module is None:
+            return None
+        return module, self.reshape(model), self.layer_call, self.element
+
+
+_HF_VIT_TYPES = frozenset({
+    "vit", "deit", "dinov2", "dinov2_with_registers", "beit", "data2vec-vision", "vit_msn", "vit_mae", "ijepa",
+})
+
+#: The rules, first match wins.
+FAMILY_RULES: Sequence[FamilyRule] = (
+    # torchvision: the final tokens of a ViT reach the head only through the class token, so the
+    # last block's ln_1 is the last layer whose patch tokens get a gradient.
+    FamilyRule("torchvision ViT", IsInstance("torchvision.models.vision_transformer.VisionTransformer"),
+               At("encoder.layers.-1.ln_1"), _constant(TokenReshape(num_prefix_tokens=1))),
+    FamilyRule("torchvision Swin", IsInstance("torchvision.models.swin_transformer.SwinTransformer"),
+               At("norm"), _constant(ChannelsLast())),
+    FamilyRule("torchvision Swin3D", IsInstance("torchvision.models.video.swin_transformer.SwinTransformer3d"),
+               At("norm"), _constant(ChannelsLast())),
+    FamilyRule("torchvision video ResNet", IsInstance("torchvision.models.video.resnet.VideoResNet"), At("layer4")),
+    FamilyRule("torchvision S3D", IsInstance("torchvision.models.video.s3d.S3D"), At("features")),
+    # pytorchvideo: the last stage before the head (its 1x1x1 projections and pools are not it).
+    FamilyRule("pytorchvideo net", IsInstance("pytorchvideo.models.net.Net"), LastBodyBlock()),
+    # Hugging Face image classifiers.
+    FamilyRule("Hugging Face ViT-style classifier", ModelType(_HF_VIT_TYPES, ("classifier",)),
+               LastBlockNorm(("layernorm_before", "norm1")), _hf_prefix_tokens),
+    FamilyRule("Hugging Face Swin classifier", ModelType(frozenset({"swin", "swinv2"}), ("classifier",)),
+               BaseAt("layernorm"), _constant(TokenReshape(num_prefix_tokens=0))),
+    # Hugging Face captioners: every final vision token reaches the text decoder.
+    FamilyRule("Hugging Face BLIP", ModelType(frozenset({"blip"})), At("vision_model.post_layernorm"),
+               _constant(TokenReshape(num_prefix_tokens=1)), layer_call=0),
+    FamilyRule("Hugging Face VisionEncoderDecoder", ModelType(frozenset({"vision-encoder-decoder"})),
+               At("encoder.layernorm"), _constant(TokenReshape(num_prefix_tokens=None))),
+    # timm ViTs (and DeiT, EVA, ...): blocks plus a count of prefix tokens.
+    FamilyRule("timm ViT", HasModules(("blocks", "num_prefix_tokens", "patch_embed")),
+               At("blocks.-1.norm1"), _timm_prefix_tokens),
+)
+
+
+# -- where the pre-softmax logits are -----------------------------------------------------------------
+
+#: Heads whose ``activation`` (a Softmax or Sigmoid at the end of the model) is skipped while
+#: explaining, so the explained scores are the pre-activation logits (the paper's score).
+SOFTMAX_HEADS: Sequence[IsInstance] = (
+    IsInstance("pytorchvideo.models.head.ResNetBasicHead"), IsInstance("pytorchvideo.models.head.ResNetRoIHead"),
+    IsInstance("pytorchvideo.models.head.VisionTransformerBasicHead"),
+)
+
+
+def final_activations(model: nn.Module) -> list[nn.Module]:
+    """The Softmax / Sigmoid modules of :data:`SOFTMAX_HEADS` in ``model`` (skipped while explaining)."""
+    found = []
+    for module in model.modules():
+        activation = getattr(module, "activation", None)
+        if isinstance(activation, (nn.Softmax, nn.Sigmoid)) and any(head(module) for head in SOFTMAX_HEADS):
+            found.append(activation)
+    return found

@@ -1,0 +1,380 @@
+"""Training a student under a distillation objective: :class:`Trainer`, its config, and the
+``torchrun`` entry point (``torchrun --nproc_per_node 2 -m multiexplain.train --config run.yaml``).
+
+Under ``torchrun`` the student is wrapped in DistributedDataParallel (gloo on CPU, NCCL on GPU),
+each rank reads its shard, only rank 0 prints and writes checkpoints.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import sys
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from .data.distill_data import DISTILL_CLASSES, make_distill_dataset
+from .explain import model_logits
+from .losses import build_loss
+from .models import load_checkpoint, load_shipped, save_checkpoint, wide_resnet
+
+__all__ = ["TrainConfig", "Trainer", "evaluate_student", "load_config_file", "main", "seed_everything", "train_from_config"]
+
+
+@dataclass
+class TrainConfig:
+    """Trainer settings (all keys of the ``"train"`` section of :func:`train_from_config`).
+
+    ``optimizer``: "sgd" (momentum, Nesterov) or "adam"; ``schedule``: "cosine", "step" (x0.1 at
+    50% and 75% of the epochs) or "none"; ``checkpoint_dir``: where ``epoch_XXX.pt`` and
+    ``last.pt`` go each epoch (``None``: no checkpoints); ``resume``: continue from
+    ``checkpoint_dir/last.pt`` when it exists; ``device``: "cpu", "cuda", ... or ``None`` (the
+    student's device; under torchrun with CUDA, ``cuda:LOCAL_RANK``).
+    """
+
+    epochs: int = 10
+    batch_size: int = 64
+    lr: float = 0.05
+    optimizer: str = "sgd"
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    schedule: str = "cosine"
+    seed: int = 0
+    checkpoint_dir: str | None = None
+    resume: bool = False
+    progress: bool = True
+    device: str | None = None
+
+    @classmethod
+    def from_dict(cls, values: Mapping[str, Any]) -> "TrainConfig":
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise ValueError(f"unknown train option(s) {unknown}; known: {sorted(known)}")
+        return cls(**values)
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    torch.manual_seed(seed)
+    try:
+        import numpy as np
+
+        np.random.seed(seed % 2**32)
+    except ImportError:  # pragma: no cover - numpy is a dependency
+        pass
+
+
+def _distributed() -> tuple[bool, int, int]:
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        return True, dist.get_rank(), dist.get_world_size()
+    return False, 0, 1
+
+
+class Trainer:
+    """A compact training loop for a student under a :class:`DistillationLoss`.
+
+    Args:
+        student: the model to train (its parameters only; the teacher is frozen and put in eval).
+        teacher: the frozen teacher or ``None`` (plain training, e.g. of the teacher itself).
+        losses: the loss config for :func:`build_loss` (``{"ce": 1.0}`` trains without a teacher).
+        train_set: a dataset of ``(image, label)`` pairs.
+        config: a :class:`TrainConfig` or a mapping of its fields.
+        eval_set: optional held-out set; its error % is logged each epoch.
+
+    When ``torch.distributed`` is initialised (``torchrun``), the student is wrapped in
+    DistributedDataParallel, each rank reads its shard through a DistributedSampler, only rank 0
+    prints and writes checkpoints, and the buffers (batch-norm statistics) are broadcast from
+    rank 0 at the end so every rank holds the same state.
+    """
+
+    def __init__(
+        self,
+        student: nn.Module,
+        teacher: nn.Module | None,
+        losses: Mapping[str, Any],
+        train_set: torch.utils.data.Dataset,
+        config: TrainConfig | Mapping[str, Any] | None = None,
+        eval_set: torch.utils.data.Dataset | None = None,
+    ) -> None:
+        if config is None:
+            config = TrainConfig()
+        self.config = config if isinstance(config, TrainConfig) else TrainConfig.from_dict(config)
+        if self.config.epochs < 1 or self.config.batch_size < 1:
+            raise ValueError("epochs and batch_size must be >= 1")
+        self.distributed, self.rank, self.world_size = _distributed()
+        device = self.config.device
+        if device is None:
+            if self.distributed and torch.cuda.is_available():
+                device = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}"
+            else:
+                device = str(next(student.parameters()).device)
+        self.device = torch.device(device)
+        self.student = student.to(self.device)
+        self.teacher = teacher.to(self.device).eval() if teacher is not None else None
+        if self.teacher is not None:
+            for parameter in self.teacher.parameters():
+                parameter.requires_grad_(False)
+        self.model: nn.Module = self.student
+        if self.distributed:
+            # find_unused_parameters stays False: every student parameter is used by the scores.
+            self.model = nn.parallel.DistributedDataParallel(
+                self.student, device_ids=[self.device.index] if self.device.type == "cuda" else None
+            )
+        self.loss = build_loss(losses, self.model, self.teacher)
+        self.train_set, self.eval_set = train_set, eval_set
+        self.optimizer = self._make_optimizer()
+        self.scheduler = self._make_scheduler()
+        self.epoch = 0
+        self.history: list[dict[str, float]] = []
+
+    def _make_optimizer(self) -> torch.optim.Optimizer:
+        c = self.config
+        if c.optimizer == "sgd":
+            return torch.optim.SGD(self.student.parameters(), lr=c.lr, momentum=c.momentum, weight_decay=c.weight_decay, nesterov=c.momentum > 0)
+        if c.optimizer == "adam":
+            return torch.optim.AdamW(self.student.parameters(), lr=c.lr, weight_decay=c.weight_decay)
+        raise ValueError(f"unknown optimizer {c.optimizer!r}; choose 'sgd' or 'adam'")
+
+    def _make_scheduler(self) -> torch.optim.lr_scheduler.LRScheduler | None:
+        c = self.config
+        if c.schedule == "cosine":
+            return torch.optim.lr_scheduler.CosineAnnealingLR(self.optimizer, T_max=c.epochs)
+        if c.schedule == "step":
+            milestones = [max(1, c.epochs // 2), max(1, (3 * c.epochs) // 4)]
+            return torch.optim.lr_scheduler.MultiStepLR(self.optimizer, milestones=milestones, gamma=0.1)
+        if c.schedule == "none":
+            return None
+        raise ValueError(f"unknown schedule {c.schedule!r}; choose 'cosine', 'step' or 'none'")
+
+    def _loader(self, epoch: int) -> torch.utils.data.DataLoader:
+        if self.distributed:
+            sampler = torch.utils.data.distributed.DistributedSampler(
+                self.train_set, num_replicas=self.world_size, rank=self.rank, shuffle=True, seed=self.config.seed, drop_last=True
+            )
+            sampler.set_epoch(epoch)
+            return torch.utils.data.DataLoader(self.train_set, batch_size=self.config.batch_size, sampler=sampler, drop_last=True)
+        gen = torch.Generator().manual_seed(self.config.seed * 1000 + epoch)
+        # drop_last: a batch of one would break batch norm in train mode.
+        return torch.utils.data.DataLoader(self.train_set, batch_size=self.config.batch_size, shuffle=True, generator=gen, drop_last=len(self.train_set) > self.config.batch_size)
+
+    # -- checkpoints ----------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "epoch": self.epoch,
+            "student": self.student.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict() if self.scheduler is not None else None,
+            "history": self.history,
+            "config": asdict(self.config),
+            "rng": torch.get_rng_state(),
+        }
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        self.student.load_state_dict(state["student"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        if self.scheduler is not None and state.get("scheduler") is not None:
+            self.scheduler.load_state_dict(state["scheduler"])
+        self.epoch = int(state["epoch"])
+        self.history = list(state.get("history", []))
+        if "rng" in state:
+            torch.set_rng_state(state["rng"])
+
+    def _save_checkpoint(self) -> None:
+        if self.config.checkpoint_dir is None or self.rank != 0:
+            return
+        directory = Path(self.config.checkpoint_dir)
+        directory.mkdir(parents=True, exist_ok=True)
+        state = self.state_dict()
+        torch.save(state, directory / f"epoch_{self.epoch:03d}.pt")
+        # Write-then-rename, so an interrupted save never leaves a broken last.pt to resume from.
+        tmp = directory / "last.pt.tmp"
+        torch.save(state, tmp)
+        os.replace(tmp, directory / "last.pt")
+
+    def _maybe_resume(self) -> None:
+        if not self.config.resume or self.config.checkpoint_dir is None:
+            return
+        path = Path(self.config.checkpoint_dir) / "last.pt"
+        if path.exists():
+            self.load_state_dict(torch.load(path, map_location=self.device, weights_only=False))
+
+    # -- loop ---------------------------------------------------------------------------------
+    def fit(self, max_epochs: int | None = None) -> list[dict[str, float]]:
+        """Train for the remaining epochs (at most ``max_epochs`` of them in this call, e.g. to
+        split a run across jobs); returns one dict of mean loss terms (+ eval error) per epoch."""
+        seed_everything(self.config.seed)
+        self._maybe_resume()
+        show = self.config.progress and self.rank == 0
+        if show:
+            from tqdm.auto import tqdm
+        stop = self.config.epochs if max_epochs is None else min(self.config.epochs, self.epoch + max_epochs)
+        while self.epoch < stop:
+            self.student.train()
+            sums: dict[str, float] = {}
+            batches = 0
+            loader = self._loader(self.epoch)
+            iterator = tqdm(loader, desc=f"epoch {self.epoch + 1}/{self.config.epochs}", leave=False) if show else loader
+            for images, labels in iterator:
+                images, labels = images.to(self.device), labels.to(self.device)
+                total, terms, _ = self.loss(images, labels)
+                if not torch.isfinite(total):
+                    raise FloatingPointError(f"non-finite loss {total.item()} at epoch {self.epoch + 1} (terms {terms})")
+                self.optimizer.zero_grad(set_to_none=True)
+                total.backward()
+                self.optimizer.step()
+                batches += 1
+                for name, value in {"loss": total.detach(), **terms}.items():
+                    sums[name] = sums.get(name, 0.0) + float(value)
+                if show:
+                    iterator.set_postfix({k: f"{v / batches:.4g}" for k, v in sums.items()})
+            if self.scheduler is not None:
+                self.scheduler.step()
+            self.epoch += 1
+            record = {"epoch": float(self.epoch), **{k: v / max(batches, 1) for k, v in sums.items()}}
+            if self.eval_set is not None:
+                record["eval_error"] = evaluate_student(self.student, self.eval_set, device=self.device)
+            self.history.append(record)
+            if show:
+                print(" ".join(f"{k}={v:.4g}" for k, v in record.items()), flush=True)
+            self._save_checkpoint()
+        if self.distributed:
+            import torch.distributed as dist
+
+            for buffer in self.student.buffers():
+                dist.broadcast(buffer, src=0)
+        return self.history
+
+
+@torch.no_grad()
+def evaluate_student(model: nn.Module, dataset: torch.utils.data.Dataset, batch_size: int = 256, device: torch.device | str | None = None) -> float:
+    """Top-1 error % of ``model`` (in eval mode; its train/eval mode is restored) on ``(image, label)`` pairs."""
+    device = torch.device(device) if device is not None else next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    wrong = total = 0
+    try:
+        for images, labels in torch.utils.data.DataLoader(dataset, batch_size=batch_size):
+            logits = model_logits(model(images.to(device)))
+            wrong += int((logits.argmax(1).cpu() != labels).sum())
+            total += len(labels)
+    finally:
+        model.train(was_training)
+    return 100.0 * wrong / max(total, 1)
+
+
+def _model_from_config(spec: Mapping[str, Any] | None, role: str) -> nn.Module | None:
+    if spec is None:
+        return None
+    spec = dict(spec)
+    checkpoint = spec.pop("checkpoint", None)
+    if checkpoint == "shipped":
+        return load_shipped(f"distill-{role}").model
+    if checkpoint is not None:
+        return load_checkpoint(checkpoint).model
+    unknown = sorted(set(spec) - {"depth", "widen_factor", "num_classes"})
+    if unknown:
+        raise ValueError(f"unknown {role} option(s) {unknown}; use depth, widen_factor, num_classes, checkpoint")
+    return wide_resnet(int(spec.get("depth", 16)), int(spec.get("widen_factor", 2)), int(spec.get("num_classes", len(DISTILL_CLASSES))))
+
+
+def train_from_config(config: Mapping[str, Any]) -> dict[str, Any]:
+    """Train a student from one config dict (what ``multiexplain distill --config FILE`` loads).
+
+    Keys (all optional except ``student``):
+
+    - ``seed`` (int, 0): seeds the student's initialisation and the training order.
+    - ``data``: ``train_size`` (5000), ``test_size`` (1000), ``seed`` (0; the test set uses
+      ``seed + 1``), ``fraction`` (1.0; a class-balanced subset of the training set).
+    - ``teacher``: ``{"checkpoint": "shipped" | PATH}`` or ``{"depth": 16, "widen_factor": 2}``;
+      omit for plain training.
+    - ``student``: same form, e.g. ``{"depth": 10, "widen_factor": 1}``.
+    - ``losses``: for :func:`build_loss` (default ``{"ce": 1.0}``).
+    - ``train``: :class:`TrainConfig` fields (``epochs``, ``batch_size``, ``lr``, ``optimizer``,
+      ``schedule``, ``checkpoint_dir``, ``resume``, ``progress``, ``device``); ``seed`` defaults
+      to the top-level one.
+    - ``output``: path for the trained student (a :func:`multiexplain.models.save_checkpoint` file); rank 0 writes
+      it, or every rank its own copy when the path contains ``{rank}``.
+
+    Under ``torchrun`` the process group is initialised here (gloo on CPU, nccl with CUDA).
+    Returns ``{"history", "test_error", "output"}``.
+    """
+    import torch.distributed as dist
+
+    seed = int(config.get("seed", 0))
+    created_group = False
+    if "WORLD_SIZE" in os.environ and int(os.environ["WORLD_SIZE"]) > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+        created_group = True
+    try:
+        data = dict(config.get("data", {}))
+        train_set = make_distill_dataset(int(data.get("train_size", 5000)), int(data.get("seed", 0)))
+        if float(data.get("fraction", 1.0)) < 1.0:
+            train_set = train_set.subset(float(data["fraction"]), seed=int(data.get("seed", 0)))
+        test_set = make_distill_dataset(int(data.get("test_size", 1000)), int(data.get("seed", 0)) + 1)
+        if "student" not in config:
+            raise ValueError("the config needs a 'student' section, e.g. {'depth': 10, 'widen_factor': 1}")
+        # Seeded before each build, so every rank creates the same randomly initialised models.
+        torch.manual_seed(seed + 1)
+        teacher = _model_from_config(config.get("teacher"), "teacher")
+        torch.manual_seed(seed)
+        student = _model_from_config(config["student"], "student")
+        assert student is not None
+        train = {"seed": seed, **dict(config.get("train", {}))}
+        trainer = Trainer(student, teacher, config.get("losses", {"ce": 1.0}), train_set, train)
+        history = trainer.fit()
+        test_error = evaluate_student(student, test_set, device=trainer.device)
+        output = config.get("output")
+        if output is not None and ("{rank}" in output or trainer.rank == 0):
+            output = output.replace("{rank}", str(trainer.rank))
+            Path(output).parent.mkdir(parents=True, exist_ok=True)
+            save_checkpoint(output, student, meta={"test_error": test_error, "history": history})
+        if trainer.distributed:
+            dist.barrier()
+        return {"history": history, "test_error": test_error, "output": output}
+    finally:
+        if created_group:
+            dist.destroy_process_group()
+
+
+def load_config_file(path: str | os.PathLike) -> dict[str, Any]:
+    """Read a ``.json``, ``.yaml``/``.yml`` or ``.toml`` config file into a dict."""
+    path = Path(path)
+    text = path.read_text()
+    if path.suffix == ".json":
+        return json.loads(text)
+    if path.suffix in (".yaml", ".yml"):
+        import yaml
+
+        return yaml.safe_load(text)
+    if path.suffix == ".toml":
+        try:
+            import tomllib
+        except ModuleNotFoundError:  # Python 3.10
+            import tomli as tomllib
+
+        return tomllib.loads(text)
+    raise ValueError(f"unknown config format {path.suffix!r}; use .json, .yaml or .toml")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description="Train a student with distillation losses (torchrun-ready).")
+    parser.add_argument("--config", required=True, help="a .json / .yaml / .toml file for train_from_config")
+    args = parser.parse_args(argv)
+    result = train_from_config(load_config_file(args.config))
+    if int(os.environ.get("RANK", 0)) == 0:
+        print(json.dumps({"test_error": result["test_error"], "output": result["output"]}))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
