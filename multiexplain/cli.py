@@ -40,6 +40,42 @@ class CommandError(Exception):
     """A problem the user can fix (bad SPEC, offline, bad file): printed without a traceback."""
 
 
+#: What the command line reports as one ``multiexplain CMD: error: ...`` line and exit status 2
+#: (tracebacks only with ``--debug``): problems with the user's inputs, models and settings.
+USER_ERRORS: tuple[type[BaseException], ...] = (CommandError, ValueError, TypeError, KeyError, OSError)
+#: Longer messages are cut (a state dict that does not fit prints thousands of key names).
+MESSAGE_LIMIT = 600
+
+
+def cap_message(message: str, limit: int = MESSAGE_LIMIT) -> str:
+    """One line of at most ``limit`` characters, saying how much was left out."""
+    line = " ".join(str(message).split())
+    if len(line) <= limit:
+        return line
+    return f"{line[:limit].rstrip()} ... ({len(line) - limit} more characters)"
+
+
+def error_line(command: str, message: Any, item: str | None = None) -> str:
+    """``multiexplain CMD: error: [ITEM: ]message``, capped."""
+    text = str(message) if not isinstance(message, KeyError) else f"missing key {message}"
+    return f"multiexplain {command}: error: " + (f"{item}: " if item else "") + cap_message(text)
+
+
+def each_input(command: str, items: Sequence[Any], work: Any, *, debug: bool = False, name: Any = str) -> tuple[list, list]:
+    """Run ``work(item)`` for every item; a user error on one is reported as one line and the others
+    still run. Returns ``(results, [(item, message)])``."""
+    results, failed = [], []
+    for item in items:
+        try:
+            results.append(work(item))
+        except USER_ERRORS as error:
+            if debug:
+                raise
+            _log(error_line(command, error, name(item)))
+            failed.append((item, cap_message(str(error))))
+    return results, failed
+
+
 # -- shared helpers ------------------------------------------------------------------------------
 def _log(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
@@ -124,7 +160,7 @@ def cmd_classify(args: argparse.Namespace) -> int:
     images, failed = read_images(args.images)
     if not images:
         _log("multiexplain: no readable image")
-        return EXIT_FAILED
+        return EXIT_USAGE
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     layer = args.layer or loaded.layer
@@ -216,7 +252,7 @@ def cmd_caption(args: argparse.Namespace) -> int:
     images, failed = read_images(args.images)
     if not images:
         _log("multiexplain: no readable image")
-        return EXIT_FAILED
+        return EXIT_USAGE
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     processor, tokenizer = loaded.extra.get("processor"), loaded.extra.get("tokenizer")
@@ -289,7 +325,7 @@ def cmd_video(args: argparse.Namespace) -> int:
     videos, failed = _read_videos(args.videos, frames, side)
     if not videos:
         _log("multiexplain: no readable video")
-        return EXIT_FAILED
+        return EXIT_USAGE
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     report = Report("multiexplain video", intro=f"Model {args.model}: space-time Grad-CAM++ and Grad-CAM maps.")
@@ -524,6 +560,7 @@ def _common(parser: argparse.ArgumentParser, out: str) -> None:
     parser.add_argument("--out", default=out, help="output folder for figures and index.html (default %(default)s)")
     parser.add_argument("--colormap", default="jet", help="matplotlib colormap for overlays: jet, inferno, turbo, ... (default %(default)s)")
     parser.add_argument("--alpha", type=float, default=0.5, help="heat-map opacity over the input, 0..1 (default %(default)s)")
+    parser.add_argument("--debug", action="store_true", help="show Python tracebacks instead of one-line errors")
 
 
 def _model(parser: argparse.ArgumentParser, default: str | None) -> None:
@@ -623,9 +660,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.error(str(error))
     try:
         return int(args.handler(args) or 0)
-    except CommandError as error:
-        _log(f"multiexplain {args.command}: error: {error}")
-        return EXIT_FAILED
+    except USER_ERRORS as error:
+        if args.debug:
+            raise
+        _log(error_line(args.command, error))
+        return EXIT_USAGE
 
 if __name__ == "__main__":
     sys.exit(main())

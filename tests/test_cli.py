@@ -186,12 +186,12 @@ def test_classify_target_by_name_matches_the_explainer(images, resnet_state, tmp
 def test_classify_errors(images, resnet_state, tmp_path, capsys):
     out = str(tmp_path / "out")
     assert cli.main(["classify", str(tmp_path / "none.png"), "--model", resnet_state, "--arch",
-                     "torchvision:resnet18", "--out", out, "--device", "cpu"]) == 1
+                     "torchvision:resnet18", "--out", out, "--device", "cpu"]) == 2
     assert "no readable image" in capsys.readouterr().err
     assert cli.main(["classify", images[0], "--model", "torchvision:resnet18@none", "--target", "zebraa",
-                     "--out", out, "--device", "cpu"]) == 1
+                     "--out", out, "--device", "cpu"]) == 2
     assert "did you mean zebra" in capsys.readouterr().err
-    assert cli.main(["classify", images[0], "--model", resnet_state, "--out", out, "--device", "cpu"]) == 1
+    assert cli.main(["classify", images[0], "--model", resnet_state, "--out", out, "--device", "cpu"]) == 2
     assert "--arch" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         cli.main(["classify", images[0], "--model", "torchvision:resnet18@none", "--alpha", "2"])
@@ -262,13 +262,13 @@ def test_evaluate_an_image_folder(images, resnet_state, tmp_path, capsys):
 
 def test_evaluate_errors(tmp_path, capsys):
     assert cli.main(["evaluate", "--task", "classification", "--model", "torchvision:resnet18@none",
-                     "--data", str(tmp_path / "nowhere"), "--out", str(tmp_path), "--device", "cpu"]) == 1
+                     "--data", str(tmp_path / "nowhere"), "--out", str(tmp_path), "--device", "cpu"]) == 2
     assert "--data must be 'synthetic' or a folder" in capsys.readouterr().err
     assert cli.main(["evaluate", "--task", "captioning", "--data", str(tmp_path), "--out", str(tmp_path),
-                     "--device", "cpu"]) == 1
+                     "--device", "cpu"]) == 2
     assert "evaluated on --data synthetic" in capsys.readouterr().err
     assert cli.main(["evaluate", "--task", "classification", "--model", "torchvision:resnet18@none",
-                     "--out", str(tmp_path), "--device", "cpu"]) == 1
+                     "--out", str(tmp_path), "--device", "cpu"]) == 2
     assert "shipped shape scenes" in capsys.readouterr().err
 
 
@@ -302,11 +302,11 @@ def test_distill_from_a_config_file(suffix, tmp_path, capsys):
 
 
 def test_distill_errors(tmp_path, capsys):
-    assert cli.main(["distill", "--config", str(tmp_path / "none.yaml"), "--device", "cpu"]) == 1
+    assert cli.main(["distill", "--config", str(tmp_path / "none.yaml"), "--device", "cpu"]) == 2
     assert "does not exist" in capsys.readouterr().err
     bad = tmp_path / "bad.yaml"
     bad.write_text("seed: 0\ndata: {train_size: 8, test_size: 8}\n")
-    assert cli.main(["distill", "--config", str(bad), "--out", str(tmp_path / "o"), "--device", "cpu"]) == 1
+    assert cli.main(["distill", "--config", str(bad), "--out", str(tmp_path / "o"), "--device", "cpu"]) == 2
     assert "student" in capsys.readouterr().err
 
 

@@ -178,4 +178,4 @@ def test_demo_degrades_gracefully_without_a_checkpoint(tmp_path, monkeypatch):
     # The command exits non-zero only when a task failed, and still prints where the report is.
     assert cli.main(["demo", "--out", str(tmp_path / "cli"), "--tasks", "classification", "--device", "cpu"]) == 0
     assert cli.main(["demo", "--out", str(tmp_path / "cli"), "--tasks", "distillation", "--device", "cpu"]) == 1
-    assert cli.main(["demo", "--out", str(tmp_path / "cli"), "--tasks", "nope", "--device", "cpu"]) == 1
+    assert cli.main(["demo", "--out", str(tmp_path / "cli"), "--tasks", "nope", "--device", "cpu"]) == 2
