@@ -524,6 +524,27 @@ def _evaluate_video_folder(loaded, folder: Path, args: argparse.Namespace):
     return faithfulness_metrics(loaded.model, clips, maps, targets, "softmax"), len(videos)
 
 
+def cmd_explain_dataset(args: argparse.Namespace) -> int:
+    from .dataset_run import explain_dataset
+
+    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    result = explain_dataset(
+        args.task, args.model, args.data, args.out, arch=args.arch, images=args.images, methods=methods,
+        layer=args.layer, boxes=args.boxes, masks=args.masks, target=args.target, tolerance=args.tolerance,
+        batch_size=args.batch_size, chunk_size=args.chunk_size, workers=args.workers, device=args.device,
+        upsample=args.upsample, dtype=args.dtype, frames=args.frames, size=args.size, progress=not args.quiet,
+    )
+    if result.rank == 0:
+        for entry in result.skipped:
+            _log(error_line("explain-dataset", entry["error"], entry["path"]))
+        print(f"explained {result.explained} of {result.items} items ({len(result.skipped)} skipped) in "
+              f"{result.seconds:.1f} s with {result.world_size} process(es)")
+        for method, values in result.metrics["methods"].items():
+            print(f"{method}: " + ", ".join(f"{k} {v:.4g}" for k, v in values.items()))
+        print(f"store: {result.out}  (index.jsonl, chunk-*.safetensors, metrics.json, index.html)")
+    return EXIT_OK
+
+
 def cmd_distill(args: argparse.Namespace) -> int:
     from .train import load_config_file, train_from_config
 
@@ -631,6 +652,35 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--seed", type=int, default=1234, help="seed of the synthetic data (default %(default)s)")
     _common(evaluate, "multiexplain-evaluate")
     evaluate.set_defaults(handler=cmd_evaluate)
+
+    dataset = commands.add_parser(
+        "explain-dataset", help="explain a whole data set into a resumable store (torchrun-ready)",
+        description="Explain every image, video or image-caption pair of a data set, on one process or under "
+        "`torchrun --nproc_per_node N -m multiexplain explain-dataset ...`, into a chunked safetensors store with a "
+        "JSONL index; rerun the same command to resume. With --boxes or --masks, localisation metrics on your ground truth.")
+    dataset.add_argument("--task", required=True, choices=("classification", "video", "captioning"))
+    _model(dataset, None)
+    dataset.add_argument("--data", required=True, help="an image/video folder (flat or <class>/<file>), a list file "
+                         "('path [label]' per line), or for captioning a COCO captions JSON")
+    dataset.add_argument("--images", help="captioning: the folder the COCO JSON's file names are relative to")
+    dataset.add_argument("--methods", default="gradcam++,gradcam", help="comma-separated methods (default %(default)s)")
+    dataset.add_argument("--layer", default="auto", help="layer to explain (default: the resolver's)")
+    dataset.add_argument("--boxes", help="ground-truth boxes: a COCO instances JSON or a folder of Pascal VOC XML files")
+    dataset.add_argument("--masks", help="ground-truth masks: a folder with one mask image per image (same file stem)")
+    dataset.add_argument("--target", default="label", choices=("label", "top1"),
+                         help="explain the data's label where it has one (default) or always the top-1 class")
+    dataset.add_argument("--tolerance", type=float, default=15.0,
+                         help="pointing-game tolerance in input pixels (default 15, Zhang et al.)")
+    dataset.add_argument("--batch-size", type=int, default=16)
+    dataset.add_argument("--chunk-size", type=int, default=64, help="items per store chunk, the unit of resuming")
+    dataset.add_argument("--workers", type=int, default=2, help="DataLoader workers decoding items (default %(default)s)")
+    dataset.add_argument("--upsample", action="store_true", help="also store maps at the input resolution")
+    dataset.add_argument("--dtype", default="float16", choices=("float16", "float32"), help="stored map precision")
+    dataset.add_argument("--frames", type=int, help="video: frames per clip (default: the model's)")
+    dataset.add_argument("--size", type=int, help="input side for models without their own preprocessing")
+    dataset.add_argument("--quiet", action="store_true", help="no progress bar")
+    _common(dataset, "multiexplain-store")
+    dataset.set_defaults(handler=cmd_explain_dataset)
 
     distill = commands.add_parser("distill", help="train a student with the explanation loss",
                                   description="Teacher-student training with CE (+KD) + a*||L_student - L_teacher||^2.")

@@ -20,7 +20,7 @@ from .viz import DEFAULT_ALPHA, DEFAULT_COLORMAP, clip_and_maps, overlay, to_rgb
 
 __all__ = [
     "IMAGE_SUFFIXES", "VIDEO_SUFFIXES", "folder_files", "image_size", "image_to_tensor", "read_clip", "read_image",
-    "read_images", "write_gif", "write_mp4",
+    "read_images", "read_mask", "write_gif", "write_mp4",
 ]
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff")
@@ -73,6 +73,22 @@ def image_to_tensor(image: Any) -> Tensor:
         raise ValueError(f"expected an image (H, W[, 3]), got an array of shape {array.shape}")
     tensor = torch.from_numpy(np.array(array[..., :3])).permute(2, 0, 1)  # a writable copy
     return tensor.float() / 255 if tensor.dtype == torch.uint8 else tensor.float()
+
+
+def read_mask(path: str | os.PathLike) -> Tensor:
+    """A mask image as ``(H, W)`` bool: True where any channel of the pixel is non-zero."""
+    import numpy as np
+    from PIL import Image, UnidentifiedImageError
+
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"no mask file {os.fspath(path)!r}")
+    try:
+        with Image.open(path) as image:
+            array = np.asarray(image)
+    except (UnidentifiedImageError, OSError, ValueError) as error:
+        raise ValueError(f"{os.fspath(path)} is not a readable mask image ({type(error).__name__}: {error})") from None
+    mask = torch.from_numpy(np.array(array != 0))
+    return mask.any(dim=-1) if mask.ndim == 3 else mask
 
 
 def image_size(path: str | os.PathLike) -> tuple[int, int] | None:

@@ -31,6 +31,8 @@ from typing import Any, Callable
 import torch
 from torch import Tensor, nn
 
+from .sources import ResizeCrop
+
 __all__ = [
     "BUILTIN_MODELS",
     "IMAGENET_MEAN",
@@ -125,6 +127,8 @@ class LoadedModel:
             for every entry point (:func:`multiexplain.resolve_layer`).
         reshape: a channels-first rule when the SPEC knows one the resolver does not, else ``None``.
         mean, std: the input normalisation (to undo it for display).
+        geometry: where ``preprocess`` takes the input's pixels from (resize, centre crop), so ground
+            truth drawn on the original image can be carried onto the input grid; ``None`` if unknown.
         extra: source-specific details (clip frames/size for video models, the HF processor, ...).
     """
 
@@ -138,6 +142,7 @@ class LoadedModel:
     mean: tuple[float, ...] = IMAGENET_MEAN
     std: tuple[float, ...] = IMAGENET_STD
     extra: dict[str, Any] = field(default_factory=dict)
+    geometry: ResizeCrop | None = None
 
     @property
     def device(self) -> torch.device:
@@ -293,7 +298,37 @@ def _load_torchvision(parsed: ModelSpec, num_classes: int | None = None) -> Load
         frames = max(16, int(reference.meta.get("min_temporal_size") or 1))
         return LoadedModel(model, parsed, "video", labels=labels, mean=tuple(transforms.mean), std=tuple(transforms.std),
                            extra={"frames": frames, "size": int(transforms.crop_size[0])})
-    return LoadedModel(model, parsed, "classification", preprocess=transforms, labels=labels)
+    return LoadedModel(model, parsed, "classification", preprocess=transforms, labels=labels,
+                       geometry=_torchvision_geometry(transforms))
+
+
+def _torchvision_geometry(transforms: Any) -> ResizeCrop | None:
+    """The geometry of torchvision's ``ImageClassification`` preset: resize (one int: the shorter
+    side), then a centre crop."""
+    resize, crop = getattr(transforms, "resize_size", None), getattr(transforms, "crop_size", None)
+    if resize is None or crop is None:
+        return None
+    crop_hw = (int(crop[0]), int(crop[-1]))
+    if len(resize) == 1:
+        return ResizeCrop(shorter=int(resize[0]), crop=crop_hw)
+    return ResizeCrop(size=(int(resize[0]), int(resize[1])), crop=crop_hw)
+
+
+def _hf_geometry(processor: Any, size: int) -> ResizeCrop | None:
+    """The geometry of a Hugging Face image processor: a fixed ``{height, width}`` resize, or the
+    shortest edge then a centre crop; ``None`` for others (e.g. ConvNeXt's ``crop_pct`` rule)."""
+    if processor is None:
+        return ResizeCrop(size=(size, size))  # plain_preprocess
+    target = getattr(processor, "size", None) or {}
+    crop = getattr(processor, "crop_size", None) if getattr(processor, "do_center_crop", False) else None
+    crop_hw = (int(crop["height"]), int(crop["width"])) if isinstance(crop, dict) and "height" in crop else None
+    if not getattr(processor, "do_resize", True):
+        return ResizeCrop(crop=crop_hw) if crop_hw or not crop else None
+    if "height" in target and "width" in target:
+        return ResizeCrop(size=(int(target["height"]), int(target["width"])), crop=crop_hw)
+    if "shortest_edge" in target and "crop_pct" not in getattr(processor, "to_dict", dict)():
+        return ResizeCrop(shorter=int(target["shortest_edge"]), crop=crop_hw)
+    return None
 
 
 # -- Hugging Face -------------------------------------------------------------------------------
@@ -337,7 +372,7 @@ def _load_hf(parsed: ModelSpec, task: str | None) -> LoadedModel:
     if id2label and not all(str(v).startswith("LABEL_") for v in id2label.values()):
         labels = [str(id2label[i]) for i in sorted(id2label)]
     return LoadedModel(model, parsed, "classification", preprocess=preprocess, labels=labels, mean=mean, std=std,
-                       extra={"processor": processor})
+                       extra={"processor": processor}, geometry=_hf_geometry(processor, size))
 
 
 def _load_hf_captioner(parsed: ModelSpec, source: str, local_only: bool, offline: bool) -> LoadedModel:
