@@ -99,3 +99,19 @@ def test_importing_the_core_loads_no_adapter_application_or_heavy_library():
     run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=ROOT)
     assert run.returncode == 0, run.stderr
     assert run.stdout.strip() == "[]", run.stdout
+
+
+def _packages_under(folder: Path, name: str) -> set[str]:
+    """Dotted names of ``folder`` and every subfolder with an ``__init__.py``, installed as ``name``."""
+    return {".".join([name, *init.parent.relative_to(folder).parts]) for init in folder.rglob("__init__.py")}
+
+
+def test_every_package_is_installed_by_a_non_editable_install():
+    # setuptools installs only the packages listed in pyproject.toml; a subpackage missing there
+    # works in an editable checkout and is absent from the wheel users get.
+    import tomllib
+
+    listed = set(tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"])
+    on_disk = _packages_under(ROOT / "multiexplain", "multiexplain") | _packages_under(ROOT / "adapters", "multiexplain.adapters")
+    assert on_disk - listed == set(), f"add to [tool.setuptools] packages in pyproject.toml: {sorted(on_disk - listed)}"
+    assert listed - on_disk == set(), f"listed but not on disk: {sorted(listed - on_disk)}"
