@@ -52,6 +52,8 @@ def resnet_state(tmp_path_factory) -> str:
         ("hf:google/vit-base-patch16-224", zoo.ModelSpec("hf", "google/vit-base-patch16-224", None)),
         ("hf:/models/my@vit", zoo.ModelSpec("hf", "/models/my@vit", None)),
         ("pytorchvideo:x3d_s", zoo.ModelSpec("pytorchvideo", "x3d_s", None)),
+        ("timm:resnet18", zoo.ModelSpec("timm", "resnet18", None)),
+        ("timm:convnext_tiny.fb_in1k@none", zoo.ModelSpec("timm", "convnext_tiny.fb_in1k", "none")),
         ("builtin:scene-classifier", zoo.ModelSpec("builtin", "scene-classifier", None)),
         ("weights/model.pt", zoo.ModelSpec("file", "weights/model.pt", None)),
     ],
@@ -181,6 +183,28 @@ def test_classify_target_by_name_matches_the_explainer(images, resnet_state, tmp
     with torch.no_grad():
         p = loaded.model(x).softmax(1)[0, 1].item()
     assert result["targets"][0]["probability"] == pytest.approx(p, rel=1e-4)
+
+
+def test_classify_with_a_timm_spec(images, tmp_path, capsys):
+    """``multiexplain classify img.png --model timm:resnet18@none``: timm's preprocessing, the one
+    resolver's layer (layer4), ImageNet class names, the same top-1 as the model run by hand."""
+    timm = pytest.importorskip("timm")
+    out = tmp_path / "out"
+    torch.manual_seed(0)
+    assert cli.main(["classify", images[0], "--model", "timm:resnet18@none", "--out", str(out), "--device", "cpu"]) == 0
+    payload = json.loads((out / "predictions.json").read_text())
+    assert payload["settings"]["layer"] == "layer4" and payload["settings"]["model"] == "timm:resnet18@none"
+    target = payload["results"][0]["targets"][0]
+    torch.manual_seed(0)
+    model = timm.create_model("resnet18").eval()
+    transform = timm.data.create_transform(**timm.data.resolve_model_data_config(model))
+    with torch.no_grad():
+        probabilities = model(transform(Image.open(images[0]).convert("RGB")).unsqueeze(0)).softmax(1)[0]
+    assert target["class"] == int(probabilities.argmax())
+    assert target["probability"] == pytest.approx(float(probabilities.max()), rel=1e-4)
+    assert target["label"] == timm.data.ImageNetInfo().index_to_description(target["class"]).split(",")[0]
+    assert (out / payload["results"][0]["figure"]).is_file()
+    assert f"{images[0]}: {target['label']}" in capsys.readouterr().out
 
 
 def test_classify_errors(images, resnet_state, tmp_path, capsys):
