@@ -662,15 +662,12 @@ class _Grid:
 
 
 def _block_sum(x: Tensor, blocks: Sequence[int]) -> Tensor:
-    """Sum ``(M, *spatial)`` over blocks of ``blocks`` positions (1 or 2 per axis; zeros pad odd ends)."""
-    pad = []
-    for size, block in zip(reversed(x.shape[1:]), reversed(blocks)):
-        pad += [0, (-size) % block]
-    x = F.pad(x, pad)
-    shape = [x.shape[0]]
-    for size, block in zip(x.shape[1:], blocks):
-        shape += [size // block, block]
-    return x.reshape(shape).sum(dim=tuple(range(2, len(shape), 2)))
+    """Sum ``(M, *spatial)`` over blocks of ``blocks`` positions (1 or 2 per axis; a block at an
+    odd end sums what is there)."""
+    if len(blocks) == 1:  # pooled as 2D with a trailing axis of one
+        return _block_sum(x.unsqueeze(-1), (*blocks, 1)).squeeze(-1)
+    pool = F.avg_pool2d if len(blocks) == 2 else F.avg_pool3d
+    return pool(x.unsqueeze(1), tuple(blocks), tuple(blocks), ceil_mode=True, divisor_override=1).squeeze(1)
 
 
 def _spread(x: Tensor, blocks: Sequence[int], spatial: Sequence[int]) -> Tensor:
@@ -1134,11 +1131,15 @@ def randomisable_layers(model: nn.Module, called: dict[nn.Module, int] | None = 
     return [names[module] or "(model)" for _, _, module in ordered]
 
 
-def _layer_groups(model: nn.Module, layers: Sequence[str] | None, called: dict[nn.Module, int]) -> list[tuple[str, list[nn.Module]]]:
+def _layer_groups(model: nn.Module, layers: Sequence[str] | int | None, called: dict[nn.Module, int]) -> list[tuple[str, list[nn.Module]]]:
     """``(name, modules)`` per randomisation step, top first."""
     if layers is None:
         names = randomisable_layers(model, called)
         return [(name, [model.get_submodule("" if name == "(model)" else name)]) for name in names]
+    if isinstance(layers, int) and not isinstance(layers, bool):
+        return _blocks_at_depth(model, layers, called)
+    if isinstance(layers, str):
+        raise TypeError("layers must be a sequence of dotted names (a list), an int depth or None")
     groups = []
     known = [name for name, _ in model.named_modules() if name]
     for name in layers:
@@ -1156,6 +1157,28 @@ def _layer_groups(model: nn.Module, layers: Sequence[str] | None, called: dict[n
     if not groups:
         raise ValueError("layers must name at least one layer")
     return groups
+
+
+def _blocks_at_depth(model: nn.Module, depth: int, called: dict[nn.Module, int]) -> list[tuple[str, list[nn.Module]]]:
+    """One step per module ``depth`` levels down (everything inside it), plus one per shallower
+    module that owns parameters itself (a class token); ordered by the last first call inside."""
+    if depth < 1:
+        raise ValueError(f"a layer depth must be >= 1, got {depth}")
+    groups = []
+    for name, module in model.named_modules():
+        level = name.count(".") + 1 if name else 0
+        if level == depth:
+            owners = [m for m in module.modules() if _owns_parameters(m)]
+        elif level < depth and _owns_parameters(module):
+            owners = [module]
+        else:
+            continue
+        if owners:
+            last = max((called.get(m, -1) for m in module.modules()), default=-1)
+            groups.append((last, len(groups), name or "(model)", owners))
+    if not groups:
+        raise ValueError("the model has no parameters to randomise")
+    return [(name, owners) for _, _, name, owners in sorted(groups, key=lambda g: (g[0], g[1]), reverse=True)]
 
 
 def _snapshot(model: nn.Module) -> list[tuple[dict, str, Tensor | None, Tensor | None]]:
@@ -1218,7 +1241,7 @@ def model_randomisation(
     model: nn.Module,
     explain: Explain,
     *,
-    layers: Sequence[str] | None = None,
+    layers: Sequence[str] | int | None = None,
     order: str = "cascading",
     seed: int = 0,
     randomise: Randomise = reinitialise,
@@ -1237,7 +1260,9 @@ def model_randomisation(
             It is called once on the trained model and once per step.
         layers: dotted names, top first; each step randomises every parameter inside one of them.
             ``None``: every module that owns parameters, ordered by when it first runs during the
-            trained model's explanation, last first.
+            trained model's explanation, last first. An int ``d``: one step per module ``d``
+            levels down (``1``: the model's children, e.g. ``fc, layer4, ..., conv1`` of a ResNet),
+            for large models where a step per layer would be slow.
         order: ``"cascading"`` (the paper: randomisation accumulates) or ``"independent"`` (one
             layer at a time, the others trained).
         seed: step ``s`` draws its weights under ``torch.manual_seed(seed + s)``; torch's global

@@ -265,6 +265,7 @@ def test_caption_end_to_end(tmp_path, capsys):
     assert given["words"] == ["two", "red", "diamonds"] and given["generated"] is False
 
 
+@pytest.mark.slow
 def test_evaluate_an_image_folder(images, resnet_state, tmp_path, capsys):
     folder = tmp_path / "data"
     (folder / "nested").mkdir(parents=True)
@@ -272,16 +273,36 @@ def test_evaluate_an_image_folder(images, resnet_state, tmp_path, capsys):
         shutil.copy(path, folder / ("nested" if i else "") / Path(path).name)
     out = tmp_path / "out"
     assert cli.main(["evaluate", "--task", "classification", "--model", resnet_state, "--arch", "torchvision:resnet18",
-                     "--data", str(folder), "--out", str(out), "--device", "cpu"]) == 0
+                     "--data", str(folder), "--out", str(out), "--device", "cpu", "--road-samples", "1"]) == 0
     printed = capsys.readouterr().out
     assert "Average Drop % (lower is better)" in printed and "Grad-CAM++" in printed
     payload = json.loads((out / "metrics.json").read_text())
-    assert payload["settings"]["samples"] == 2
+    assert payload["settings"]["samples"] == 2 and payload["ROAD samples"] == 1
+    assert payload["randomisation steps"].startswith("7 (per child module")  # fc, layer4 .. layer1, bn1, conv1
     pp, gc = payload["metrics"]["gradcam++"], payload["metrics"]["gradcam"]
     assert pp["Win % (higher is better)"] + gc["Win % (higher is better)"] == pytest.approx(100)
     for row in (pp, gc):
         assert 0 <= row["Average Drop % (lower is better)"] <= 100
+        morf = row["ROAD MoRF confidence, mean over 10-90% removed (lower is better)"]
+        lerf = row["ROAD LeRF confidence, mean over 10-90% removed (higher is better)"]
+        assert 0 <= morf <= 1 and 0 <= lerf <= 1
+        assert row["ROAD (LeRF - MoRF) / 2 (higher is better)"] == pytest.approx((lerf - morf) / 2)
+        assert -1 <= row["Sanity: Spearman with the trained maps, all layers random (lower is better)"] <= 1
+        assert row["Sanity: SSIM with the trained maps, all layers random (lower is better)"] <= 1
     assert (out / "index.html").is_file()
+
+
+@pytest.mark.slow
+def test_evaluate_an_image_folder_with_a_timm_spec(images, tmp_path, capsys):
+    pytest.importorskip("timm")
+    out = tmp_path / "out"
+    spec = "timm:mobilenetv3_small_050@none"  # 0.02 GFLOPs a forward: ROAD runs 36 of them
+    assert cli.main(["evaluate", "--task", "classification", "--model", spec, "--data",
+                     str(Path(images[0]).parent), "--out", str(out), "--device", "cpu", "--road-samples", "1"]) == 0
+    payload = json.loads((out / "metrics.json").read_text())
+    assert payload["settings"]["model"] == spec and payload["settings"]["samples"] == 2
+    assert "ROAD (LeRF - MoRF) / 2 (higher is better)" in payload["metrics"]["gradcam"]
+    assert "Sanity: SSIM with the trained maps, all layers random" in capsys.readouterr().out
 
 
 def test_evaluate_errors(tmp_path, capsys):
@@ -299,12 +320,19 @@ def test_evaluate_errors(tmp_path, capsys):
 @_shipped("scene_cnn.pt")
 def test_evaluate_synthetic_scenes(tmp_path, capsys):
     out = tmp_path / "out"
-    assert cli.main(["evaluate", "--task", "classification", "-n", "16", "--out", str(out), "--device", "cpu"]) == 0
-    metrics = json.loads((out / "metrics.json").read_text())["metrics"]
+    assert cli.main(["evaluate", "--task", "classification", "-n", "16", "--road-samples", "4", "--out", str(out),
+                     "--device", "cpu"]) == 0
+    payload = json.loads((out / "metrics.json").read_text())
+    metrics = payload["metrics"]
+    assert payload["ROAD samples"] == 4
     for method in ("gradcam++", "gradcam"):
         assert set(metrics[method]) >= {"Average Drop % (lower is better)", "Loc(0.25) (higher is better)",
-                                        "Pointing game % (higher is better)", "Instances covered % (higher is better)"}
+                                        "Pointing game % (higher is better)", "Instances covered % (higher is better)",
+                                        "Pointing game %, class mean (higher is better)",
+                                        "ROAD (LeRF - MoRF) / 2 (higher is better)",
+                                        "Sanity: Spearman with the trained maps, top layer random (lower is better)"}
         assert 0 <= metrics[method]["Energy inside the region % (higher is better)"] <= 100
+        assert 0 <= metrics[method]["Pointing game %, class mean (higher is better)"] <= 100
 
 
 @pytest.mark.parametrize("suffix", [".yaml", ".toml"])

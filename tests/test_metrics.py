@@ -607,3 +607,28 @@ def test_randomisation_errors():
     with pytest.raises(ValueError, match="at least 11"):
         metrics.model_randomisation(model, lambda m: torch.rand(1, 5, 5))
     assert metrics.model_randomisation(model, lambda m: torch.rand(1, 5, 5), with_ssim=False).ssim is None
+
+
+def test_randomisation_by_blocks_at_a_depth():
+    import torchvision
+
+    torch.manual_seed(1)
+    model = torchvision.models.resnet18(num_classes=3).eval()
+    inputs = torch.rand(1, 3, 32, 32)
+    groups = []
+
+    def record(module):
+        groups[-1].append(module)
+        metrics.reinitialise(module)
+
+    def explain(m):
+        groups.append([])
+        return _input_gradient(inputs, 0)(m)
+
+    result = metrics.model_randomisation(model, explain, layers=1, randomise=record, with_ssim=False)
+    assert result.layers == ("fc", "layer4", "layer3", "layer2", "layer1", "bn1", "conv1")
+    # step 1 randomised every conv and batch norm of layer4 and nothing else (groups[k]: step k)
+    assert len(groups[1]) == sum(1 for m in model.layer4.modules() if next(m.parameters(recurse=False), None) is not None)
+    assert all(any(m is n for n in model.layer4.modules()) for m in groups[1])
+    with pytest.raises(ValueError, match="depth"):
+        metrics.model_randomisation(model, explain, layers=0)
