@@ -6,11 +6,12 @@ Subcommands (each has ``--help``)::
     multiexplain classify IMAGE... --model SPEC [--layer NAME] [--target CLASS | --topk K]
     multiexplain caption  IMAGE... [--model SPEC] [--caption TEXT]   per-word maps
     multiexplain video    FILE.mp4 [--model SPEC] [--frames T] [--class C]   GIF + MP4 + strip
-    multiexplain evaluate --task TASK [--model SPEC] [--data DIR|synthetic]  metrics table + JSON
+    multiexplain evaluate --task TASK [--model SPEC] [--data DIR|synthetic] [--road-samples K]  metrics + JSON
     multiexplain distill  --config FILE.yaml|toml                     explanation distillation
 
-A model SPEC is ``torchvision:NAME[@WEIGHTS|@none]``, ``hf:NAME-or-DIR``, ``pytorchvideo:NAME[@none]``,
-``builtin:NAME`` or a ``.pt`` state dict with ``--arch SPEC`` (see :mod:`multiexplain.zoo`).
+A model SPEC is ``torchvision:NAME[@WEIGHTS|@none]``, ``timm:NAME[@none]``, ``hf:NAME-or-DIR``,
+``pytorchvideo:NAME[@none]``, ``builtin:NAME`` or a ``.pt`` state dict with ``--arch SPEC`` (see
+:mod:`multiexplain.zoo`).
 Every command writes its figures and an ``index.html`` report into ``--out`` and prints where.
 Unreadable inputs are reported by name; the others are still processed (exit status 1 only
 when nothing could be processed).

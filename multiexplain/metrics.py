@@ -1072,7 +1072,8 @@ Randomise = Callable[[nn.Module], None]
 def reinitialise(module: nn.Module) -> None:
     """Re-draw a module's own parameters: its ``reset_parameters()`` (the layer type's default
     initialisation, as Quantus does) when it has one, else each parameter it owns directly from
-    a normal distribution with that parameter's trained mean and standard deviation."""
+    a normal distribution with that parameter's trained mean and standard deviation (0.02 for a
+    constant or single-element parameter, timm's usual token initialisation)."""
     reset = getattr(module, "reset_parameters", None)
     if callable(reset):
         reset()
