@@ -802,13 +802,13 @@ def noisy_linear_imputation(
         raise ValueError("a sample has every position removed: noisy linear imputation needs at least one kept position")
     n, channels, spatial = inputs.shape[0], inputs.shape[1], inputs.shape[2:]
     dtype = torch.promote_types(inputs.dtype, torch.float32)
+    scale = torch.as_tensor(noise, dtype=dtype, device=inputs.device).reshape(-1)
+    if scale.numel() not in (1, channels) or (scale < 0).any():
+        raise ValueError(f"noise must be one non-negative number or one per channel ({channels}), got {noise!r}")
     steps = 200 if max_iterations is None else int(max_iterations)
     mask = removed.unsqueeze(1).expand(n, channels, *spatial)
     values = inputs.to(dtype).reshape(n * channels, *spatial)
     filled = _harmonic_fill(values, mask.reshape(n * channels, *spatial), tol, steps).reshape(n, channels, *spatial)
-    scale = torch.as_tensor(noise, dtype=dtype, device=inputs.device).reshape(-1)
-    if scale.numel() not in (1, channels) or (scale < 0).any():
-        raise ValueError(f"noise must be one non-negative number or one per channel ({channels}), got {noise!r}")
     if (scale > 0).any():
         draw = torch.randn(filled.shape, generator=generator, dtype=dtype, device=inputs.device if generator is None else generator.device)
         filled = filled + mask * scale.view(1, -1, *([1] * len(spatial))) * draw.to(inputs.device)
