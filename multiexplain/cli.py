@@ -6,7 +6,8 @@ Subcommands (each has ``--help``)::
     multiexplain classify IMAGE... --model SPEC [--layer NAME] [--target CLASS | --topk K]
     multiexplain caption  IMAGE... [--model SPEC] [--caption TEXT]   per-word maps
     multiexplain video    FILE.mp4 [--model SPEC] [--frames T] [--class C]   GIF + MP4 + strip
-    multiexplain evaluate --task TASK [--model SPEC] [--data DIR|synthetic] [--road-samples K]  metrics + JSON
+    multiexplain evaluate --task TASK [--model SPEC] [--data DIR|synthetic] [--road-samples K]
+                          [--pointing-tolerance PX]                  metrics table + JSON
     multiexplain distill  --config FILE.yaml|toml                     explanation distillation
 
 A model SPEC is ``torchvision:NAME[@WEIGHTS|@none]``, ``timm:NAME[@none]``, ``hf:NAME-or-DIR``,
@@ -503,6 +504,10 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         raise CommandError(f"--data must be 'synthetic' or a folder; {args.data!r} is neither")
     if folder is not None and task in ("captioning", "distillation"):
         raise CommandError(f"{task} is evaluated on --data synthetic (its metrics need the generated masks)")
+    if args.road_samples is not None and args.road_samples < 0:  # checked before any model runs
+        raise CommandError(f"--road-samples must be >= 0, got {args.road_samples}")
+    if not args.pointing_tolerance >= 0:  # also refuses NaN
+        raise CommandError(f"--pointing-tolerance must be >= 0 pixels, got {args.pointing_tolerance}")
     n, extra = args.num_samples, {}
     if task == "distillation":
         teacher, student = _distillation_models(args)
@@ -523,8 +528,10 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
                                    "builtin:scene-classifier (or a .pt with --arch builtin:scene-classifier), "
                                    "or give --data FOLDER for other models")
             road = _road_samples(args, n, default=None)
-            results = evaluation.evaluate_classification(loaded.model, n, args.seed, args.device, road_samples=road, sanity=True)
-            extra.update({"ROAD samples": road, "randomisation": "every parameterised layer, cascading from the output"})
+            results = evaluation.evaluate_classification(loaded.model, n, args.seed, args.device, road_samples=road, sanity=True,
+                                                         pointing_tolerance=args.pointing_tolerance)
+            extra.update({"ROAD samples": road, "randomisation": "every parameterised layer, cascading from the output",
+                          "pointing tolerance px": args.pointing_tolerance})
         elif task == "captioning":
             if "tokenizer" not in loaded.extra or not hasattr(loaded.model, "generate"):
                 raise CommandError("synthetic captioning data need the shipped captioner (builtin:show-and-tell)")
@@ -532,9 +539,11 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
             extra.update({"words scored": words, "exact caption match %": exact})
         else:
             road = _road_samples(args, n)
-            results = evaluation.evaluate_video(loaded.model, n, args.seed, args.device, road_samples=road, sanity=True)
+            results = evaluation.evaluate_video(loaded.model, n, args.seed, args.device, road_samples=road, sanity=True,
+                                                pointing_tolerance=args.pointing_tolerance)
             extra.update({"ROAD samples": road, "ROAD fractions": list(evaluation.VIDEO_ROAD_FRACTIONS),
-                          "randomisation": "every parameterised layer, cascading from the output"})
+                          "randomisation": "every parameterised layer, cascading from the output",
+                          "pointing tolerance px": args.pointing_tolerance})
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     settings = {"task": task, "model": spec, "data": args.data, "samples": n,
@@ -588,9 +597,7 @@ ROAD_DEFAULT_SAMPLES = 16
 
 def _road_samples(args: argparse.Namespace, n: int, default: int | None = ROAD_DEFAULT_SAMPLES) -> int:
     """``--road-samples``, else ``default`` (``None``: all ``n``), at most ``n``."""
-    if args.road_samples is not None:
-        if args.road_samples < 0:
-            raise CommandError("--road-samples must be >= 0")
+    if args.road_samples is not None:  # >= 0: cmd_evaluate checks it first
         return min(args.road_samples, n)
     return n if default is None else min(n, default)
 
@@ -704,6 +711,10 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--road-samples", type=int, default=None, metavar="K",
                           help="ROAD on the first K samples (default: all synthetic scenes, 16 images or clips "
                           "otherwise; 0: no ROAD)")
+    evaluate.add_argument("--pointing-tolerance", type=float, default=2.0, metavar="PX",
+                          help="synthetic data: also the class-mean pointing game with hits within PX pixels of the "
+                          "mask (default %(default)s: Zhang et al.'s 15 px on VOC/COCO images, about 3%% of a side, "
+                          "scaled to the 64 px scenes and frames; 0: leave it out)")
     _common(evaluate, "multiexplain-evaluate")
     evaluate.set_defaults(handler=cmd_evaluate)
 

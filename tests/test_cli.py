@@ -315,8 +315,13 @@ def test_evaluate_errors(tmp_path, capsys):
     assert cli.main(["evaluate", "--task", "classification", "--model", "torchvision:resnet18@none",
                      "--out", str(tmp_path), "--device", "cpu"]) == 2
     assert "shipped shape scenes" in capsys.readouterr().err
+    for flag, value in (("--road-samples", "-1"), ("--pointing-tolerance", "-2")):
+        assert cli.main(["evaluate", "--task", "classification", "--out", str(tmp_path), "--device", "cpu",
+                         flag, value]) == 2
+        assert f"{flag} must be >= 0" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 @_shipped("scene_cnn.pt")
 def test_evaluate_synthetic_scenes(tmp_path, capsys):
     out = tmp_path / "out"
@@ -324,7 +329,7 @@ def test_evaluate_synthetic_scenes(tmp_path, capsys):
                      "--device", "cpu"]) == 0
     payload = json.loads((out / "metrics.json").read_text())
     metrics = payload["metrics"]
-    assert payload["ROAD samples"] == 4
+    assert payload["ROAD samples"] == 4 and payload["pointing tolerance px"] == 2.0
     for method in ("gradcam++", "gradcam"):
         assert set(metrics[method]) >= {"Average Drop % (lower is better)", "Loc(0.25) (higher is better)",
                                         "Pointing game % (higher is better)", "Instances covered % (higher is better)",
@@ -332,7 +337,31 @@ def test_evaluate_synthetic_scenes(tmp_path, capsys):
                                         "ROAD (LeRF - MoRF) / 2 (higher is better)",
                                         "Sanity: Spearman with the trained maps, top layer random (lower is better)"}
         assert 0 <= metrics[method]["Energy inside the region % (higher is better)"] <= 100
-        assert 0 <= metrics[method]["Pointing game %, class mean (higher is better)"] <= 100
+        exact = metrics[method]["Pointing game %, class mean (higher is better)"]
+        near = metrics[method]["Pointing game %, class mean, within 2 px (higher is better)"]
+        assert 0 <= exact <= near <= 100  # a tolerance only adds hits
+
+
+@pytest.mark.slow
+@_shipped("action_c3d.pt")
+def test_evaluate_synthetic_clips_with_space_time_road_and_the_sanity_check(tmp_path, capsys):
+    out = tmp_path / "out"
+    assert cli.main(["evaluate", "--task", "video", "-n", "4", "--road-samples", "2", "--pointing-tolerance", "1",
+                     "--out", str(out), "--device", "cpu"]) == 0
+    payload = json.loads((out / "metrics.json").read_text())
+    assert payload["ROAD samples"] == 2 and payload["ROAD fractions"] == [0.1, 0.3, 0.5, 0.7, 0.9]
+    for method in ("gradcam++", "gradcam"):
+        row = payload["metrics"][method]
+        morf = row["ROAD MoRF confidence, mean over 10-90% removed (lower is better)"]
+        lerf = row["ROAD LeRF confidence, mean over 10-90% removed (higher is better)"]
+        assert 0 <= morf <= 1 and 0 <= lerf <= 1
+        assert row["ROAD (LeRF - MoRF) / 2 (higher is better)"] == pytest.approx((lerf - morf) / 2)
+        for key in ("top layer random", "all layers random"):
+            assert -1 <= row[f"Sanity: Spearman with the trained maps, {key} (lower is better)"] <= 1
+        exact = row["Pointing game %, class mean (higher is better)"]
+        assert 0 <= exact <= row["Pointing game %, class mean, within 1 px (higher is better)"] <= 100
+    assert "Sanity: SSIM with the trained maps, all layers random" in capsys.readouterr().out
+    assert (out / "index.html").is_file()
 
 
 @pytest.mark.parametrize("suffix", [".yaml", ".toml"])

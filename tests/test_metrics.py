@@ -299,6 +299,30 @@ def test_pointing_accuracy_class_mean_by_hand():
         metrics.class_mean(hits, classes.float())
 
 
+def test_localisation_table_class_mean_within_a_tolerance_by_hand():
+    """``evaluation.localisation_metrics``'s pointing rows (what ``multiexplain evaluate`` prints)."""
+    from multiexplain.evaluation import localisation_metrics
+
+    masks = square_mask(size=16, lo=4, hi=8).expand(4, -1, -1)  # rows and columns 4..7
+    maps = torch.zeros(4, 16, 16)
+    maps[0, 5, 5] = 1.0  # inside
+    maps[1, 5, 9] = 1.0  # 2 px right of column 7
+    maps[2, 5, 12] = 1.0  # 5 px right
+    maps[3, 9, 9] = 1.0  # diagonal from the corner (7, 7): 2.83 px
+    classes = torch.tensor([0, 0, 0, 1])
+    row = localisation_metrics({"m": maps}, masks, classes, tolerance=2)["m"]
+    assert row["Pointing game % (higher is better)"] == pytest.approx(25.0)
+    assert row["Pointing game %, class mean (higher is better)"] == pytest.approx(100 * (1 / 3 + 0) / 2)
+    assert row["Pointing game %, class mean, within 2 px (higher is better)"] == pytest.approx(100 * (2 / 3 + 0) / 2)
+    wide = localisation_metrics({"m": maps}, masks, classes, tolerance=3)["m"]
+    assert wide["Pointing game %, class mean, within 3 px (higher is better)"] == pytest.approx(100 * (2 / 3 + 1) / 2)
+    plain = localisation_metrics({"m": maps}, masks, classes)["m"]  # no tolerance: no such row
+    assert not any("within" in name for name in plain)
+    assert "Pointing game %, class mean (higher is better)" not in localisation_metrics({"m": maps}, masks)["m"]
+    with pytest.raises(ValueError, match="tolerance must be >= 0"):
+        localisation_metrics({"m": maps}, masks, classes, tolerance=-1)
+
+
 # -- ROAD: noisy linear imputation ---------------------------------------------------------------
 
 def _fill(inputs, removed, **kwargs):
