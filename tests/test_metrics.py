@@ -353,6 +353,24 @@ def test_imputation_of_one_pixel_is_the_papers_weighted_mean():
     assert torch.equal(filled[kept], v[kept])
 
 
+def test_imputation_of_one_voxel_uses_the_documented_3d_weights():
+    """Face 1/14, edge 1/28, corner 1/56 (docs/GRADCAMPP.md): a symmetric stencil would pass the
+    ramp test below with any weights, this pins them, in float64 by hand."""
+    volume = torch.rand(1, 2, 5, 5, 5, generator=torch.Generator().manual_seed(6), dtype=torch.float64)
+    removed = torch.zeros(1, 5, 5, 5, dtype=torch.bool)
+    removed[0, 2, 2, 2] = True
+    expected = torch.zeros(2, dtype=torch.float64)
+    for dt in (-1, 0, 1):
+        for dy in (-1, 0, 1):
+            for dx in (-1, 0, 1):
+                away = abs(dt) + abs(dy) + abs(dx)
+                if away:
+                    expected += {1: 1 / 14, 2: 1 / 28, 3: 1 / 56}[away] * volume[0, :, 2 + dt, 2 + dy, 2 + dx]
+    filled = _fill(volume, removed)
+    torch.testing.assert_close(filled[0, :, 2, 2, 2], expected, rtol=1e-12, atol=0)
+    assert torch.equal(filled[~removed.unsqueeze(1).expand_as(volume)], volume[~removed.unsqueeze(1).expand_as(volume)])
+
+
 @pytest.mark.parametrize("spatial", [(9, 11), (7, 8, 9)])
 def test_imputation_reproduces_a_linear_ramp_in_interior_holes(spatial):
     grids = torch.meshgrid(*[torch.arange(s, dtype=torch.float64) for s in spatial], indexing="ij")
