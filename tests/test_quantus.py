@@ -1,5 +1,5 @@
 """Our metrics against independent implementations: Quantus 0.6 (PointingGame,
-RelevanceMassAccuracy, AttributionLocalisation, ROAD, MPRT and its noisy linear imputation) and
+RelevanceMassAccuracy, AttributionLocalisation, PixelFlipping, ROAD, MPRT and its noisy linear imputation) and
 pytorch-grad-cam 1.5 (ROAD MoRF / LeRF, its copy of the ROAD authors' imputer), on the same maps,
 masks and models. Each test's docstring states where the definitions differ; the rest is tested
 exactly. Quantus' RandomLogit (Sixt et al.) has no counterpart here; nor does our Loc(delta)
@@ -169,6 +169,29 @@ def test_road_accuracy_equals_quantus_road():
         quantus.ROAD(percentages=[50], noise=0.0, disable_warnings=True)(
             model=_conv_classifier(3), x_batch=torch.rand(2, 3, 10, 10).numpy(), y_batch=np.zeros(2, dtype=int),
             a_batch=torch.rand(2, 1, 10, 10).numpy(), device="cpu", channel_first=True)
+
+
+def test_deletion_curve_equals_quantus_pixel_flipping():
+    """Quantus' PixelFlipping (Bach et al. 2015) is our deletion curve: it replaces the
+    ``features_in_step`` next most relevant features by a baseline and records the target's
+    score after each step. Differences: it ranks features of the map broadcast over the input's
+    channels (one channel here, so features are positions), with an unstable argsort (continuous
+    maps, so no ties); its curve lacks our column 0 (the intact input); its AUC is the trapezoid
+    with dx = 1 over the steps, ours over [0, 1] with the intact point (Quantus 0.6 computes it
+    with ``np.trapz``, gone in NumPy 2, so only the curves are compared). Baseline 0 on both sides
+    (Quantus' "black" is the input's minimum)."""
+    model = _conv_classifier(1)
+    generator = torch.Generator().manual_seed(6)
+    inputs, maps = torch.rand(6, 1, 12, 12, generator=generator), torch.rand(6, 12, 12, generator=generator)
+    with torch.no_grad():
+        labels = model(inputs).argmax(1)
+    steps = 16  # 144 positions: 9 a step
+    ours = metrics.deletion_curve(model, inputs, maps, labels, steps=steps, baseline="zero", score="softmax")
+    common = dict(model=model, x_batch=inputs.numpy(), y_batch=labels.numpy(), a_batch=maps[:, None].numpy(),
+                  device="cpu", channel_first=True, softmax=True)
+    theirs = quantus.PixelFlipping(features_in_step=144 // steps, perturb_baseline=0.0, disable_warnings=True)(**common)
+    np.testing.assert_allclose(ours[:, 1:].numpy(), np.asarray(theirs), rtol=0, atol=1e-6)
+    assert np.ptp(np.asarray(theirs)) > 0.05  # the curve moves
 
 
 @pytest.mark.parametrize("order, theirs_order", [("cascading", "top_down"), ("independent", "independent")])
