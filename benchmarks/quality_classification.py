@@ -1,7 +1,7 @@
 """Grad-CAM vs Grad-CAM++ on held-out generated scenes with exact masks (the shipped SceneCNN).
 
-    python benchmarks/quality_classification.py            # 600 scenes, ~5-10 minutes on 2 cores
-    python benchmarks/quality_classification.py --scenes 100 --steps 8   # quick look
+    python benchmarks/quality_classification.py            # 600 scenes (ROAD on 200), ~10-15 minutes on 2 cores
+    python benchmarks/quality_classification.py --scenes 100 --steps 8 --road-pairs 32   # quick look
 
 Each scene is explained for one class, the present class (that the model predicts, sigmoid >= 0.5)
 with the most instances, so scenes with repeated shapes are explained for the repeated class
@@ -17,6 +17,17 @@ and min-max normalised. Metrics (multiexplain.metrics):
   (from a blurred image), ``--steps`` steps.
 * Multi-instance coverage: share of the class's instances whose mask holds at least 50% of the
   map's peak, averaged over pairs with >= 2 instances of the class.
+* Pointing game as Zhang et al. (2016) report it: the class mean (each class's hit rate, averaged
+  over the 6 classes), exactly and at 2 px (their 15 px on VOC/COCO images is 2-4% of a side; 2 px
+  is 3% of ours).
+* ROAD (Rong et al. 2022, no retraining) on the first ``--road-pairs`` pairs: the class's sigmoid
+  after the most (MoRF) / least (LeRF) relevant 10%, ..., 90% of the pixels are removed and filled
+  by noisy linear imputation (noise 0.01, pixels in [0, 1]), averaged over the fractions, and
+  (LeRF - MoRF) / 2.
+* Sanity check (Adebayo et al. 2018): cascading randomisation of the model's 13 parameterised
+  layers from the classifier down (each layer's default initialisation, seeded); the Spearman rank
+  correlation and SSIM of each pair's map with the trained model's, once the classifier is random
+  and once every layer is (lower: the map depends on the weights, as it should).
 
 Writes benchmarks/results/classification.md and .json. The paper's VGG-16 numbers are printed
 beside ours for orientation only: they are on ImageNet / VOC with a different model and data.
@@ -63,7 +74,18 @@ ROWS = [
     ("deletion_auc", "Deletion AUC (lower better)", "lower", 3),
     ("insertion_auc", "Insertion AUC (higher better)", "higher", 3),
     ("multi_instance_coverage", "Multi-instance coverage, >= 2 instances (higher better)", "higher", 3),
+    ("pointing_game_class_mean", "Pointing game %, class mean (higher better)", "higher", 2),
+    ("pointing_game_2px_class_mean", "Pointing game %, class mean, 2 px (Zhang et al.'s 15 px scaled) (higher better)", "higher", 2),
+    ("road_morf", "ROAD MoRF sigmoid, mean over 10-90% removed (lower better)", "lower", 3),
+    ("road_lerf", "ROAD LeRF sigmoid, mean over 10-90% removed (higher better)", "higher", 3),
+    ("road_combined", "ROAD (LeRF - MoRF) / 2 (higher better)", "higher", 3),
+    ("sanity_spearman_top", "Sanity: Spearman with trained maps, classifier random (lower better)", "lower", 3),
+    ("sanity_spearman_all", "Sanity: Spearman with trained maps, all layers random (lower better)", "lower", 3),
+    ("sanity_ssim_all", "Sanity: SSIM with trained maps, all layers random (lower better)", "lower", 3),
 ]
+CLASS_MEANS = {"pointing_game_class_mean": "pointing_game", "pointing_game_2px_class_mean": "pointing_game_2px"}
+ROAD_KEYS = ("road_morf", "road_lerf", "road_combined")
+SANITY_KEYS = ("sanity_spearman_top", "sanity_spearman_all", "sanity_ssim_all")
 
 
 def explained_pairs(model: torch.nn.Module, scenes: Scenes, every_label: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
@@ -88,21 +110,58 @@ def explained_pairs(model: torch.nn.Module, scenes: Scenes, every_label: bool = 
     return keep.nonzero().flatten(), best[keep]
 
 
+def explain_pairs(model: torch.nn.Module, images: torch.Tensor, classes: torch.Tensor, batch_size: int) -> dict[str, torch.Tensor]:
+    """Both methods' maps ``{method: (M, H, W)}``, from one forward pass per batch."""
+    batches = [explain_images(model, images[s : s + batch_size], methods=METHODS, targets=classes[s : s + batch_size].tolist())
+               for s in range(0, images.shape[0], batch_size)]
+    return {m: torch.cat([b[m].maps for b in batches]) if batches else torch.zeros(0, *images.shape[2:]) for m in METHODS}
+
+
+def road_values(model: torch.nn.Module, images: torch.Tensor, maps: dict[str, torch.Tensor], classes: torch.Tensor,
+                batch_size: int) -> tuple[dict[str, dict[str, torch.Tensor]], dict[str, dict[str, list[float]]]]:
+    """ROAD per pair (MoRF mean, LeRF mean, combined) and the mean curves, for both methods."""
+    per_pair, curves = {}, {}
+    for method in METHODS:
+        road = metrics.road(model, images, maps[method], classes, score="sigmoid", batch_size=batch_size)
+        per_pair[method] = {"road_morf": road.morf_mean(), "road_lerf": road.lerf_mean(), "road_combined": road.combined()}
+        curves[method] = {"fractions": list(road.fractions), "morf": road.morf.mean(0).tolist(), "lerf": road.lerf.mean(0).tolist()}
+    return per_pair, curves
+
+
+def sanity_values(model: torch.nn.Module, images: torch.Tensor, classes: torch.Tensor,
+                  batch_size: int) -> tuple[dict[str, dict[str, torch.Tensor]], dict[str, Any]]:
+    """The cascading randomisation test per pair and its per-layer means, both methods' maps from
+    one explanation per randomisation step (stacked, then split)."""
+    result = metrics.model_randomisation(
+        model, lambda m: torch.cat(list(explain_pairs(m, images, classes, batch_size).values())), seed=0)
+    n = images.shape[0]
+    per_pair, curves = {}, {"layers": list(result.layers)}
+    for i, method in enumerate(METHODS):
+        spearman, ssim = result.spearman[:, i * n : (i + 1) * n], result.ssim[:, i * n : (i + 1) * n]
+        per_pair[method] = {"sanity_spearman_top": spearman[0], "sanity_spearman_all": spearman[-1], "sanity_ssim_all": ssim[-1]}
+        curves[method] = {"spearman": spearman.mean(1).tolist(), "ssim": ssim.mean(1).tolist()}
+    return per_pair, curves
+
+
 def evaluate(
-    model: torch.nn.Module, scenes: Scenes, *, steps: int = 12, batch_size: int = 128, every_label: bool = False
+    model: torch.nn.Module, scenes: Scenes, *, steps: int = 12, batch_size: int = 128, every_label: bool = False,
+    road_pairs: int = 200,
 ) -> dict[str, Any]:
-    """All metrics for both methods on the explained pairs of ``scenes`` (:func:`explained_pairs`)."""
+    """All metrics for both methods on the explained pairs of ``scenes`` (:func:`explained_pairs`);
+    ROAD on the first ``road_pairs`` of them."""
     started = time.time()
     index, classes = explained_pairs(model, scenes, every_label)
     images = scenes.images[index]
     masks = scenes.class_masks[index, classes]
     instances = scenes[index].instances_of(classes)
     per_method: dict[str, dict[str, torch.Tensor]] = {}
-    # Both methods' maps from one forward pass per batch.
-    batches = [explain_images(model, images[s : s + batch_size], methods=METHODS, targets=classes[s : s + batch_size].tolist())
-               for s in range(0, images.shape[0], batch_size)]
+    all_maps = explain_pairs(model, images, classes, batch_size)
+    road_count = min(road_pairs, images.shape[0])
+    road, road_curves = road_values(model, images[:road_count], {m: v[:road_count] for m, v in all_maps.items()},
+                                    classes[:road_count], batch_size=64)
+    sanity, sanity_curves = sanity_values(model, images, classes, batch_size)
     for method in METHODS:
-        maps = torch.cat([b[method].maps for b in batches]) if batches else torch.zeros(0, *images.shape[2:])
+        maps = all_maps[method]
         full, explained = metrics.confidences(model, images, maps, classes, score="sigmoid", batch_size=batch_size)
         coverage, count = metrics.multi_instance_coverage(maps, instances)
         per_method[method] = {
@@ -116,11 +175,14 @@ def evaluate(
             "pointing_game": metrics.pointing_game(maps, masks).double() * 100,
             # One feature-map cell is 4 pixels: a peak that close to the shape (a ring's hole, a cross's notch) counts.
             "pointing_game_4px": metrics.pointing_game(maps, masks, tolerance=4).double() * 100,
+            "pointing_game_2px": metrics.pointing_game(maps, masks, tolerance=2).double() * 100,
             "energy_pointing_game": metrics.energy_pointing_game(maps, masks),
             "deletion_auc": metrics.deletion_auc(model, images, maps, classes, steps=steps, score="sigmoid", baseline="zero", batch_size=batch_size),
             "insertion_auc": metrics.insertion_auc(model, images, maps, classes, steps=steps, score="sigmoid", baseline="blur", batch_size=batch_size),
             "coverage": coverage,
             "instances": count,
+            **road[method],
+            **sanity[method],
         }
     methods: dict[str, dict[str, float]] = {}
     for method, other in zip(METHODS, reversed(METHODS)):
@@ -132,26 +194,31 @@ def evaluate(
             "win": metrics.win_percent(values["signed_drop"], per_method[other]["signed_drop"]),
             **{key: _mean(values[key]) for key in AVERAGED},
             "multi_instance_coverage": _mean(values["coverage"][multi]),
+            **{key: metrics.class_mean(values[source], classes) for key, source in CLASS_MEANS.items()},
         }
     multi_pairs = int((per_method[METHODS[0]]["instances"] >= 2).sum())
     return {
-        "paired_difference": _paired_differences(per_method),
+        "paired_difference": _paired_differences(per_method, classes),
         "scenes": len(scenes),
         "pairs": int(index.numel()),
         "multi_instance_pairs": multi_pairs,
         "steps": steps,
         "pairs_per_scene": "every predicted present class" if every_label else "the present class with most instances",
         "layer": "features",
+        "road_pairs": road_count,
+        "road_curves": road_curves,
+        "sanity_curves": sanity_curves,
         "seconds": round(time.time() - started, 1),
         "methods": methods,
         "paper_vgg16": PAPER,
     }
 
 
-def _paired_differences(per_method: dict[str, dict[str, torch.Tensor]]) -> dict[str, dict[str, float]]:
+def _paired_differences(per_method: dict[str, dict[str, torch.Tensor]], classes: torch.Tensor) -> dict[str, dict[str, float]]:
     """Per metric: mean of the per-pair difference Grad-CAM++ minus Grad-CAM and its standard error
     (both methods explain the same pairs, so the paired error is the honest yardstick). Win % is
-    itself a comparison: its standard error is the binomial one around 50%."""
+    itself a comparison: its standard error is the binomial one around 50%. A class mean's
+    difference is the class mean of the differences, its error that of a mean of class means."""
     plus, plain = per_method["gradcam++"], per_method["gradcam"]
     multi = plus["instances"] >= 2
     per_pair = {
@@ -166,6 +233,14 @@ def _paired_differences(per_method: dict[str, dict[str, torch.Tensor]]) -> dict[
         n = diff.numel()
         se = float(diff.std() / n**0.5) if n > 1 else 0.0
         differences[key] = {"mean": _mean(diff), "se": se}
+    for key, source in CLASS_MEANS.items():
+        diff = plus[source].double() - plain[source].double()
+        errors = []
+        for label in classes.unique():
+            part = diff[classes == label]
+            errors.append(float(part.std() / part.numel() ** 0.5) if part.numel() > 1 else 0.0)
+        se = (sum(e * e for e in errors) ** 0.5) / len(errors) if errors else 0.0
+        differences[key] = {"mean": metrics.class_mean(diff, classes), "se": se}
     n = plus["signed_drop"].numel()
     wins = metrics.win_percent(plus["signed_drop"], plain["signed_drop"])
     differences["win"] = {"mean": wins - 50.0, "se": 50.0 / n**0.5 if n else 0.0}
@@ -174,7 +249,7 @@ def _paired_differences(per_method: dict[str, dict[str, torch.Tensor]]) -> dict[
 
 AVERAGED = (
     "loc_0", "loc_0.25", "loc_0.5", "pointing_game", "pointing_game_4px", "energy_pointing_game",
-    "deletion_auc", "insertion_auc",
+    "deletion_auc", "insertion_auc", *ROAD_KEYS, *SANITY_KEYS,
 )
 
 
@@ -215,8 +290,37 @@ def render(results: dict[str, Any]) -> str:
         "then shows Win - 50).",
         "Paper columns: Average Drop / Increase / Win are ImageNet val with VGG-16, Loc is VOC12 mLoc "
         "(docs/GRADCAMPP.md). They are different data and models: a reference point, not comparable.",
+        f"ROAD rows: the first {results['road_pairs']} pairs; sanity rows: all {results['pairs']} pairs.",
+        "",
+        *render_road(results),
+        "",
+        *render_sanity(results),
     ]
     return "\n".join(lines)
+
+
+def render_road(results: dict[str, Any]) -> list[str]:
+    """The mean ROAD curves, one row per removed fraction."""
+    curves = results["road_curves"]
+    lines = [f"ROAD curves (mean sigmoid of the explained class, {results['road_pairs']} pairs):", "",
+             "| removed | MoRF GC++ | MoRF GC | LeRF GC++ | LeRF GC |", "|---|---|---|---|---|"]
+    plus, plain = curves["gradcam++"], curves["gradcam"]
+    for i, fraction in enumerate(plus["fractions"]):
+        lines.append(f"| {100 * fraction:.0f}% | {plus['morf'][i]:.3f} | {plain['morf'][i]:.3f} | "
+                     f"{plus['lerf'][i]:.3f} | {plain['lerf'][i]:.3f} |")
+    return lines
+
+
+def render_sanity(results: dict[str, Any]) -> list[str]:
+    """The cascading randomisation, one row per step (the layers randomised so far, top first)."""
+    curves = results["sanity_curves"]
+    lines = ["Cascading randomisation (mean over pairs; each row randomises one more layer, from the top):", "",
+             "| randomised down to | Spearman GC++ | Spearman GC | SSIM GC++ | SSIM GC |", "|---|---|---|---|---|"]
+    plus, plain = curves["gradcam++"], curves["gradcam"]
+    for i, layer in enumerate(curves["layers"]):
+        lines.append(f"| `{layer}` | {plus['spearman'][i]:.3f} | {plain['spearman'][i]:.3f} | "
+                     f"{plus['ssim'][i]:.3f} | {plain['ssim'][i]:.3f} |")
+    return lines
 
 
 def write_results(results: dict[str, Any], stem: Path = RESULTS) -> Path:
@@ -234,13 +338,15 @@ def main() -> None:
     parser.add_argument("--scenes", type=int, default=600)
     parser.add_argument("--steps", type=int, default=12)
     parser.add_argument("--every-label", action="store_true", help="explain every predicted present class, not one per scene")
+    parser.add_argument("--road-pairs", type=int, default=200, help="ROAD on the first this many pairs (default %(default)s)")
     parser.add_argument("--seed", type=int, default=BENCHMARK_STREAM)
     parser.add_argument("--threads", type=int, default=1, help="1 is as fast as 2 on a busy shared machine")
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     model = load_scene_classifier()
-    results = evaluate(model, make_scenes(args.scenes, seed=args.seed), steps=args.steps, every_label=args.every_label)
+    results = evaluate(model, make_scenes(args.scenes, seed=args.seed), steps=args.steps, every_label=args.every_label,
+                       road_pairs=args.road_pairs)
     results["environment"] = {"torch": torch.__version__, "python": platform.python_version(), "threads": args.threads}
     print(render(results))
     print(f"\nwrote {write_results(results, args.out)} ({results['seconds']} s)", file=sys.stderr)

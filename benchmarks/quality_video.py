@@ -14,8 +14,16 @@ Metrics (multiexplain.metrics, on ``(N, T, H, W)`` maps):
 * temporal localisation: share of map energy in the frames where the action happens (the
   action covers 8-12 of 16 frames; the chance share is the window's length / 16).
 
-Run: ``python benchmarks/quality_video.py [--clips 300]``. Writes benchmarks/results/video.md
-and video.json.
+Its own section (``road_sanity``, :func:`road_and_sanity`), ours Grad-CAM and Grad-CAM++ only:
+* space-time ROAD (Rong et al. 2022) on the first ``--road-clips`` clips: the true action's
+  softmax after the most / least relevant 10, 30, 50, 70, 90% of the voxels are removed and
+  filled by noisy linear imputation over T x H x W (noise 0.01);
+* the cascading model-parameter randomisation test (Adebayo et al. 2018) on every clip: the C3D's
+  9 parameterised layers randomised from the classifier down, Spearman and 3D SSIM of each map
+  with the trained model's.
+
+Run: ``python benchmarks/quality_video.py [--clips 300] [--road-clips 32]``. Writes
+benchmarks/results/video.md and video.json.
 """
 
 from __future__ import annotations
@@ -28,8 +36,10 @@ import time
 
 import torch
 
+from multiexplain import metrics
 from multiexplain.adapters.video import explain_clip
 from multiexplain.data.action_clips import make_action_clips
+from multiexplain.evaluation import VIDEO_ROAD_FRACTIONS
 from multiexplain.models import load_action_c3d, load_checkpoint
 from multiexplain.core import normalize_maps, upsample_maps
 from multiexplain.metrics import (
@@ -108,14 +118,84 @@ def temporal_share(maps: torch.Tensor, active: torch.Tensor) -> torch.Tensor:
     return torch.where(total > 0, (per_frame * active).sum(1) / total.clamp(min=1e-12), torch.zeros_like(total))
 
 
+def road_and_sanity(model, data, road_clips: int, batch: int) -> None:
+    """ROAD and the randomisation sanity check for ours Grad-CAM and Grad-CAM++ (global weights);
+    writes the ``road_sanity`` section of video.md / video.json."""
+    start = time.perf_counter()
+    names = {"Grad-CAM": "gradcam", "Grad-CAM++": "gradcam++"}
+
+    def explain(m):
+        parts = [explain_clip(m, data.clips[i : i + batch], target=data.labels[i : i + batch], methods=tuple(names.values()))
+                 for i in range(0, len(data), batch)]
+        return {method: torch.cat([part[method].maps for part in parts]) for method in names.values()}
+
+    maps = explain(model)
+    k = min(road_clips, len(data))
+    rows: dict[str, dict] = {}
+    for title, method in names.items():
+        road = metrics.road(model, data.clips[:k], maps[method][:k], data.labels[:k], fractions=VIDEO_ROAD_FRACTIONS, batch_size=8)
+        rows[title] = {"road_morf": road.morf.mean(0).tolist(), "road_lerf": road.lerf.mean(0).tolist(),
+                       "road_morf_mean": road.morf_mean().mean().item(), "road_lerf_mean": road.lerf_mean().mean().item(),
+                       "road_combined": road.combined().mean().item(),
+                       "road_combined_se": (road.combined().std() / k**0.5).item() if k > 1 else 0.0,
+                       "road_morf_top1": road.morf_top1.double().mean(0).tolist()}
+    result = metrics.model_randomisation(model, lambda m: torch.cat([explain(m)[method] for method in names.values()]))
+    n = len(data)
+    for i, title in enumerate(names):
+        spearman, ssim = result.spearman[:, i * n : (i + 1) * n], result.ssim[:, i * n : (i + 1) * n]
+        rows[title].update({"sanity_spearman": spearman.mean(1).tolist(), "sanity_ssim": ssim.mean(1).tolist(),
+                            "sanity_spearman_all_se": (spearman[-1].std() / n**0.5).item()})
+    seconds = time.perf_counter() - start
+    gc, gcpp = rows["Grad-CAM"], rows["Grad-CAM++"]
+    percent = [f"{100 * f:.0f}%" for f in VIDEO_ROAD_FRACTIONS]
+    lines = [
+        "## ROAD and the randomisation sanity check (ours, global weights)",
+        "",
+        f"Space-time ROAD on the first {k} clips (softmax of the true action; the removed voxels are filled by noisy "
+        "linear imputation over T x H x W, noise 0.01, the 3D stencil of docs/GRADCAMPP.md); cascading randomisation "
+        f"of the C3D's {len(result.layers)} parameterised layers from the classifier down on all {n} clips.",
+        "",
+        "| removed | " + " | ".join(percent) + " | mean |",
+        "|---|" + "---|" * (len(percent) + 1),
+    ]
+    for title in names:
+        row = rows[title]
+        lines.append(f"| MoRF {title} (lower) | " + " | ".join(f"{v:.3f}" for v in row["road_morf"]) + f" | {row['road_morf_mean']:.3f} |")
+        lines.append(f"| LeRF {title} (higher) | " + " | ".join(f"{v:.3f}" for v in row["road_lerf"]) + f" | {row['road_lerf_mean']:.3f} |")
+    lines += [
+        "",
+        f"(LeRF - MoRF) / 2 (higher is better): Grad-CAM++ {gcpp['road_combined']:.3f} ± {gcpp['road_combined_se']:.3f}, "
+        f"Grad-CAM {gc['road_combined']:.3f} ± {gc['road_combined_se']:.3f} (± standard error over clips).",
+        "",
+        "| randomised down to | Spearman GC++ | Spearman GC | SSIM GC++ | SSIM GC |",
+        "|---|---|---|---|---|",
+    ]
+    for i, layer in enumerate(result.layers):
+        lines.append(f"| `{layer}` | {gcpp['sanity_spearman'][i]:.3f} | {gc['sanity_spearman'][i]:.3f} | "
+                     f"{gcpp['sanity_ssim'][i]:.3f} | {gc['sanity_ssim'][i]:.3f} |")
+    lines += [
+        "",
+        "Lower similarity once the layers are random means the map depends on the weights (the check passes).",
+        f"Command: `python benchmarks/quality_video.py --clips {n} --road-clips {k}` (this section {seconds:.0f} s, "
+        f"{torch.get_num_threads()} CPU threads shared with other jobs).",
+    ]
+    payload = {"clips": n, "road_clips": k, "fractions": list(VIDEO_ROAD_FRACTIONS), "layers": list(result.layers),
+               "methods": rows, "seconds": round(seconds, 1)}
+    write_section("road_sanity", "\n".join(lines), payload)
+    print("\n".join(lines), flush=True)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--clips", type=int, default=300)
     parser.add_argument("--batch", type=int, default=20)
     parser.add_argument("--checkpoint", default=None)
     parser.add_argument("--no-peers", action="store_true")
+    parser.add_argument("--threads", type=int, default=1, help="CPU threads (default %(default)s: the machine is shared)")
+    parser.add_argument("--road-clips", type=int, default=32, help="ROAD on the first this many clips (default %(default)s)")
+    parser.add_argument("--only-road-sanity", action="store_true", help="run only the ROAD / sanity-check section")
     args = parser.parse_args()
-    torch.set_num_threads(2)
+    torch.set_num_threads(args.threads)
 
     if args.checkpoint:
         loaded = load_checkpoint(args.checkpoint)
@@ -128,6 +208,9 @@ def main() -> None:
     accuracy = (predictions == data.labels).float().mean().item()
     print(f"held-out accuracy on {len(data)} clips: {100 * accuracy:.1f}%", flush=True)
 
+    road_and_sanity(model, data, args.road_clips, args.batch)
+    if args.only_road_sanity:
+        return
     methods = {
         "Grad-CAM": ours(model, "gradcam", False),
         "Grad-CAM++": ours(model, "gradcam++", False),
@@ -202,7 +285,8 @@ def main() -> None:
         "With this model's global-average-pool head the gradient is the same at every position, so Grad-CAM's",
         "per-slice weights equal its global ones (identical rows); Grad-CAM++'s differ through sum_q A_k(q).",
         "",
-        f"Command: `python benchmarks/quality_video.py --clips {len(data)}` (2 CPU threads, shared with other jobs: ms / clip is noisy).",
+        f"Command: `python benchmarks/quality_video.py --clips {len(data)}` ({args.threads} CPU thread(s), shared with other jobs: "
+        "ms / clip is noisy).",
     ]
     payload = {
         "clips": len(data), "seed": 3, "accuracy": accuracy, "chance_energy_in_mask": chance_energy,

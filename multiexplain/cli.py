@@ -6,11 +6,13 @@ Subcommands (each has ``--help``)::
     multiexplain classify IMAGE... --model SPEC [--layer NAME] [--target CLASS | --topk K]
     multiexplain caption  IMAGE... [--model SPEC] [--caption TEXT]   per-word maps
     multiexplain video    FILE.mp4 [--model SPEC] [--frames T] [--class C]   GIF + MP4 + strip
-    multiexplain evaluate --task TASK [--model SPEC] [--data DIR|synthetic]  metrics table + JSON
+    multiexplain evaluate --task TASK [--model SPEC] [--data DIR|synthetic] [--road-samples K]
+                          [--pointing-tolerance PX]                  metrics table + JSON
     multiexplain distill  --config FILE.yaml|toml                     explanation distillation
 
-A model SPEC is ``torchvision:NAME[@WEIGHTS|@none]``, ``hf:NAME-or-DIR``, ``pytorchvideo:NAME[@none]``,
-``builtin:NAME`` or a ``.pt`` state dict with ``--arch SPEC`` (see :mod:`multiexplain.zoo`).
+A model SPEC is ``torchvision:NAME[@WEIGHTS|@none]``, ``timm:NAME[@none]``, ``hf:NAME-or-DIR``,
+``pytorchvideo:NAME[@none]``, ``builtin:NAME`` or a ``.pt`` state dict with ``--arch SPEC`` (see
+:mod:`multiexplain.zoo`).
 Every command writes its figures and an ``index.html`` report into ``--out`` and prints where.
 Unreadable inputs are reported by name; the others are still processed (exit status 1 only
 when nothing could be processed).
@@ -382,7 +384,7 @@ def _format_table(results: dict[str, dict[str, float]]) -> str:
     width = max(len(n) for n in names)
     lines = [f"{'metric':<{width}}  {'Grad-CAM++':>10}  {'Grad-CAM':>10}", "-" * (width + 24)]
     for name in names:
-        lines.append(f"{name:<{width}}  {results['gradcam++'][name]:>10.2f}  {results['gradcam'][name]:>10.2f}")
+        lines.append(f"{name:<{width}}  {results['gradcam++'][name]:>10.3f}  {results['gradcam'][name]:>10.3f}")
     return "\n".join(lines)
 
 
@@ -395,8 +397,10 @@ def _folder_files(folder: Path, suffixes: tuple[str, ...]) -> list[str]:
     return files
 
 
-def _evaluate_image_folder(loaded, folder: Path, batch_size: int, device: str) -> tuple[dict, int]:
-    """Faithfulness metrics (no masks in a plain folder) for each image's top-1 class."""
+def _evaluate_image_folder(loaded, folder: Path, batch_size: int, device: str, args: argparse.Namespace) -> tuple[dict, int, dict]:
+    """Faithfulness metrics (no masks in a plain folder) for each image's top-1 class: the paper's,
+    ROAD on the first ``--road-samples`` images and the randomisation sanity check. Returns
+    ``(results, images, extra settings)``."""
     import torch
 
     from .adapters.classification import explain_images
@@ -424,8 +428,47 @@ def _evaluate_image_folder(loaded, folder: Path, batch_size: int, device: str) -
         inputs_all.append(inputs)
         targets_all.append(targets)
     maps = {m: torch.cat(v) for m, v in maps_all.items()}
+    inputs, targets = torch.cat(inputs_all), torch.cat(targets_all)
     # The explanation input E = L * I multiplies the *normalised* input, as the paper does.
-    return faithfulness_metrics(loaded.model, torch.cat(inputs_all), maps, torch.cat(targets_all), score), len(images)
+    results = faithfulness_metrics(loaded.model, inputs, maps, targets, score)
+
+    def explain(model, x, t):
+        return explain_images(model, x, targets=t, methods=methods, layer=loaded.layer, reshape=loaded.reshape)
+
+    extra = _road_and_sanity(loaded.model, results, inputs, maps, targets, score, _road_samples(args, len(images)),
+                             batch_size, explain, std=loaded.std)
+    return results, len(images), extra
+
+
+def _road_and_sanity(model, results: dict, inputs, maps: dict, targets, score: str, road_samples: int, batch_size: int,
+                     explain, *, std: Sequence[float] | None = None, fractions: Sequence[float] | None = None) -> dict:
+    """Adds ROAD on the first ``road_samples`` inputs and the randomisation sanity check to
+    ``results``; returns the settings they used. The imputation noise is the paper's 0.01 of a
+    [0, 1] pixel, divided by ``std`` for inputs normalised with it."""
+    import torch
+
+    from . import metrics
+    from .evaluation import METHODS_COMPARED, randomisation_layers, randomisation_metrics, road_metrics
+
+    noise = [0.01 / s for s in std] if std is not None and len(std) == inputs.shape[1] else 0.01
+    fractions = tuple(fractions or metrics.ROAD_FRACTIONS)
+    k = min(road_samples, inputs.shape[0])
+    if k > 0:
+        road = road_metrics(model, inputs[:k], {m: v[:k] for m, v in maps.items()}, targets[:k], score, noise=noise,
+                            fractions=fractions, batch_size=batch_size)
+        for method in METHODS_COMPARED:
+            results[method].update(road[method])
+
+    def explain_all(model):
+        parts = [explain(model, inputs[i : i + batch_size], targets[i : i + batch_size]) for i in range(0, len(inputs), batch_size)]
+        return {m: torch.cat([part[m].maps for part in parts]) for m in METHODS_COMPARED}
+
+    layers = randomisation_layers(model)
+    sanity, steps = randomisation_metrics(model, explain_all, layers=layers)
+    for method in METHODS_COMPARED:
+        results[method].update(sanity[method])
+    return {"ROAD samples": k, "ROAD fractions": list(fractions) if k else None,
+            "randomisation steps": f"{steps} ({'per layer' if layers is None else 'per child module'}, cascading from the output)"}
 
 
 def _distillation_models(args: argparse.Namespace):
@@ -461,6 +504,10 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         raise CommandError(f"--data must be 'synthetic' or a folder; {args.data!r} is neither")
     if folder is not None and task in ("captioning", "distillation"):
         raise CommandError(f"{task} is evaluated on --data synthetic (its metrics need the generated masks)")
+    if args.road_samples is not None and args.road_samples < 0:  # checked before any model runs
+        raise CommandError(f"--road-samples must be >= 0, got {args.road_samples}")
+    if not args.pointing_tolerance >= 0:  # also refuses NaN
+        raise CommandError(f"--pointing-tolerance must be >= 0 pixels, got {args.pointing_tolerance}")
     n, extra = args.num_samples, {}
     if task == "distillation":
         teacher, student = _distillation_models(args)
@@ -469,23 +516,34 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     else:
         loaded = _load(spec, args.arch, task, args.device)
         if folder is not None and task == "classification":
-            results, n = _evaluate_image_folder(loaded, folder, 16, args.device)
+            results, n, more = _evaluate_image_folder(loaded, folder, 16, args.device, args)
+            extra.update(more)
         elif folder is not None:
-            results, n = _evaluate_video_folder(loaded, folder, args)
+            results, n, more = _evaluate_video_folder(loaded, folder, args)
+            extra.update(more)
         elif task == "classification":
             classes = getattr(getattr(loaded.model, "classifier", None), "out_features", None)
             if classes != 6 or not getattr(loaded.model, "multi_label", False):
                 raise CommandError("synthetic classification data are the shipped shape scenes: evaluate "
                                    "builtin:scene-classifier (or a .pt with --arch builtin:scene-classifier), "
                                    "or give --data FOLDER for other models")
-            results = evaluation.evaluate_classification(loaded.model, n, args.seed, args.device)
+            road = _road_samples(args, n, default=None)
+            results = evaluation.evaluate_classification(loaded.model, n, args.seed, args.device, road_samples=road, sanity=True,
+                                                         pointing_tolerance=args.pointing_tolerance)
+            extra.update({"ROAD samples": road, "randomisation": "every parameterised layer, cascading from the output",
+                          "pointing tolerance px": args.pointing_tolerance})
         elif task == "captioning":
             if "tokenizer" not in loaded.extra or not hasattr(loaded.model, "generate"):
                 raise CommandError("synthetic captioning data need the shipped captioner (builtin:show-and-tell)")
             results, words, exact = evaluation.evaluate_captioning(loaded.model, loaded.extra["tokenizer"], n, args.seed, args.device)
             extra.update({"words scored": words, "exact caption match %": exact})
         else:
-            results = evaluation.evaluate_video(loaded.model, n, args.seed, args.device)
+            road = _road_samples(args, n)
+            results = evaluation.evaluate_video(loaded.model, n, args.seed, args.device, road_samples=road, sanity=True,
+                                                pointing_tolerance=args.pointing_tolerance)
+            extra.update({"ROAD samples": road, "ROAD fractions": list(evaluation.VIDEO_ROAD_FRACTIONS),
+                          "randomisation": "every parameterised layer, cascading from the output",
+                          "pointing tolerance px": args.pointing_tolerance})
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     settings = {"task": task, "model": spec, "data": args.data, "samples": n,
@@ -504,12 +562,13 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-def _evaluate_video_folder(loaded, folder: Path, args: argparse.Namespace):
-    """Faithfulness metrics (no masks in a plain folder) for each video's top-1 class."""
+def _evaluate_video_folder(loaded, folder: Path, args: argparse.Namespace) -> tuple[dict, int, dict]:
+    """Faithfulness metrics (no masks in a plain folder) for each video's top-1 class, space-time
+    ROAD on the first ``--road-samples`` clips and the randomisation sanity check."""
     import torch
 
     from .adapters import video as adapter
-    from .evaluation import METHODS_COMPARED, faithfulness_metrics
+    from .evaluation import METHODS_COMPARED, VIDEO_ROAD_FRACTIONS, faithfulness_metrics
     from .io import VIDEO_SUFFIXES
 
     frames, side, normalisation = _video_geometry(loaded, None)
@@ -521,7 +580,26 @@ def _evaluate_video_folder(loaded, folder: Path, args: argparse.Namespace):
     explained = [adapter.explain_clip(loaded.model, clips[i : i + 4], methods=METHODS_COMPARED) for i in range(0, len(clips), 4)]
     maps = {method: torch.cat([e[method].maps for e in explained]) for method in METHODS_COMPARED}
     targets = torch.cat([e["gradcam++"].targets for e in explained])
-    return faithfulness_metrics(loaded.model, clips, maps, targets, "softmax"), len(videos)
+    results = faithfulness_metrics(loaded.model, clips, maps, targets, "softmax")
+
+    def explain(model, x, t):
+        return adapter.explain_clip(model, x, t, methods=METHODS_COMPARED)
+
+    extra = _road_and_sanity(loaded.model, results, clips, maps, targets, "softmax", _road_samples(args, len(videos)),
+                             4, explain, std=None if normalisation is None else normalisation[1], fractions=VIDEO_ROAD_FRACTIONS)
+    return results, len(videos), extra
+
+
+#: ROAD samples unless --road-samples says otherwise: every imputation solves a sparse system per
+#: sample and removal fraction (1-3 s per 224 x 224 image on a CPU core), so folders and clips get 16.
+ROAD_DEFAULT_SAMPLES = 16
+
+
+def _road_samples(args: argparse.Namespace, n: int, default: int | None = ROAD_DEFAULT_SAMPLES) -> int:
+    """``--road-samples``, else ``default`` (``None``: all ``n``), at most ``n``."""
+    if args.road_samples is not None:  # >= 0: cmd_evaluate checks it first
+        return min(args.road_samples, n)
+    return n if default is None else min(n, default)
 
 
 def cmd_explain_dataset(args: argparse.Namespace) -> int:
@@ -643,13 +721,21 @@ def build_parser() -> argparse.ArgumentParser:
     video.set_defaults(handler=cmd_video)
 
     evaluate = commands.add_parser("evaluate", help="the paper's metrics for Grad-CAM++ vs Grad-CAM",
-                                   description="Average Drop, Increase in Confidence, Win %% and localisation "
-                                   "metrics for Grad-CAM++ and Grad-CAM; prints a table and writes JSON.")
+                                   description="Average Drop, Increase in Confidence, Win %%, ROAD, the model-"
+                                   "randomisation sanity check and localisation metrics (pointing game, also as a "
+                                   "class mean) for Grad-CAM++ and Grad-CAM; prints a table and writes JSON.")
     evaluate.add_argument("--task", required=True, choices=TASKS)
     _model(evaluate, "")
     evaluate.add_argument("--data", default="synthetic", help="'synthetic' (freshly generated, seeded) or a folder")
     evaluate.add_argument("-n", "--num-samples", type=int, default=64, help="samples for synthetic data (default %(default)s)")
     evaluate.add_argument("--seed", type=int, default=1234, help="seed of the synthetic data (default %(default)s)")
+    evaluate.add_argument("--road-samples", type=int, default=None, metavar="K",
+                          help="ROAD on the first K samples (default: all synthetic scenes, 16 images or clips "
+                          "otherwise; 0: no ROAD)")
+    evaluate.add_argument("--pointing-tolerance", type=float, default=2.0, metavar="PX",
+                          help="synthetic data: also the class-mean pointing game with hits within PX pixels of the "
+                          "mask (default %(default)s: Zhang et al.'s 15 px on VOC/COCO images, about 3%% of a side, "
+                          "scaled to the 64 px scenes and frames; 0: leave it out)")
     _common(evaluate, "multiexplain-evaluate")
     evaluate.set_defaults(handler=cmd_evaluate)
 

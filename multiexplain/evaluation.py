@@ -4,10 +4,10 @@ pass (``methods=``); every metric is :mod:`multiexplain.metrics`'."""
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from . import metrics
 from .adapters.captioning import explain_caption
@@ -17,13 +17,18 @@ from .data import make_action_clips, make_captioned_scenes, make_distill_dataset
 from .explain import ExplainRequest, explain_request
 
 __all__ = [
-    "METHODS_COMPARED", "METHOD_NAMES", "add_metrics_table", "evaluate_captioning", "evaluate_classification",
-    "evaluate_distillation", "evaluate_video", "faithfulness_metrics", "localisation_metrics",
+    "METHODS_COMPARED", "METHOD_NAMES", "VIDEO_ROAD_FRACTIONS", "add_metrics_table", "evaluate_captioning",
+    "evaluate_classification", "evaluate_distillation", "evaluate_video", "faithfulness_metrics",
+    "localisation_metrics", "randomisation_layers", "randomisation_metrics", "road_metrics",
 ]
 
 #: The two methods every table compares, and how the report names them.
 METHOD_NAMES = {"gradcam++": "Grad-CAM++", "gradcam": "Grad-CAM"}
 METHODS_COMPARED = tuple(METHOD_NAMES)
+#: ROAD on clips: five of the paper's fractions (each imputation solves a T x H x W system).
+VIDEO_ROAD_FRACTIONS = (0.1, 0.3, 0.5, 0.7, 0.9)
+#: Models with more parameterised modules than this are randomised block by block (their children).
+_LAYERWISE_LIMIT = 24
 
 
 def _batches(n: int, size: int) -> list[slice]:
@@ -47,16 +52,83 @@ def faithfulness_metrics(model: torch.nn.Module, inputs: Tensor, maps: dict[str,
     return results
 
 
-def localisation_metrics(maps: dict[str, Tensor], masks: Tensor) -> dict[str, dict[str, float]]:
-    """Loc(delta) (paper eq. 26), pointing game and energy pointing game, means over samples."""
+def localisation_metrics(maps: dict[str, Tensor], masks: Tensor, classes: Tensor | None = None,
+                         tolerance: float = 0.0) -> dict[str, dict[str, float]]:
+    """Loc(delta) (paper eq. 26), pointing game and energy pointing game, means over samples; with
+    ``classes`` (N,) also the pointing game's class mean (Zhang et al. 2016), and with a
+    ``tolerance`` > 0 (positions, Euclidean over the spatial axes) its class mean at that tolerance
+    (Zhang et al.'s 15 px, scaled to the data)."""
+    if tolerance < 0:
+        raise ValueError(f"the pointing game's tolerance must be >= 0, got {tolerance}")
     results = {}
     for method, method_maps in maps.items():
         row = {f"Loc({delta}) (higher is better)": float(metrics.localization(method_maps, masks, delta).mean())
                for delta in (0.0, 0.25, 0.5)}
-        row["Pointing game % (higher is better)"] = 100 * float(metrics.pointing_game(method_maps, masks).double().mean())
+        hits = metrics.pointing_game(method_maps, masks)
+        row["Pointing game % (higher is better)"] = metrics.pointing_accuracy(hits)
+        if classes is not None:
+            row["Pointing game %, class mean (higher is better)"] = metrics.pointing_accuracy(hits, classes)
+            if tolerance > 0:
+                near = metrics.pointing_game(method_maps, masks, tolerance=tolerance)
+                name = f"Pointing game %, class mean, within {tolerance:g} px (higher is better)"
+                row[name] = metrics.pointing_accuracy(near, classes)
         row["Energy inside the region % (higher is better)"] = 100 * float(metrics.energy_pointing_game(method_maps, masks).mean())
         results[method] = row
     return results
+
+
+def road_metrics(model: nn.Module, inputs: Tensor, maps: dict[str, Tensor], targets: Tensor, score: str, *,
+                 noise: float | Sequence[float] = 0.01, fractions: Sequence[float] = metrics.ROAD_FRACTIONS,
+                 batch_size: int = 32) -> dict[str, dict[str, float]]:
+    """ROAD (Rong et al. 2022) for both methods: MoRF and LeRF confidence averaged over the removed
+    fractions, and ``(LeRF - MoRF) / 2``, means over samples (:func:`multiexplain.metrics.road`).
+    ``noise`` is the imputation noise in the inputs' units (``0.01 / std`` for normalised inputs)."""
+    span = f"{round(100 * min(fractions))}-{round(100 * max(fractions))}% removed"
+    results = {}
+    for method, method_maps in maps.items():
+        curves = metrics.road(model, inputs, method_maps, targets, fractions=fractions, noise=noise, score=score,
+                              batch_size=batch_size)
+        results[method] = {
+            f"ROAD MoRF confidence, mean over {span} (lower is better)": float(curves.morf_mean().mean()),
+            f"ROAD LeRF confidence, mean over {span} (higher is better)": float(curves.lerf_mean().mean()),
+            "ROAD (LeRF - MoRF) / 2 (higher is better)": float(curves.combined().mean()),
+        }
+    return results
+
+
+def randomisation_layers(model: nn.Module) -> int | None:
+    """What :func:`randomisation_metrics` randomises per step: every parameterised module (``None``)
+    for small models, the model's children (``1``) for large ones."""
+    owners = sum(1 for m in model.modules() if next(m.parameters(recurse=False), None) is not None)
+    return None if owners <= _LAYERWISE_LIMIT else 1
+
+
+def randomisation_metrics(model: nn.Module, explain: Callable[[nn.Module], dict[str, Tensor]], *,
+                          layers: Sequence[str] | int | None = None, seed: int = 0) -> tuple[dict[str, dict[str, float]], int]:
+    """The cascading model-parameter randomisation test (Adebayo et al. 2018) for both methods.
+
+    ``explain(model) -> {method: maps (N, *spatial)}`` explains fixed inputs and targets; both
+    methods' maps come from one explanation per step. Returns ``({method: {metric: value}},
+    steps)``: the mean Spearman correlation with the trained model's maps once the top step is
+    random and once every step is, and the SSIM then (lower: the map depends on the weights).
+    The model is restored afterwards.
+    """
+    def both(m: nn.Module) -> Tensor:
+        maps = explain(m)
+        return torch.cat([maps[method] for method in METHODS_COMPARED])
+
+    result = metrics.model_randomisation(model, both, layers=layers, seed=seed)
+    n = result.original.shape[0] // len(METHODS_COMPARED)
+    results = {}
+    for i, method in enumerate(METHODS_COMPARED):
+        spearman = result.spearman[:, i * n : (i + 1) * n].mean(dim=1)
+        ssim = result.ssim[:, i * n : (i + 1) * n].mean(dim=1)
+        results[method] = {
+            "Sanity: Spearman with the trained maps, top layer random (lower is better)": float(spearman[0]),
+            "Sanity: Spearman with the trained maps, all layers random (lower is better)": float(spearman[-1]),
+            "Sanity: SSIM with the trained maps, all layers random (lower is better)": float(ssim[-1]),
+        }
+    return results, len(result.layers)
 
 
 def _merge(*parts: dict[str, dict[str, float]]) -> dict[str, dict[str, float]]:
@@ -82,13 +154,17 @@ def _concat(parts: Sequence[dict[str, Any]]) -> dict[str, Tensor]:
     return {method: torch.cat([part[method].maps for part in parts]) for method in METHODS_COMPARED}
 
 
-def evaluate_classification(model: torch.nn.Module, n: int, seed: int, device: torch.device | str = "cpu") -> dict[str, dict[str, float]]:
+def evaluate_classification(model: torch.nn.Module, n: int, seed: int, device: torch.device | str = "cpu", *,
+                            road_samples: int = 0, sanity: bool = False,
+                            pointing_tolerance: float = 0.0) -> dict[str, dict[str, float]]:
     """Metrics of Grad-CAM++ and Grad-CAM for the shipped scene classifier on ``make_scenes(n, seed)``.
 
     Each scene is explained for its highest-scoring class that is present. Returns
     ``{method: {metric: value}}``: Average Drop / Increase in Confidence / Win % (sigmoid
-    confidences, eq. 25 explanation input), Loc(delta), pointing game, energy inside the class's
-    pixels and the share of the class's instances the map covers.
+    confidences, eq. 25 explanation input), Loc(delta), pointing game (sample and class mean; the
+    class mean also within ``pointing_tolerance`` px when > 0), energy inside the class's pixels and the share of the class's instances the map covers; ROAD
+    on the first ``road_samples`` scenes (0: none) and, with ``sanity``, the cascading
+    randomisation test (what ``multiexplain evaluate`` adds; the demo leaves them out for time).
     """
     held_out = make_scenes(n, seed)
     inputs = held_out.images.to(device)
@@ -96,12 +172,22 @@ def evaluate_classification(model: torch.nn.Module, n: int, seed: int, device: t
         logits = model(inputs)
     present = held_out.labels.to(device) > 0
     targets = torch.where(present, logits, torch.full_like(logits, -torch.inf)).argmax(dim=1)
-    maps = _concat([explain_images(model, inputs[b], methods=METHODS_COMPARED, targets=targets[b]) for b in _batches(n, 128)])
+
+    def explain(m: nn.Module) -> dict[str, Tensor]:
+        return _concat([explain_images(m, inputs[b], methods=METHODS_COMPARED, targets=targets[b]) for b in _batches(n, 128)])
+
+    maps = explain(model)
     masks = held_out.class_masks.to(device)[torch.arange(n, device=device), targets]
     instances = held_out.instances_of(targets.cpu()).to(device)
     coverage = {m: {"Instances covered % (higher is better)": 100 * float(metrics.multi_instance_coverage(maps[m], instances)[0].mean())}
                 for m in METHOD_NAMES}
-    return _merge(faithfulness_metrics(model, inputs, maps, targets, "sigmoid"), localisation_metrics(maps, masks), coverage)
+    parts = [faithfulness_metrics(model, inputs, maps, targets, "sigmoid")]
+    if road_samples > 0:
+        k = min(n, road_samples)
+        parts.append(road_metrics(model, inputs[:k], {m: v[:k] for m, v in maps.items()}, targets[:k], "sigmoid"))
+    if sanity:
+        parts.append(randomisation_metrics(model, explain)[0])
+    return _merge(*parts, localisation_metrics(maps, masks, targets, pointing_tolerance), coverage)
 
 
 def evaluate_distillation(teacher: torch.nn.Module, student: torch.nn.Module, n: int, seed: int,
@@ -163,20 +249,34 @@ def evaluate_captioning(model: torch.nn.Module, vocabulary: Any, n: int, seed: i
 
 
 def evaluate_video(model: torch.nn.Module, n: int, seed: int, device: torch.device | str = "cpu",
-                   batch_size: int = 16) -> dict[str, dict[str, float]]:
+                   batch_size: int = 16, *, road_samples: int = 0, sanity: bool = False,
+                   pointing_tolerance: float = 0.0) -> dict[str, dict[str, float]]:
     """Metrics of Grad-CAM++ and Grad-CAM for the shipped C3D on ``make_action_clips(n, seed)``.
 
     Each clip is explained for its true action. Returns ``{method: {metric: value}}``: Average
     Drop / Increase in Confidence / Win % (softmax confidences, the explanation input is the map
     times the clip voxel by voxel), space-time Loc(delta), pointing game and energy on the
-    actor's pixels in every frame, and the share of the map's energy in the frames where the
-    action happens.
+    actor's pixels in every frame (the pointing game also as a class mean over the actions, and
+    within ``pointing_tolerance`` voxels when > 0), the share of the map's energy in the frames
+    where the action happens; space-time ROAD (:data:`VIDEO_ROAD_FRACTIONS`) on the first ``road_samples`` clips
+    (0: none) and, with ``sanity``, the cascading randomisation test.
     """
     held_out = make_action_clips(n, seed)
     inputs, targets = held_out.clips.to(device), held_out.labels.to(device)
-    maps = _concat([explain_clip(model, inputs[b], targets[b], methods=METHODS_COMPARED) for b in _batches(n, batch_size)])
+
+    def explain(m: nn.Module) -> dict[str, Tensor]:
+        return _concat([explain_clip(m, inputs[b], targets[b], methods=METHODS_COMPARED) for b in _batches(n, batch_size)])
+
+    maps = explain(model)
     masks = held_out.masks.to(device)
     frames = held_out.active.to(device)[:, :, None, None].expand_as(masks)
     temporal = {m: {"Energy in the action frames % (higher is better)": 100 * float(metrics.energy_pointing_game(maps[m], frames).mean())}
                 for m in METHOD_NAMES}
-    return _merge(faithfulness_metrics(model, inputs, maps, targets, "softmax"), localisation_metrics(maps, masks), temporal)
+    parts = [faithfulness_metrics(model, inputs, maps, targets, "softmax")]
+    if road_samples > 0:
+        k = min(n, road_samples)
+        parts.append(road_metrics(model, inputs[:k], {m: v[:k] for m, v in maps.items()}, targets[:k], "softmax",
+                                  fractions=VIDEO_ROAD_FRACTIONS, batch_size=8))
+    if sanity:
+        parts.append(randomisation_metrics(model, explain)[0])
+    return _merge(*parts, localisation_metrics(maps, masks, targets, pointing_tolerance), temporal)

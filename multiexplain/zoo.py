@@ -6,6 +6,9 @@ SPEC                                           what it loads
 ``torchvision:resnet50``                       a torchvision classifier with its default pretrained weights
 ``torchvision:resnet50@IMAGENET1K_V2``         ... with a named weights enum member
 ``torchvision:resnet50@none``                  ... randomly initialised (no download)
+``timm:resnet18`` / ``timm:vit_small_patch16_224.augreg_in21k_ft_in1k``  a timm model, pretrained
+                                               (default tag, or the tag after the dot)
+``timm:convnext_tiny@none``                    ... randomly initialised (no download)
 ``hf:google/vit-base-patch16-224``             a Hugging Face image classifier from the Hub
 ``hf:/path/to/saved_dir``                      ... from a directory written by ``save_pretrained``
 ``pytorchvideo:x3d_s`` / ``...@none``          a pytorchvideo hub model, pretrained (Kinetics-400) or random
@@ -16,7 +19,9 @@ SPEC                                           what it loads
 Downloads happen only where the source's host is reachable. Offline, a model that is not in the
 local cache raises :class:`OfflineError` whose message says so and shows the local-path
 alternative (a ``save_pretrained`` directory for ``hf:``, a state-dict ``.pt`` with ``--arch``
-for torchvision and pytorchvideo).
+for torchvision, timm and pytorchvideo). timm's pretrained weights are found in the local
+Hugging Face cache (where ``timm.create_model(name, pretrained=True)`` put them) or torch hub's
+checkpoint folder first; only a missing file is downloaded.
 """
 
 from __future__ import annotations
@@ -54,10 +59,11 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 PYTORCHVIDEO_MEAN = (0.45, 0.45, 0.45)
 PYTORCHVIDEO_STD = (0.225, 0.225, 0.225)
 
-SOURCES = ("torchvision", "hf", "pytorchvideo", "builtin", "file")
+SOURCES = ("torchvision", "timm", "hf", "pytorchvideo", "builtin", "file")
 
 # Where each source downloads from (only used to decide whether we are offline).
-_HOSTS = {"torchvision": "download.pytorch.org", "hf": "huggingface.co", "pytorchvideo": "dl.fbaipublicfiles.com"}
+_HOSTS = {"torchvision": "download.pytorch.org", "timm": "huggingface.co", "hf": "huggingface.co",
+          "pytorchvideo": "dl.fbaipublicfiles.com"}
 
 # Clip geometry of pytorchvideo's Kinetics-400 hub models: (frames, side). The layer comes from
 # the one resolver (multiexplain.explain.families: the last stage before the head).
@@ -100,8 +106,9 @@ class OfflineError(RuntimeError):
 
 @dataclass(frozen=True)
 class ModelSpec:
-    """A parsed SPEC: ``source`` is one of ``torchvision``, ``hf``, ``pytorchvideo``, ``builtin``,
-    ``file``; ``weights`` is the part after ``@`` (``None`` means the default pretrained weights)."""
+    """A parsed SPEC: ``source`` is one of ``torchvision``, ``timm``, ``hf``, ``pytorchvideo``,
+    ``builtin``, ``file``; ``weights`` is the part after ``@`` (``None`` means the default
+    pretrained weights)."""
 
     source: str
     name: str
@@ -180,10 +187,11 @@ def parse_spec(spec: str) -> ModelSpec:
     """Parse a SPEC string (see the module docstring). A string ending in ``.pt``/``.pth`` or
     naming an existing file is a ``file`` spec."""
     if not isinstance(spec, str) or not spec.strip():
-        raise SpecError("empty model SPEC; use e.g. torchvision:resnet50, hf:DIR, pytorchvideo:x3d_s, builtin:NAME or a .pt path")
+        raise SpecError("empty model SPEC; use e.g. torchvision:resnet50, timm:resnet18, hf:DIR, pytorchvideo:x3d_s, "
+                        "builtin:NAME or a .pt path")
     spec = spec.strip()
     source, sep, rest = spec.partition(":")
-    if sep and source in ("torchvision", "hf", "pytorchvideo", "builtin"):
+    if sep and source in ("torchvision", "timm", "hf", "pytorchvideo", "builtin"):
         if not rest:
             raise SpecError(f"model SPEC {spec!r} names no model after {source!r}")
         name, weights = rest, None
@@ -195,7 +203,7 @@ def parse_spec(spec: str) -> ModelSpec:
     if spec.endswith((".pt", ".pth")) or Path(spec).is_file():
         return ModelSpec("file", spec)
     raise SpecError(
-        f"cannot parse model SPEC {spec!r}: expected torchvision:NAME[@WEIGHTS|@none], hf:NAME-or-DIR, "
+        f"cannot parse model SPEC {spec!r}: expected torchvision:NAME[@WEIGHTS|@none], timm:NAME[@none], hf:NAME-or-DIR, "
         "pytorchvideo:NAME[@none], builtin:NAME or a .pt/.pth state dict with --arch SPEC"
     )
 
@@ -212,7 +220,7 @@ def load_model(
     Args:
         spec: a SPEC string (see the module docstring) or a parsed :class:`ModelSpec`.
         arch: for a ``.pt`` state dict, the SPEC of the architecture to load it into
-            (``torchvision:resnet18@none``, ``builtin:scene-classifier``, ``hf:DIR``, ...).
+            (``torchvision:resnet18@none``, ``timm:convnext_tiny``, ``builtin:scene-classifier``, ``hf:DIR``, ...).
         task: the task the caller wants (checked against builtin models; picks the HF auto class).
         device: ``cpu``, ``cuda``, ``auto`` or a torch device.
 
@@ -225,6 +233,8 @@ def load_model(
     target = resolve_device(device)
     if parsed.source == "torchvision":
         loaded = _load_torchvision(parsed)
+    elif parsed.source == "timm":
+        loaded = _load_timm(parsed)
     elif parsed.source == "hf":
         loaded = _load_hf(parsed, task)
     elif parsed.source == "pytorchvideo":
@@ -329,6 +339,107 @@ def _hf_geometry(processor: Any, size: int) -> ResizeCrop | None:
     if "shortest_edge" in target and "crop_pct" not in getattr(processor, "to_dict", dict)():
         return ResizeCrop(shorter=int(target["shortest_edge"]), crop=crop_hw)
     return None
+
+
+# -- timm ---------------------------------------------------------------------------------------
+def _import_timm():
+    try:
+        import timm
+        import timm.data
+    except ImportError:
+        raise SpecError("timm: models need the timm package: pip install timm (or multiexplain[timm])") from None
+    return timm
+
+
+def _timm_name(timm: Any, name: str) -> None:
+    if not timm.is_model(name):
+        import difflib
+
+        close = difflib.get_close_matches(name.partition(".")[0], timm.list_models(), n=4)
+        raise SpecError(f"timm has no model named {name!r}" + (f" (did you mean {', '.join(close)}?)" if close else ""))
+
+
+def _timm_cached_weights(config: Any) -> Path | None:
+    """The pretrained weights file already on this machine: the Hugging Face cache (timm's default
+    source) or torch hub's checkpoint folder (timm's older URL source), else ``None``."""
+    hub_id = getattr(config, "hf_hub_id", None)
+    if hub_id:
+        from huggingface_hub import try_to_load_from_cache
+
+        for filename in (getattr(config, "hf_hub_filename", None), "model.safetensors", "pytorch_model.bin"):
+            if filename:
+                found = try_to_load_from_cache(hub_id, filename)
+                if isinstance(found, str) and Path(found).is_file():
+                    return Path(found)
+    url = getattr(config, "url", None)
+    if url and _cached(url):
+        return Path(torch.hub.get_dir()) / "checkpoints" / os.path.basename(url)
+    return None
+
+
+def _read_weights(path: Path) -> Mapping[str, Tensor]:
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        return load_file(str(path))
+    state = _state_dict(torch.load(path, map_location="cpu", weights_only=True))
+    if state is None:
+        raise SpecError(f"{path} holds no state dict")
+    return state
+
+
+def _timm_classes(timm: Any, name: str, state: Mapping[str, Tensor]) -> int | None:
+    """The class count of a state dict's classifier (``pretrained_cfg['classifier']``), when it has one."""
+    classifier = timm.models.get_pretrained_cfg(name)
+    keys = getattr(classifier, "classifier", None) if classifier is not None else None
+    for key in [keys] if isinstance(keys, str) else list(keys or ()):
+        weight = state.get(f"{key}.weight")
+        if isinstance(weight, Tensor) and weight.ndim >= 2:
+            return int(weight.shape[0])
+    return None
+
+
+def _load_timm(parsed: ModelSpec, state: Mapping[str, Tensor] | None = None) -> LoadedModel:
+    """A timm classifier: pretrained from the local cache (downloaded only when missing and the
+    hub is reachable), random with ``@none``, or built for ``state`` (a ``.pt`` with ``--arch``)."""
+    timm = _import_timm()
+    _timm_name(timm, parsed.name)
+    if parsed.weights not in (None, "none", "default"):
+        raise SpecError(f"timm:{parsed.name} takes @none (random) or no suffix; timm names a weights variant "
+                        f"after a dot in the model name (e.g. timm:resnet18.a1_in1k), not @{parsed.weights}")
+    kwargs: dict[str, Any] = {}
+    if state is not None:
+        classes = _timm_classes(timm, parsed.name, state)
+        kwargs = {"num_classes": classes} if classes is not None else {}
+        model = timm.create_model(parsed.name, pretrained=False, **kwargs)
+    elif parsed.weights == "none":
+        model = timm.create_model(parsed.name, pretrained=False)
+    else:
+        config = timm.models.get_pretrained_cfg(parsed.name)
+        if config is None or not (getattr(config, "hf_hub_id", None) or getattr(config, "url", None)):
+            raise SpecError(f"timm:{parsed.name} has no pretrained weights; use timm:{parsed.name}@none")
+        cached = _timm_cached_weights(config)
+        if cached is not None:  # timm applies its own key remapping and head handling to the dict
+            model = timm.create_model(parsed.name, pretrained=True, pretrained_cfg_overlay={"state_dict": dict(_read_weights(cached))})
+        elif host_reachable(_HOSTS["timm"]):
+            model = timm.create_model(parsed.name, pretrained=True)
+        else:
+            raise OfflineError(_offline_message(
+                parsed, "its pretrained weights",
+                f"on a machine with internet run timm.create_model('{parsed.name}', pretrained=True) (it fills the "
+                f"Hugging Face cache; copy ~/.cache/huggingface/hub here), or torch.save(timm.create_model('{parsed.name}', "
+                f"pretrained=True).state_dict(), '{parsed.name}.pt') and pass --model {parsed.name}.pt "
+                f"--arch timm:{parsed.name}@none; timm:{parsed.name}@none gives random weights",
+            ))
+    data = timm.data.resolve_model_data_config(model)
+    transform = timm.data.create_transform(**data)
+    subset = timm.data.infer_imagenet_subset(model)
+    # "tench, Tinca tinca" -> "tench", as torchvision names the ImageNet classes.
+    labels = [d.split(",")[0].strip() for d in timm.data.ImageNetInfo(subset).label_descriptions()] if subset else None
+    if labels is not None and len(labels) != getattr(model, "num_classes", len(labels)):
+        labels = None
+    return LoadedModel(model, parsed, "classification", preprocess=lambda image: transform(image.convert("RGB")),
+                       labels=labels, mean=tuple(data["mean"]), std=tuple(data["std"]))
 
 
 # -- Hugging Face -------------------------------------------------------------------------------
@@ -508,12 +619,13 @@ def _load_file(parsed: ModelSpec, arch: str | None, task: str | None) -> LoadedM
     if arch is None:
         raise SpecError(
             f"{parsed.name} is a weights file: also give the architecture it belongs to with --arch SPEC "
-            "(e.g. --arch torchvision:resnet50@none, --arch pytorchvideo:x3d_s@none, --arch builtin:scene-classifier)"
+            "(e.g. --arch torchvision:resnet50@none, --arch timm:resnet18@none, --arch pytorchvideo:x3d_s@none, "
+            "--arch builtin:scene-classifier)"
         )
     arch_spec = parse_spec(arch)
     if arch_spec.source == "file":
-        raise SpecError("--arch must be a model SPEC (torchvision:, hf:, pytorchvideo:, builtin:), not another file")
-    if arch_spec.source in ("torchvision", "pytorchvideo") and arch_spec.weights is None:
+        raise SpecError("--arch must be a model SPEC (torchvision:, timm:, hf:, pytorchvideo:, builtin:), not another file")
+    if arch_spec.source in ("torchvision", "timm", "pytorchvideo") and arch_spec.weights is None:
         arch_spec = ModelSpec(arch_spec.source, arch_spec.name, "none")  # the file supplies the weights
     try:
         payload = torch.load(path, map_location="cpu", weights_only=True)
@@ -530,6 +642,8 @@ def _load_file(parsed: ModelSpec, arch: str | None, task: str | None) -> LoadedM
         loaded = _load_torchvision(arch_spec, _head_rows(state))
         if task is not None and loaded.task != task:
             raise SpecError(f"model {arch_spec} is a {loaded.task} model, not a {task} model")
+    elif arch_spec.source == "timm":
+        loaded = _load_timm(arch_spec, state)
     else:
         loaded = load_model(arch_spec, task=task, device="cpu")
     try:

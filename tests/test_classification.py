@@ -261,12 +261,17 @@ def test_benchmark_code_path_on_a_tiny_subset(tmp_path):
     spec = importlib.util.spec_from_file_location("quality_classification", ROOT / "benchmarks" / "quality_classification.py")
     bench = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(bench)
-    results = bench.evaluate(load_scene_classifier(), make_scenes(6, seed=5), steps=4)
+    results = bench.evaluate(load_scene_classifier(), make_scenes(6, seed=5), steps=4, road_pairs=3)
     for method in ("gradcam++", "gradcam"):
         row = results["methods"][method]
         for key in ("average_drop", "increase_in_confidence", "win", "loc_0", "loc_0.25", "loc_0.5", "pointing_game",
-                    "energy_pointing_game", "deletion_auc", "insertion_auc", "multi_instance_coverage"):
+                    "energy_pointing_game", "deletion_auc", "insertion_auc", "multi_instance_coverage",
+                    "pointing_game_class_mean", "road_morf", "road_lerf", "road_combined", "sanity_spearman_all",
+                    "sanity_ssim_all"):
             assert key in row and row[key] == row[key], key  # present and not NaN
+        assert row["road_combined"] == pytest.approx((row["road_lerf"] - row["road_morf"]) / 2)
+        assert len(results["sanity_curves"][method]["spearman"]) == 13  # the SceneCNN's parameterised layers
+    assert results["road_pairs"] == 3 and results["sanity_curves"]["layers"][0] == "classifier"
     assert results["methods"]["gradcam++"]["win"] + results["methods"]["gradcam"]["win"] == pytest.approx(100.0)
     difference = results["paired_difference"]["average_drop"]
     row = results["methods"]

@@ -52,6 +52,8 @@ def resnet_state(tmp_path_factory) -> str:
         ("hf:google/vit-base-patch16-224", zoo.ModelSpec("hf", "google/vit-base-patch16-224", None)),
         ("hf:/models/my@vit", zoo.ModelSpec("hf", "/models/my@vit", None)),
         ("pytorchvideo:x3d_s", zoo.ModelSpec("pytorchvideo", "x3d_s", None)),
+        ("timm:resnet18", zoo.ModelSpec("timm", "resnet18", None)),
+        ("timm:convnext_tiny.fb_in1k@none", zoo.ModelSpec("timm", "convnext_tiny.fb_in1k", "none")),
         ("builtin:scene-classifier", zoo.ModelSpec("builtin", "scene-classifier", None)),
         ("weights/model.pt", zoo.ModelSpec("file", "weights/model.pt", None)),
     ],
@@ -183,6 +185,28 @@ def test_classify_target_by_name_matches_the_explainer(images, resnet_state, tmp
     assert result["targets"][0]["probability"] == pytest.approx(p, rel=1e-4)
 
 
+def test_classify_with_a_timm_spec(images, tmp_path, capsys):
+    """``multiexplain classify img.png --model timm:resnet18@none``: timm's preprocessing, the one
+    resolver's layer (layer4), ImageNet class names, the same top-1 as the model run by hand."""
+    timm = pytest.importorskip("timm")
+    out = tmp_path / "out"
+    torch.manual_seed(0)
+    assert cli.main(["classify", images[0], "--model", "timm:resnet18@none", "--out", str(out), "--device", "cpu"]) == 0
+    payload = json.loads((out / "predictions.json").read_text())
+    assert payload["settings"]["layer"] == "layer4" and payload["settings"]["model"] == "timm:resnet18@none"
+    target = payload["results"][0]["targets"][0]
+    torch.manual_seed(0)
+    model = timm.create_model("resnet18").eval()
+    transform = timm.data.create_transform(**timm.data.resolve_model_data_config(model))
+    with torch.no_grad():
+        probabilities = model(transform(Image.open(images[0]).convert("RGB")).unsqueeze(0)).softmax(1)[0]
+    assert target["class"] == int(probabilities.argmax())
+    assert target["probability"] == pytest.approx(float(probabilities.max()), rel=1e-4)
+    assert target["label"] == timm.data.ImageNetInfo().index_to_description(target["class"]).split(",")[0]
+    assert (out / payload["results"][0]["figure"]).is_file()
+    assert f"{images[0]}: {target['label']}" in capsys.readouterr().out
+
+
 def test_classify_errors(images, resnet_state, tmp_path, capsys):
     out = str(tmp_path / "out")
     assert cli.main(["classify", str(tmp_path / "none.png"), "--model", resnet_state, "--arch",
@@ -241,6 +265,7 @@ def test_caption_end_to_end(tmp_path, capsys):
     assert given["words"] == ["two", "red", "diamonds"] and given["generated"] is False
 
 
+@pytest.mark.slow
 def test_evaluate_an_image_folder(images, resnet_state, tmp_path, capsys):
     folder = tmp_path / "data"
     (folder / "nested").mkdir(parents=True)
@@ -248,16 +273,36 @@ def test_evaluate_an_image_folder(images, resnet_state, tmp_path, capsys):
         shutil.copy(path, folder / ("nested" if i else "") / Path(path).name)
     out = tmp_path / "out"
     assert cli.main(["evaluate", "--task", "classification", "--model", resnet_state, "--arch", "torchvision:resnet18",
-                     "--data", str(folder), "--out", str(out), "--device", "cpu"]) == 0
+                     "--data", str(folder), "--out", str(out), "--device", "cpu", "--road-samples", "1"]) == 0
     printed = capsys.readouterr().out
     assert "Average Drop % (lower is better)" in printed and "Grad-CAM++" in printed
     payload = json.loads((out / "metrics.json").read_text())
-    assert payload["settings"]["samples"] == 2
+    assert payload["settings"]["samples"] == 2 and payload["ROAD samples"] == 1
+    assert payload["randomisation steps"].startswith("7 (per child module")  # fc, layer4 .. layer1, bn1, conv1
     pp, gc = payload["metrics"]["gradcam++"], payload["metrics"]["gradcam"]
     assert pp["Win % (higher is better)"] + gc["Win % (higher is better)"] == pytest.approx(100)
     for row in (pp, gc):
         assert 0 <= row["Average Drop % (lower is better)"] <= 100
+        morf = row["ROAD MoRF confidence, mean over 10-90% removed (lower is better)"]
+        lerf = row["ROAD LeRF confidence, mean over 10-90% removed (higher is better)"]
+        assert 0 <= morf <= 1 and 0 <= lerf <= 1
+        assert row["ROAD (LeRF - MoRF) / 2 (higher is better)"] == pytest.approx((lerf - morf) / 2)
+        assert -1 <= row["Sanity: Spearman with the trained maps, all layers random (lower is better)"] <= 1
+        assert row["Sanity: SSIM with the trained maps, all layers random (lower is better)"] <= 1
     assert (out / "index.html").is_file()
+
+
+@pytest.mark.slow
+def test_evaluate_an_image_folder_with_a_timm_spec(images, tmp_path, capsys):
+    pytest.importorskip("timm")
+    out = tmp_path / "out"
+    spec = "timm:mobilenetv3_small_050@none"  # 0.02 GFLOPs a forward: ROAD runs 36 of them
+    assert cli.main(["evaluate", "--task", "classification", "--model", spec, "--data",
+                     str(Path(images[0]).parent), "--out", str(out), "--device", "cpu", "--road-samples", "1"]) == 0
+    payload = json.loads((out / "metrics.json").read_text())
+    assert payload["settings"]["model"] == spec and payload["settings"]["samples"] == 2
+    assert "ROAD (LeRF - MoRF) / 2 (higher is better)" in payload["metrics"]["gradcam"]
+    assert "Sanity: SSIM with the trained maps, all layers random" in capsys.readouterr().out
 
 
 def test_evaluate_errors(tmp_path, capsys):
@@ -270,17 +315,53 @@ def test_evaluate_errors(tmp_path, capsys):
     assert cli.main(["evaluate", "--task", "classification", "--model", "torchvision:resnet18@none",
                      "--out", str(tmp_path), "--device", "cpu"]) == 2
     assert "shipped shape scenes" in capsys.readouterr().err
+    for flag, value in (("--road-samples", "-1"), ("--pointing-tolerance", "-2")):
+        assert cli.main(["evaluate", "--task", "classification", "--out", str(tmp_path), "--device", "cpu",
+                         flag, value]) == 2
+        assert f"{flag} must be >= 0" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 @_shipped("scene_cnn.pt")
 def test_evaluate_synthetic_scenes(tmp_path, capsys):
     out = tmp_path / "out"
-    assert cli.main(["evaluate", "--task", "classification", "-n", "16", "--out", str(out), "--device", "cpu"]) == 0
-    metrics = json.loads((out / "metrics.json").read_text())["metrics"]
+    assert cli.main(["evaluate", "--task", "classification", "-n", "16", "--road-samples", "4", "--out", str(out),
+                     "--device", "cpu"]) == 0
+    payload = json.loads((out / "metrics.json").read_text())
+    metrics = payload["metrics"]
+    assert payload["ROAD samples"] == 4 and payload["pointing tolerance px"] == 2.0
     for method in ("gradcam++", "gradcam"):
         assert set(metrics[method]) >= {"Average Drop % (lower is better)", "Loc(0.25) (higher is better)",
-                                        "Pointing game % (higher is better)", "Instances covered % (higher is better)"}
+                                        "Pointing game % (higher is better)", "Instances covered % (higher is better)",
+                                        "Pointing game %, class mean (higher is better)",
+                                        "ROAD (LeRF - MoRF) / 2 (higher is better)",
+                                        "Sanity: Spearman with the trained maps, top layer random (lower is better)"}
         assert 0 <= metrics[method]["Energy inside the region % (higher is better)"] <= 100
+        exact = metrics[method]["Pointing game %, class mean (higher is better)"]
+        near = metrics[method]["Pointing game %, class mean, within 2 px (higher is better)"]
+        assert 0 <= exact <= near <= 100  # a tolerance only adds hits
+
+
+@pytest.mark.slow
+@_shipped("action_c3d.pt")
+def test_evaluate_synthetic_clips_with_space_time_road_and_the_sanity_check(tmp_path, capsys):
+    out = tmp_path / "out"
+    assert cli.main(["evaluate", "--task", "video", "-n", "4", "--road-samples", "2", "--pointing-tolerance", "1",
+                     "--out", str(out), "--device", "cpu"]) == 0
+    payload = json.loads((out / "metrics.json").read_text())
+    assert payload["ROAD samples"] == 2 and payload["ROAD fractions"] == [0.1, 0.3, 0.5, 0.7, 0.9]
+    for method in ("gradcam++", "gradcam"):
+        row = payload["metrics"][method]
+        morf = row["ROAD MoRF confidence, mean over 10-90% removed (lower is better)"]
+        lerf = row["ROAD LeRF confidence, mean over 10-90% removed (higher is better)"]
+        assert 0 <= morf <= 1 and 0 <= lerf <= 1
+        assert row["ROAD (LeRF - MoRF) / 2 (higher is better)"] == pytest.approx((lerf - morf) / 2)
+        for key in ("top layer random", "all layers random"):
+            assert -1 <= row[f"Sanity: Spearman with the trained maps, {key} (lower is better)"] <= 1
+        exact = row["Pointing game %, class mean (higher is better)"]
+        assert 0 <= exact <= row["Pointing game %, class mean, within 1 px (higher is better)"] <= 100
+    assert "Sanity: SSIM with the trained maps, all layers random" in capsys.readouterr().out
+    assert (out / "index.html").is_file()
 
 
 @pytest.mark.parametrize("suffix", [".yaml", ".toml"])

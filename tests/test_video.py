@@ -424,3 +424,33 @@ def test_shipped_action_c3d_is_accurate_and_looks_at_the_actor():
     energy = energy_pointing_game(result.maps, data.masks[:16])
     chance = data.masks[:16].float().mean()
     assert energy.mean() > 2 * chance  # 8 x 8 x 8 layer maps are coarse: actor radius ~ one cell
+
+
+# -- the quality benchmark's ROAD / sanity-check section -------------------------------------
+
+@pytest.mark.slow
+def test_video_benchmark_road_and_sanity_section_on_two_clips(tmp_path, monkeypatch, one_torch_thread):
+    """``benchmarks/quality_video.py``'s ``road_sanity`` section, on a small C3D and 2 clips, into
+    ``tmp_path`` (the tracked results stay untouched): every row its table prints is in the JSON."""
+    import importlib.util
+    import json
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "quality_video.py"
+    spec = importlib.util.spec_from_file_location("quality_video", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    monkeypatch.setattr(bench, "RESULTS", str(tmp_path))
+    (tmp_path / "video.md").write_text("<!-- memory -->\nkept\n<!-- /memory -->\n")
+    model = small_c3d(num_classes=len(ACTIONS))
+    bench.road_and_sanity(model, make_action_clips(2, seed=4), road_clips=2, batch=2)
+    payload = json.loads((tmp_path / "video.json").read_text())["road_sanity"]
+    layers = [name for name, m in model.named_modules() if next(m.parameters(recurse=False), None) is not None]
+    assert payload["clips"] == 2 and payload["road_clips"] == 2 and sorted(payload["layers"]) == sorted(layers)
+    for row in payload["methods"].values():
+        assert len(row["road_morf"]) == len(row["road_lerf"]) == 5
+        assert row["road_combined"] == pytest.approx((row["road_lerf_mean"] - row["road_morf_mean"]) / 2)
+        assert len(row["sanity_spearman"]) == len(row["sanity_ssim"]) == len(layers)
+        assert all(-1 <= v <= 1 for v in row["sanity_spearman"])
+    text = (tmp_path / "video.md").read_text()
+    assert "kept" in text and "<!-- road_sanity -->" in text and f"`{payload['layers'][0]}`" in text

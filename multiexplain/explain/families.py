@@ -200,6 +200,12 @@ FAMILY_RULES: Sequence[FamilyRule] = (
                _constant(TokenReshape(num_prefix_tokens=1)), layer_call=0),
     FamilyRule("Hugging Face VisionEncoderDecoder", ModelType(frozenset({"vision-encoder-decoder"})),
                At("encoder.layernorm"), _constant(TokenReshape(num_prefix_tokens=None))),
+    # timm CaiT and XCiT: the class token joins only in the class-attention blocks after
+    # ``blocks``, whose last output (patch tokens only) is what those blocks read.
+    FamilyRule("timm CaiT", IsInstance("timm.models.cait.Cait"), At("blocks.-1"),
+               _constant(TokenReshape(num_prefix_tokens=0))),
+    FamilyRule("timm XCiT", IsInstance("timm.models.xcit.Xcit"), At("blocks.-1"),
+               _constant(TokenReshape(num_prefix_tokens=0))),
     # timm ViTs (and DeiT, EVA, ...): blocks plus a count of prefix tokens.
     FamilyRule("timm ViT", HasModules(("blocks", "num_prefix_tokens", "patch_embed")),
                At("blocks.-1.norm1"), _timm_prefix_tokens),
