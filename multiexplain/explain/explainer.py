@@ -288,11 +288,7 @@ class BaseCAM:
         size = tuple(input_size) if input_size is not None else tuple(reference.shape[2:])
         reshape = choice.reshape if choice.reshape is not None else _read_named_layer(activation, size)
         activation, gradients = _channels_first(activation, gradients, reshape, choice.name)
-        non_finite, what = non_finite_samples(activation, gradients, scores)
-        if what:
-            warn_non_finite(non_finite, what, choice.name)
-            if targets is None and indices is not None:  # no class can be ranked from non-finite logits
-                indices = torch.where(non_finite, torch.full_like(indices, -1), indices)
+        non_finite, indices = _flag_non_finite(activation, gradients, scores, indices, targets is None, choice.name)
         if self.choice is not None and self.choice.grid is None:
             layout = {type(None): "channels_first", TokenReshape: "tokens", ChannelsLast: "channels_last"}.get(type(reshape), "custom")
             self.choice = replace(self.choice, layout=self.choice.layout or layout, grid=tuple(activation.shape[2:]))
@@ -330,6 +326,18 @@ class BaseCAM:
         if not differentiable:
             scores = scores.detach()
         return Explanation(maps, raw, weights, scores, indices, zero_gradient, self.method, layer, non_finite)
+
+
+def _flag_non_finite(activation: Tensor, gradients: Tensor, scores: Tensor, indices: Tensor | None, top1: bool,
+                     layer: str) -> tuple[Tensor, Tensor | None]:
+    """``(flags (N, K), indices)``: which samples and targets hold NaN/inf the model produced (warned
+    about); a top-1 target of a flagged sample becomes -1, as no class can be ranked from its logits."""
+    flags, what = non_finite_samples(activation, gradients, scores)
+    if what:
+        warn_non_finite(flags, what, layer)
+        if top1 and indices is not None:
+            indices = torch.where(flags, torch.full_like(indices, -1), indices)
+    return flags, indices
 
 
 def _zero_flagged(activation: Tensor, gradients: Tensor, flags: Tensor) -> tuple[Tensor, Tensor]:
