@@ -267,3 +267,35 @@ def test_upsampled_values_equal_half_pixel_linear_interpolation(shape, size):
     # By hand, 2 -> 4 cells: [a, 0.75 a + 0.25 b, 0.25 a + 0.75 b, b].
     torch.testing.assert_close(core.upsample_maps(torch.tensor([[0.0, 4.0]], dtype=torch.float64), (4,)),
                                torch.tensor([[0.0, 1.0, 3.0, 4.0]], dtype=torch.float64))
+
+
+@pytest.mark.parametrize("method", ["gradcam++", "gradcam"])
+def test_autocast_explanations_are_computed_to_float32_precision(method):
+    """Under ``torch.autocast("cpu", bfloat16)`` the layer's output and gradient are bfloat16; the explainer's
+    raw map must be the exact map of exactly those values to within the float32 bound (the comparison with a
+    float32 model in test_properties.py mixes in the bfloat16 forward's own error, which no bound covers)."""
+    from multiexplain import GradCAM, GradCAMPlusPlus
+
+    torch.manual_seed(0)
+    features = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3, padding=1), torch.nn.ReLU())
+    head = torch.nn.Sequential(torch.nn.Conv2d(8, 8, 1), torch.nn.ReLU(), torch.nn.AdaptiveAvgPool2d(1),
+                               torch.nn.Flatten(), torch.nn.Linear(8, 4))
+    model = torch.nn.Sequential(features, head).eval()
+    x = torch.randn(3, 3, 12, 12)
+    targets = [0, 2, 3]
+    captured = {}
+    handle = features.register_forward_hook(lambda _m, _a, out: captured.__setitem__("a", out.detach()))
+    try:
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            explanation = (GradCAMPlusPlus if method == "gradcam++" else GradCAM)(model, "0")(x, targets)
+            a = captured["a"].requires_grad_(True)
+            (g,) = torch.autograd.grad(head(a)[torch.arange(3), targets].sum(), a)
+    finally:
+        handle.remove()
+    assert a.dtype == g.dtype == torch.bfloat16, "autocast must be in effect at the layer"
+    weight_fn = core.grad_cam_plus_plus_weights if method == "gradcam++" else core.grad_cam_weights
+    _, exact = core.class_activation_map(a.detach().double(), g.double(), weight_fn)
+    error = (explanation.raw.double() - exact).abs()
+    bound = float32_error_bound(a.detach(), g, method)
+    assert (error <= bound).all(), f"error {error.max():.3g} exceeds the float32 bound {bound.max():.3g}"
+    assert exact.amax() > 0
