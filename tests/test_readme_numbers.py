@@ -9,11 +9,15 @@ what the block before it in the same section cites (a table under the paragraph 
 
 A *measured number* is one written with a decimal point, or followed by ``%``, ``x`` / ``×`` or a unit of
 time or memory (``s``, ``min``, ``h``, ``MB``, ``KB``, ``MiB``, ...); plain integers (sizes, counts, seeds, equation
-numbers) and scientific notation (tolerances such as ``1e-6``) are parameters and are not checked. A number
+numbers) and scientific notation (tolerances such as ``1e-6``) are parameters and are not checked; the first
+number of a range takes the range's unit (``43-70 s`` checks 43 s and 70 s). A number
 is backed when a value in a cited file rounds to it at the README's precision (also a fraction shown as a
 percentage, or seconds shown as minutes or hours). What is not measured but looks like it goes in :data:`PARAMETERS`, with
 the reason; numbers of sections that other work is rewriting go in :data:`PENDING` until they are backed
 (an entry that is backed already, or no longer in the README, fails too, so the list stays honest).
+
+A failure lists each unbacked number with its section, README line, context and the files its block cites,
+then how to fix it (:data:`HOW_TO_FIX`): sections merged from other branches are checked by the same rules.
 
 The check is deliberately tolerant: a number that happens to occur elsewhere in a large cited file
 passes, so it catches figures with no source (hand-typed, stale, from an uncommitted run), not every typo.
@@ -57,7 +61,7 @@ PENDING: dict[str, dict[str, str]] = {
         "28%": "#17", "80.8%": "#17", "91.3%": "#17", "88.2%": "#17", "87.1%": "#17",
     },
     "Video: space-time Grad-CAM++ for 3D-conv action recognition": {
-        "2.5": "#13", "2.8×": "#13",  # chance multiples of the energy in the mask: video.md has the energies, not the ratio
+        "2.5×": "#13", "2.8×": "#13",  # chance multiples of the energy in the mask: video.md has the energies, not the ratio
     },
 }
 
@@ -133,56 +137,82 @@ def _backed(written: str, unit: str, values: list[float]) -> bool:
     return any(abs(f(v) - number) <= half for v in values for f in candidates)
 
 
-def _sections(markdown: str) -> list[tuple[str, list[str]]]:
-    """``[(heading, [raw block, ...])]`` in README order."""
-    sections: list[tuple[str, list[str]]] = [("(top)", [])]
-    markdown = re.sub(r"```.*?```", "", markdown, flags=re.S)  # code: neither prose nor headings
-    for block in re.split(r"\n\s*\n", markdown):
-        kept: list[str] = []
-        for line in block.strip("\n").splitlines():
+def _sections(markdown: str) -> list[tuple[str, list[tuple[int, str]]]]:
+    """``[(heading, [(README line the block starts on, raw block), ...])]`` in README order."""
+    # Code is neither prose nor headings; blank lines in its place keep the line numbers.
+    markdown = re.sub(r"```.*?```", lambda code: "\n" * code.group().count("\n"), markdown, flags=re.S)
+    sections: list[tuple[str, list[tuple[int, str]]]] = [("(top)", [])]
+    kept: list[str] = []
+    start = 0
+    for number, line in enumerate(markdown.splitlines(), 1):
+        if not line.strip() or line.startswith("#"):
+            if kept:
+                sections[-1][1].append((start, "\n".join(kept)))
+            kept = []
             if line.startswith("#"):
-                if kept:
-                    sections[-1][1].append("\n".join(kept))
                 sections.append((line.lstrip("# ").strip(), []))
-                kept = []
-            else:
-                kept.append(line)
-        if kept:
-            sections[-1][1].append("\n".join(kept))
+            continue
+        if not kept:
+            start = number
+        kept.append(line)
+    if kept:
+        sections[-1][1].append((start, "\n".join(kept)))
     return sections
 
 
+#: The second half of a range (``43-70 s``, ``2.5–2.8×``, ``1…3 %``): its unit applies to the first number too.
+RANGE_END = re.compile(r"\s?[-–…]\s?\d[\d,]*(?:\.\d+)?(?P<unit>\s?%|x\b|×|\s(?:ms|s|seconds|min|minutes|h|hours|MB|KB|MiB|GiB|GB)\b)")
+
+
 def unbacked_numbers() -> dict[str, list[tuple[str, str]]]:
-    """``{section: [(number as written, "context and cited files"), ...]}`` for every measured number no
-    cited file backs."""
+    """``{section: [(number as written, "README line, context and cited files"), ...]}`` for every
+    measured number no cited file backs."""
     found: dict[str, list[tuple[str, str]]] = {}
     for heading, blocks in _sections(README.read_text()):
         cited: set[str] = set()
-        for raw in blocks:
+        for line, raw in blocks:
             cited = _citations(raw) or cited
             text = _visible_text(re.sub(r"`[^`]*`", "", raw))
             values = [v for stem in sorted(cited) for v in _values(stem)]
             for match in NUMBER.finditer(text):
                 written, unit = match.group("value"), match.group("unit") or ""
+                if not unit:
+                    range_end = RANGE_END.match(text, match.end())
+                    unit = range_end.group("unit") if range_end else ""
                 if "." not in written and not unit:
                     continue
                 context = text[max(0, match.start() - 30) : match.end() + 30].replace("\n", " ")
                 if any(phrase in context for phrase in PARAMETERS):
                     continue
                 if not _backed(written, unit, values):
+                    where = f"line {line + text[: match.start()].count(chr(10))}"
                     found.setdefault(heading, []).append(
-                        (f"{written}{unit}", f"'...{context.strip()}...' cites {sorted(cited) or 'nothing'}"))
+                        (f"{written}{unit}", f"{where}: '...{context.strip()}...' cites {sorted(cited) or 'nothing'}"))
     return found
+
+
+HOW_TO_FIX = """Each number above is written with a decimal point, %, x or a time/memory unit, and no results file
+that its paragraph (or, for a table or list, the paragraph before it in the same section) names holds a
+value that rounds to it. Fix each one by, in order of preference:
+  1. naming the results file that holds it in that paragraph (benchmarks/results/NAME.md or .json, the
+     benchmark script benchmarks/NAME.py that writes it, tests/test_matrix.py, or docs/GRADCAMPP.md);
+  2. rerunning the committed script that writes it, if the file is stale, and updating the README from it;
+  3. if it is a parameter, target, tolerance or version rather than a measurement: adding the phrase
+     around it to PARAMETERS in tests/test_readme_numbers.py, with the reason;
+  4. if its section is being rewritten by an open issue: adding it to PENDING under that section's heading,
+     with the issue number (only until that issue's results file lands).
+"""
 
 
 def test_every_readme_number_is_in_a_results_file_its_paragraph_cites():
     found = unbacked_numbers()
-    problems = [f"[{heading}] {number}: {where}" for heading, entries in found.items() for number, where in entries
+    problems = [f"  [{heading}] {number} ({where})" for heading, entries in found.items() for number, where in entries
                 if number not in PENDING.get(heading, {})]
-    stale = [f"[{heading}] {number}" for heading, numbers in PENDING.items() for number in numbers
-             if number not in {written for written, _ in found.get(heading, [])}]
-    assert not problems, "README numbers without a results file that backs them:\n" + "\n".join(problems)
-    assert not stale, "PENDING entries that are backed now (or gone): remove them:\n" + "\n".join(stale)
+    stale = [f"  [{heading}] {number} ({owner})" for heading, numbers in PENDING.items()
+             for number, owner in numbers.items() if number not in {written for written, _ in found.get(heading, [])}]
+    assert not problems, "README numbers without a results file that backs them:\n" + "\n".join(problems) + "\n" + HOW_TO_FIX
+    assert not stale, ("PENDING entries in tests/test_readme_numbers.py that a cited results file backs now, or that are "
+                       "no longer in that README section (renamed heading?): remove or move them:\n" + "\n".join(stale))
 
 
 def test_the_checker_tells_measured_numbers_from_parameters(tmp_path, monkeypatch):
@@ -193,7 +223,7 @@ def test_the_checker_tells_measured_numbers_from_parameters(tmp_path, monkeypatc
     (tmp_path / "README.md").write_text(
         "# T\n\n## Speed\n\nFrom `benchmarks/results/speed.json`: 1.08x a forward, Win % 70.33, 324 s for all,\n"
         "on WRN-16-2 with 3 seeds and 16x16 maps (eq. 19), a = 0.01.\n\n| a | b |\n|---|---|\n| 1.08 | 2.50 |\n\n"
-        "```python\nx = 9.99\n```\n\n## Other\n\nUncited: 0.5 and 12 s.\n"
+        "```python\nx = 9.99\n```\n\n## Other\n\nUncited: 0.5 and 12 s, 7-15 words, 43-70 s.\n"
     )
     module = sys.modules[__name__]
     monkeypatch.setattr(module, "README", tmp_path / "README.md")
@@ -201,7 +231,9 @@ def test_the_checker_tells_measured_numbers_from_parameters(tmp_path, monkeypatc
     found = unbacked_numbers()
     assert list(found) == ["Speed", "Other"]
     assert [number for number, _ in found["Speed"]] == ["2.50"]  # the table inherits the citation
-    assert [number for number, _ in found["Other"]] == ["0.5", "12 s"]
+    # Plain integers are parameters unless a range's unit makes them measurements.
+    assert [number for number, _ in found["Other"]] == ["0.5", "12 s", "43 s", "70 s"]
+    assert found["Speed"][0][1].startswith("line 10: ") and found["Other"][0][1].startswith("line 18: ")
 
 
 def test_the_generated_compatibility_section_is_current():
