@@ -82,6 +82,11 @@ def each_input(command: str, items: Sequence[Any], work: Any, *, debug: bool = F
 
 # -- shared helpers ------------------------------------------------------------------------------
 def _log(message: str) -> None:
+    tqdm_module = sys.modules.get("tqdm.auto")
+    if tqdm_module is not None:  # a progress bar may be on stderr: clear it, so the message is a line of its own
+        tqdm_module.tqdm.write(message, file=sys.stderr)
+        sys.stderr.flush()
+        return
     print(message, file=sys.stderr, flush=True)
 
 
@@ -294,6 +299,9 @@ def cmd_caption(args: argparse.Namespace) -> int:
     from .adapters.captioning import explain_caption
     from .report import Figure, Report
 
+    if args.caption is not None and not args.caption.strip():
+        raise CommandError(f"--caption {args.caption!r} is empty; give the text to explain, or omit --caption to "
+                           "explain the caption the model generates")
     loaded = _load(args.model, args.arch, "captioning", args.device)
     images, failed = read_images(args.images)
     if not images:
@@ -309,8 +317,16 @@ def cmd_caption(args: argparse.Namespace) -> int:
     for index, (path, image) in enumerate(_progress(images, len(images), "caption", "image")):
         if processor is None and isinstance(side, int):
             image = image.resize((side, side))  # the shipped captioner takes side x side inputs
-        both = explain_caption(loaded.model, image, args.caption, processor=processor, tokenizer=tokenizer,
-                               methods=("gradcam++", "gradcam"))
+        try:
+            both = explain_caption(loaded.model, image, args.caption, processor=processor, tokenizer=tokenizer,
+                                   methods=("gradcam++", "gradcam"))
+        except USER_ERRORS as error:
+            # A --caption the tokenizer cannot take fails every image alike: one line for the option.
+            if args.debug or (args.caption is not None and repr(args.caption) in str(error)):
+                raise
+            _log(error_line("caption", error, path))  # this image only (e.g. only special tokens generated)
+            failed.append((path, cap_message(str(error))))
+            continue
         explanation = both["gradcam++"]
         entry = {"image": path, "caption": explanation.caption, "generated": explanation.generated,
                  "words": explanation.words, "word_log_probabilities": [float(v) for v in explanation.scores],
@@ -324,14 +340,14 @@ def cmd_caption(args: argparse.Namespace) -> int:
         print(f"{path}: {explanation.caption}")
     section.add_figures(figures, "Per-word maps")
     if failed:
-        section.add_note("Skipped unreadable files: " + "; ".join(f"{p} ({r})" for p, r in failed))
+        section.add_note("Skipped files: " + "; ".join(f"{p} ({r})" for p, r in failed))
     settings = {"model": args.model, "caption": args.caption or "generated (greedy)", "device": args.device,
                 "colormap": args.colormap, "alpha": args.alpha}
     section.add_settings(settings)
     (out / "captions.json").write_text(json.dumps({"settings": settings, "results": results,
                                                    "skipped": [p for p, _ in failed]}, indent=2))
     _finish(report, out)
-    return EXIT_OK
+    return EXIT_OK if results else EXIT_FAILED
 
 
 def _video_geometry(loaded, frames: int | None) -> tuple[int, int, Any]:
@@ -366,6 +382,8 @@ def cmd_video(args: argparse.Namespace) -> int:
     from .report import Figure, Report
     from .viz import write_strip
 
+    if args.frames is not None and args.frames < 1:
+        raise CommandError(f"--frames must be at least 1 (frames per clip), got {args.frames}; omit it for the model's own")
     loaded = _load(args.model, args.arch, "video", args.device)
     frames, side, normalisation = _video_geometry(loaded, args.frames)
     videos, failed = _read_videos(args.videos, frames, side)

@@ -157,6 +157,8 @@ def _open_video(path: str | os.PathLike):
     import av
 
     path = os.fspath(path)
+    if os.path.isdir(path):
+        raise ValueError(f"{path} is a directory, not a video file; give the video files in it (e.g. {path}/*.mp4)")
     if not os.path.isfile(path):
         raise FileNotFoundError(f"video file not found: {path}")
     if os.path.getsize(path) == 0:

@@ -193,3 +193,84 @@ def test_warnings_are_one_line_each(tmp_path, resnet_state, capsys):
     warning = [line for line in err.splitlines() if "warning:" in line]
     assert warning == [f"multiexplain classify: warning: {path} has transparent pixels; they are composited on white "
                        "(the alpha channel is not an input of the model)"], err
+
+
+# -- caption and video ---------------------------------------------------------------------------
+
+def test_a_bad_caption_text_is_one_line_for_the_option(tmp_path, capsys):
+    paths = []
+    for name in ("one.png", "two.png"):
+        paths.append(str(tmp_path / name))
+        Image.fromarray(np.full((64, 64, 3), 90, np.uint8)).save(paths[-1])
+    code, _, err = run(capsys, "caption", *paths, "--caption", "", "--out", str(tmp_path / "o"), "--device", "cpu")
+    line = one_error_line(err, "caption")
+    assert code == 2 and "--caption '' is empty" in line and "omit --caption" in line
+    # Words outside the vocabulary fail every image alike: one line for the option, not one per image.
+    code, _, err = run(capsys, "caption", *paths, "--caption", "a pink circle", "--out", str(tmp_path / "o"), "--device", "cpu")
+    line = one_error_line(err, "caption")
+    assert code == 2 and "unknown token: ['pink']" in line and "one.png" not in line
+
+
+def test_an_image_captioned_with_only_special_tokens_is_reported_and_the_others_are_processed(tmp_path, capsys, monkeypatch):
+    from multiexplain.models import ShowAttendTell, load_show_and_tell
+
+    shipped, vocabulary = load_show_and_tell()
+
+    class EndsAtOnceOnWhite(ShowAttendTell):
+        """The shipped captioner, except that it ends the caption at once on an all-white image."""
+
+        def generate(self, images, **kwargs):
+            rows = super().generate(images, **kwargs)
+            white = images.flatten(1).amin(dim=1) > 0.99
+            rows[white] = vocabulary.pad_token_id
+            rows[white, 0], rows[white, 1] = vocabulary.bos_token_id, vocabulary.eos_token_id
+            return rows
+
+    model = EndsAtOnceOnWhite(**shipped.config)
+    model.load_state_dict(shipped.state_dict())
+    model.eval()
+    monkeypatch.setattr(cli, "_load", lambda *a: zoo.LoadedModel(model, zoo.ModelSpec("builtin", "show-and-tell"),
+                                                                 "captioning", extra={"tokenizer": vocabulary}))
+    from multiexplain.data.captioned_scenes import make_captioned_scenes
+
+    scene = make_captioned_scenes(1, seed=2)
+    paths = [str(tmp_path / "white.png"), str(tmp_path / "scene.png")]
+    Image.fromarray(np.full((64, 64, 3), 255, np.uint8)).save(paths[0])
+    Image.fromarray((scene.images[0].permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)).save(paths[1])
+    code, out, err = run(capsys, "caption", *paths, "--out", str(tmp_path / "o"), "--device", "cpu")
+    line = one_error_line(err, "caption")
+    assert code == 0 and "white.png: " in line and "only special tokens" in line
+    captions = json.loads((tmp_path / "o" / "captions.json").read_text())
+    assert [Path(r["image"]).name for r in captions["results"]] == ["scene.png"] and captions["results"][0]["words"]
+    assert [Path(p).name for p in captions["skipped"]] == ["white.png"]
+    code, _, err = run(capsys, "caption", paths[0], "--out", str(tmp_path / "o2"), "--device", "cpu")
+    assert code == 1 and "only special tokens" in one_error_line(err, "caption")
+
+
+def _write_mp4(path: Path, frames: int = 12) -> str:
+    import av
+
+    with av.open(str(path), "w") as container:
+        stream = container.add_stream("libx264", rate=12)
+        stream.width, stream.height, stream.pix_fmt = 64, 64, "yuv420p"
+        for t in range(frames):
+            frame = av.VideoFrame.from_ndarray(np.full((64, 64, 3), 10 * t, np.uint8), format="rgb24")
+            for packet in stream.encode(frame):
+                container.mux(packet)
+        for packet in stream.encode():
+            container.mux(packet)
+    return str(path)
+
+
+def test_video_frames_below_what_a_model_takes_and_a_directory_are_one_line(tmp_path, capsys):
+    video = _write_mp4(tmp_path / "clip.mp4")
+    for frames in ("0", "-3"):
+        code, _, err = run(capsys, "video", video, "--frames", frames, "--out", str(tmp_path / "o"), "--device", "cpu")
+        assert code == 2 and f"--frames must be at least 1" in one_error_line(err, "video")
+    code, _, err = run(capsys, "video", video, "--frames", "1", "--out", str(tmp_path / "o"), "--device", "cpu")
+    assert code == 2 and "1 frames but this model needs at least 2" in one_error_line(err, "video")
+    folder = tmp_path / "clips"
+    folder.mkdir()
+    code, _, err = run(capsys, "video", str(folder), "--out", str(tmp_path / "o"), "--device", "cpu")
+    assert code == 2 and "Traceback" not in err
+    assert f"{folder} is a directory, not a video file; give the video files in it" in err and "not found" not in err
