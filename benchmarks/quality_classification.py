@@ -184,6 +184,13 @@ def evaluate(
             **road[method],
             **sanity[method],
         }
+    # Why the maps differ: the share of layer-resolution cells a map is > 0 on and of negative channel weights.
+    shape = {method: {"map_positive_%": 100 * _mean(torch.cat([(b[method].raw > 0).flatten() for b in batches]).double()),
+                      "negative_weights_%": 100 * _mean(torch.cat([(b[method].weights < 0).flatten() for b in batches]).double())}
+             for method in METHODS}
+    with torch.no_grad():
+        predicted = model(scenes.images).sigmoid() >= 0.5
+    accuracy = 100 * float((predicted == scenes.labels.bool()).double().mean())
     methods: dict[str, dict[str, float]] = {}
     for method, other in zip(METHODS, reversed(METHODS)):
         values = per_method[method]
@@ -210,6 +217,8 @@ def evaluate(
         "sanity_curves": sanity_curves,
         "seconds": round(time.time() - started, 1),
         "methods": methods,
+        "map_shape": shape,
+        "model_per_label_accuracy_%": accuracy,
         "paper_vgg16": PAPER,
     }
 
@@ -283,6 +292,18 @@ def render(results: dict[str, Any]) -> str:
         paper = (f"{paper_a}", f"{paper_b}") if paper_a is not None else ("-", "-")
         spread = f"{difference['mean']:+.{decimals}f} ± {difference['se']:.{decimals}f}" if difference else "-"
         lines.append(f"| {label} | {a:.{decimals}f} | {b:.{decimals}f} | {ratio} | {spread} | {winner} | {paper[0]} | {paper[1]} |")
+    shape = results.get("map_shape")
+    if shape:
+        lines += [
+            "",
+            f"Model: {results['model_per_label_accuracy_%']:.1f}% per-label accuracy (sigmoid >= 0.5) on these scenes. "
+            "Map shape at the layer (all explained pairs):",
+            "",
+            "| | Grad-CAM++ | Grad-CAM |",
+            "|---|---|---|",
+            f"| cells where the map is > 0 % | {shape['gradcam++']['map_positive_%']:.1f} | {shape['gradcam']['map_positive_%']:.1f} |",
+            f"| negative channel weights % | {shape['gradcam++']['negative_weights_%']:.1f} | {shape['gradcam']['negative_weights_%']:.1f} |",
+        ]
     lines += [
         "",
         "'better here' names a method only where the mean per-pair difference exceeds twice its standard "

@@ -14,8 +14,10 @@ A model SPEC is ``torchvision:NAME[@WEIGHTS|@none]``, ``timm:NAME[@none]``, ``hf
 ``pytorchvideo:NAME[@none]``, ``builtin:NAME`` or a ``.pt`` state dict with ``--arch SPEC`` (see
 :mod:`multiexplain.zoo`).
 Every command writes its figures and an ``index.html`` report into ``--out`` and prints where.
-Unreadable inputs are reported by name; the others are still processed (exit status 1 only
-when nothing could be processed).
+Unreadable inputs are reported by name, one line each; the others are still processed. Exit
+status: 0 done; 2 a user error (a bad option, SPEC, file or config: one ``multiexplain CMD: error:``
+line, the traceback only with ``--debug``); 1 nothing could be processed for another reason (e.g.
+the model's output was NaN for every image). Warnings are one ``multiexplain CMD: warning:`` line.
 """
 
 from __future__ import annotations
@@ -23,6 +25,8 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import warnings
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -80,6 +84,11 @@ def each_input(command: str, items: Sequence[Any], work: Any, *, debug: bool = F
 
 # -- shared helpers ------------------------------------------------------------------------------
 def _log(message: str) -> None:
+    tqdm_module = sys.modules.get("tqdm.auto")
+    if tqdm_module is not None:  # a progress bar may be on stderr: clear it, so the message is a line of its own
+        tqdm_module.tqdm.write(message, file=sys.stderr)
+        sys.stderr.flush()
+        return
     print(message, file=sys.stderr, flush=True)
 
 
@@ -143,75 +152,82 @@ def _parse_class(value: str, labels: list[str] | None, num_classes: int) -> int:
     return index
 
 
+def _named_layer(model, name: str | None) -> None:
+    """Check a ``--layer`` name before any image is processed (one line naming what exists)."""
+    if not name or name == "auto":
+        return
+    from .explain import resolve_layer
+
+    try:
+        resolve_layer(model, name)
+    except ValueError as error:
+        raise CommandError(f"--layer {name!r}: {error}") from None
+
+
 def cmd_classify(args: argparse.Namespace) -> int:
     import torch
 
-    from .adapters.classification import explain_images
     from .explain import model_logits
-    from .report import Figure, Report
-    from .viz import save_overlay_grid, to_rgb_array
+    from .report import Report
 
     if args.target is not None and args.topk != 1:
         raise CommandError("give either --target or --topk, not both")
+    if args.topk < 1:
+        raise CommandError(f"--topk must be at least 1 (how many top classes to explain per image), got {args.topk}")
     loaded = _load(args.model, args.arch, "classification", args.device)
     if loaded.preprocess is None:
         from .zoo import plain_preprocess
 
         size = args.size or 64
         loaded.preprocess = lambda image: plain_preprocess(image, size, loaded.mean, loaded.std)
+    _named_layer(loaded.model, args.layer)
     images, failed = read_images(args.images)
-    if not images:
+    # A file the preprocessing cannot take is reported by name; the others still run.
+    prepared, bad = each_input("classify", images, lambda item: (item[0], loaded.preprocess(item[1])),
+                               debug=args.debug, name=lambda item: item[0])
+    failed += [(path, message) for (path, _), message in bad]
+    if not prepared:
         _log("multiexplain: no readable image")
         return EXIT_USAGE
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     layer = args.layer or loaded.layer
-    method_titles = {"gradcam++": "Grad-CAM++", "gradcam": "Grad-CAM"}
     report = Report("multiexplain classify", intro=f"Model {args.model}: Grad-CAM++ and Grad-CAM for each image.")
     section = report.section("classification", "Classification")
     figures, results = [], []
-    batches = [images[i : i + args.batch_size] for i in range(0, len(images), args.batch_size)]
-    device = loaded.device
+    batches = [prepared[i : i + args.batch_size] for i in range(0, len(prepared), args.batch_size)]
+    layer_name = layer
     for batch in _progress(batches, len(batches), "classify"):
-        inputs = torch.stack([loaded.preprocess(image) for _, image in batch]).to(device)
+        inputs = torch.stack([tensor for _, tensor in batch]).to(loaded.device)
         with torch.no_grad():
             logits = model_logits(loaded.model(inputs))
         num_classes = logits.shape[1]
         if args.target is not None:
             targets = [[_parse_class(args.target, loaded.labels, num_classes)] for _ in batch]
         else:
-            k = min(args.topk, num_classes)
-            targets = logits.topk(k, dim=1).indices.tolist()
+            targets = logits.topk(min(args.topk, num_classes), dim=1).indices.tolist()
+        try:
+            explained = _explain_batch(loaded, inputs, targets, layer)
+        except ValueError as error:
+            if not args.layer:
+                raise
+            raise CommandError(f"--layer {args.layer!r}: {error} (omit --layer to let 'auto' choose)") from None
+        layer_name = explained["gradcam++"].layer
         # Multi-label models (the shipped scene classifier) score each class with its own sigmoid.
         probabilities = logits.sigmoid() if getattr(loaded.model, "multi_label", False) else logits.softmax(dim=1)
-        # Grad-CAM comes from the same forward pass and gradients as Grad-CAM++.
-        explained = explain_images(loaded.model, inputs, targets=targets, methods=tuple(method_titles),
-                                   layer=layer, reshape=loaded.reshape)
-        layer_name = explained["gradcam++"].layer
-        maps = {method_titles[method]: explanation.maps for method, explanation in explained.items()}
         for row, (path, _) in enumerate(batch):
-            index = len(results)
-            heatmaps, titles = [], []
-            entry = {"image": path, "targets": []}
-            for column, cls in enumerate(targets[row]):
-                label = loaded.labels[cls] if loaded.labels and cls < len(loaded.labels) else str(cls)
-                p = float(probabilities[row, cls])
-                entry["targets"].append({"class": cls, "label": label, "probability": p})
-                for name in method_titles.values():
-                    heatmaps.append(maps[name][row, column])
-                    titles.append(f"{name}: {label} (p={p:.2f})")
-            picture = to_rgb_array(inputs[row], loaded.mean, loaded.std)
-            figure = out / f"{_stem(path, index)}.png"
-            save_overlay_grid(figure, picture, heatmaps, titles, ncols=min(len(heatmaps) + 1, 5),
-                              alpha=args.alpha, colormap=args.colormap, image_title=Path(path).name)
-            entry["figure"] = figure.name
+            if bool(explained["gradcam++"].non_finite[row].any()) or not bool(torch.isfinite(logits[row]).all()):
+                _log(error_line("classify", "the model's output is NaN or inf for this image; no map was drawn", path))
+                failed.append((path, "the model's output is NaN or inf"))
+                continue
+            entry, figure = _classify_figure(args, loaded, out, path, len(results), inputs[row], targets[row],
+                                             probabilities[row], {m: e.maps[row] for m, e in explained.items()})
             results.append(entry)
-            figures.append(Figure(figure.name, f"{Path(path).name}: " + ", ".join(
-                f"{t['label']} ({t['probability']:.2f})" for t in entry["targets"])))
+            figures.append(figure)
     section.add_figures(figures, "Grad-CAM++ vs Grad-CAM")
     if failed:
-        section.add_note("Skipped unreadable files: " + "; ".join(f"{p} ({r})" for p, r in failed))
-    settings = {"model": args.model, "layer": layer_name, "device": str(device),
+        section.add_note("Skipped files: " + "; ".join(f"{p} ({r})" for p, r in failed))
+    settings = {"model": args.model, "layer": layer_name, "device": str(loaded.device),
                 "colormap": args.colormap, "alpha": args.alpha}
     section.add_settings(settings)
     (out / "predictions.json").write_text(json.dumps({"settings": settings, "results": results,
@@ -219,7 +235,42 @@ def cmd_classify(args: argparse.Namespace) -> int:
     for entry in results:
         print(f"{entry['image']}: " + ", ".join(f"{t['label']} {t['probability']:.3f}" for t in entry["targets"]))
     _finish(report, out)
-    return EXIT_OK
+    return EXIT_OK if results else EXIT_FAILED
+
+
+_METHOD_TITLES = {"gradcam++": "Grad-CAM++", "gradcam": "Grad-CAM"}
+
+
+def _explain_batch(loaded, inputs, targets: list[list[int]], layer: str) -> dict:
+    """Grad-CAM++ and Grad-CAM of a batch from one forward pass and one set of gradients."""
+    from .adapters.classification import explain_images
+
+    return explain_images(loaded.model, inputs, targets=targets, methods=tuple(_METHOD_TITLES), layer=layer,
+                          reshape=loaded.reshape)
+
+
+def _classify_figure(args: argparse.Namespace, loaded, out: Path, path: str, index: int, image, classes: list[int],
+                     probabilities, maps: dict) -> tuple[dict, Any]:
+    """One image's overlay grid (every target, both methods) and its ``predictions.json`` entry."""
+    from .report import Figure
+    from .viz import save_overlay_grid, to_rgb_array
+
+    heatmaps, titles = [], []
+    entry: dict[str, Any] = {"image": path, "targets": []}
+    for column, cls in enumerate(classes):
+        label = loaded.labels[cls] if loaded.labels and cls < len(loaded.labels) else str(cls)
+        p = float(probabilities[cls])
+        entry["targets"].append({"class": cls, "label": label, "probability": p})
+        for method, name in _METHOD_TITLES.items():
+            heatmaps.append(maps[method][column])
+            titles.append(f"{name}: {label} (p={p:.2f})")
+    figure = out / f"{_stem(path, index)}.png"
+    save_overlay_grid(figure, to_rgb_array(image, loaded.mean, loaded.std), heatmaps, titles,
+                      ncols=min(len(heatmaps) + 1, 5), alpha=args.alpha, colormap=args.colormap,
+                      image_title=Path(path).name)
+    entry["figure"] = figure.name
+    caption = f"{Path(path).name}: " + ", ".join(f"{t['label']} ({t['probability']:.2f})" for t in entry["targets"])
+    return entry, Figure(figure.name, caption)
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
@@ -250,6 +301,9 @@ def cmd_caption(args: argparse.Namespace) -> int:
     from .adapters.captioning import explain_caption
     from .report import Figure, Report
 
+    if args.caption is not None and not args.caption.strip():
+        raise CommandError(f"--caption {args.caption!r} is empty; give the text to explain, or omit --caption to "
+                           "explain the caption the model generates")
     loaded = _load(args.model, args.arch, "captioning", args.device)
     images, failed = read_images(args.images)
     if not images:
@@ -265,8 +319,16 @@ def cmd_caption(args: argparse.Namespace) -> int:
     for index, (path, image) in enumerate(_progress(images, len(images), "caption", "image")):
         if processor is None and isinstance(side, int):
             image = image.resize((side, side))  # the shipped captioner takes side x side inputs
-        both = explain_caption(loaded.model, image, args.caption, processor=processor, tokenizer=tokenizer,
-                               methods=("gradcam++", "gradcam"))
+        try:
+            both = explain_caption(loaded.model, image, args.caption, processor=processor, tokenizer=tokenizer,
+                                   methods=("gradcam++", "gradcam"))
+        except USER_ERRORS as error:
+            # A --caption the tokenizer cannot take fails every image alike: one line for the option.
+            if args.debug or (args.caption is not None and repr(args.caption) in str(error)):
+                raise
+            _log(error_line("caption", error, path))  # this image only (e.g. only special tokens generated)
+            failed.append((path, cap_message(str(error))))
+            continue
         explanation = both["gradcam++"]
         entry = {"image": path, "caption": explanation.caption, "generated": explanation.generated,
                  "words": explanation.words, "word_log_probabilities": [float(v) for v in explanation.scores],
@@ -280,14 +342,14 @@ def cmd_caption(args: argparse.Namespace) -> int:
         print(f"{path}: {explanation.caption}")
     section.add_figures(figures, "Per-word maps")
     if failed:
-        section.add_note("Skipped unreadable files: " + "; ".join(f"{p} ({r})" for p, r in failed))
+        section.add_note("Skipped files: " + "; ".join(f"{p} ({r})" for p, r in failed))
     settings = {"model": args.model, "caption": args.caption or "generated (greedy)", "device": args.device,
                 "colormap": args.colormap, "alpha": args.alpha}
     section.add_settings(settings)
     (out / "captions.json").write_text(json.dumps({"settings": settings, "results": results,
                                                    "skipped": [p for p, _ in failed]}, indent=2))
     _finish(report, out)
-    return EXIT_OK
+    return EXIT_OK if results else EXIT_FAILED
 
 
 def _video_geometry(loaded, frames: int | None) -> tuple[int, int, Any]:
@@ -322,6 +384,8 @@ def cmd_video(args: argparse.Namespace) -> int:
     from .report import Figure, Report
     from .viz import write_strip
 
+    if args.frames is not None and args.frames < 1:
+        raise CommandError(f"--frames must be at least 1 (frames per clip), got {args.frames}; omit it for the model's own")
     loaded = _load(args.model, args.arch, "video", args.device)
     frames, side, normalisation = _video_geometry(loaded, args.frames)
     videos, failed = _read_videos(args.videos, frames, side)
@@ -488,7 +552,7 @@ def _distillation_models(args: argparse.Namespace):
         try:
             student = load_checkpoint(path, device=args.device).model
         except ValueError as error:
-            raise CommandError(f"{error} (a student written by `multiexplain distill`)") from None
+            raise CommandError(f"--model for distillation must be a student written by `multiexplain distill`: {error}") from None
     return teacher, student
 
 
@@ -769,7 +833,11 @@ def build_parser() -> argparse.ArgumentParser:
     dataset.set_defaults(handler=cmd_explain_dataset)
 
     distill = commands.add_parser("distill", help="train a student with the explanation loss",
-                                  description="Teacher-student training with CE (+KD) + a*||L_student - L_teacher||^2.")
+                                  description="Teacher-student training with CE (+KD) + a*||L_student - L_teacher||^2. "
+                                  "The config's paths (output:, train: checkpoint_dir:, a teacher's or student's "
+                                  "checkpoint:) are used as written, relative to the current directory, and may point "
+                                  "anywhere you can write: run configs you wrote or checked. Loading one runs no code "
+                                  "(YAML python tags are refused; checkpoints load with weights_only=True).")
     distill.add_argument("--config", required=True, help="a .yaml/.yml/.toml/.json file of trainer settings")
     _common(distill, "multiexplain-distill")
     distill.set_defaults(handler=cmd_distill)
@@ -795,12 +863,26 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (RuntimeError, ValueError) as error:
         parser.error(str(error))
     try:
-        return int(args.handler(args) or 0)
+        with _one_line_warnings(args.command, args.debug):
+            return int(args.handler(args) or 0)
     except USER_ERRORS as error:
         if args.debug:
             raise
         _log(error_line(args.command, error))
         return EXIT_USAGE
+
+
+@contextmanager
+def _one_line_warnings(command: str, debug: bool):
+    """Warnings (an alpha channel dropped, scores that look like probabilities, ...) as one
+    ``multiexplain CMD: warning: ...`` line each on stderr; Python's own format with ``--debug``."""
+    with warnings.catch_warnings():
+        if not debug:
+            def show(message, category, filename, lineno, file=None, line=None):  # noqa: ARG001
+                _log(f"multiexplain {command}: warning: {cap_message(str(message))}")
+
+            warnings.showwarning = show
+        yield
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -20,7 +20,7 @@ from .viz import DEFAULT_ALPHA, DEFAULT_COLORMAP, clip_and_maps, overlay, to_rgb
 
 __all__ = [
     "IMAGE_SUFFIXES", "VIDEO_SUFFIXES", "folder_files", "image_size", "image_to_tensor", "read_clip", "read_image",
-    "read_images", "read_mask", "write_gif", "write_mp4",
+    "read_images", "read_mask", "to_rgb_image", "write_gif", "write_mp4",
 ]
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff")
@@ -30,20 +30,71 @@ VIDEO_SUFFIXES = (".mp4", ".avi", ".mov", ".mkv", ".webm")
 # -- images ------------------------------------------------------------------------------------
 
 def read_image(path: str | os.PathLike) -> Any:
-    """An image file as an RGB PIL image (loaded into memory, the file closed).
+    """An image file as an 8-bit RGB PIL image (loaded into memory, the file closed).
+
+    Decoded as a viewer shows it: the EXIF orientation of camera photos applied; 16-bit grey
+    (``I;16``) and 32-bit integer images with 16-bit values scaled from 0..65535 to 0..255 (PIL's
+    own ``convert("RGB")`` clips them, turning a 16-bit PNG all white); float images (``F``) taken
+    as 0..1; transparency (RGBA, LA, a palette's transparent colour) composited on **white**, with
+    a warning; the first frame of an animated file, with a warning.
 
     Raises ``FileNotFoundError`` for a missing file and ``ValueError`` naming the file for one
-    that is not a readable image.
+    that is not a readable image (or whose values have no defined range, e.g. floats outside 0..1).
     """
     from PIL import Image, UnidentifiedImageError
 
+    if os.path.isdir(path):
+        raise ValueError(f"{os.fspath(path)} is a directory, not an image file")
     if not os.path.isfile(path):
         raise FileNotFoundError(f"no image file {os.fspath(path)!r}")
     try:
         with Image.open(path) as image:
-            return image.convert("RGB")
-    except (UnidentifiedImageError, OSError, ValueError) as error:
+            return to_rgb_image(image, os.fspath(path))
+    except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as error:
         raise ValueError(f"{os.fspath(path)} is not a readable image ({type(error).__name__}: {error})") from None
+
+
+_SIXTEEN_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N")
+
+
+def to_rgb_image(image: Any, name: str = "the image") -> Any:
+    """A PIL image of any mode as 8-bit RGB, by the rules of :func:`read_image` (``name`` is used in
+    warnings and errors)."""
+    import warnings
+
+    import numpy as np
+    from PIL import Image, ImageOps
+
+    frames = getattr(image, "n_frames", 1)
+    if frames > 1:
+        warnings.warn(f"{name} has {frames} frames; only the first one is explained", UserWarning, stacklevel=3)
+    image = ImageOps.exif_transpose(image) or image
+    mode = image.mode
+    if mode in _SIXTEEN_BIT_MODES or mode in ("I", "F"):
+        values = np.asarray(image, dtype=np.float64)
+        low, high = float(values.min()), float(values.max())
+        if mode == "F":
+            if low < 0 or high > 1:
+                raise ValueError(f"{name} holds float values in [{low:.4g}, {high:.4g}], which have no defined "
+                                 "display range; save it as an 8- or 16-bit image, or scale it to 0..1")
+            scale = 1.0
+        else:
+            if low < 0 or high > 65535:
+                raise ValueError(f"{name} holds 32-bit integer values in [{low:.0f}, {high:.0f}], outside 16 bits; "
+                                 "save it as an 8- or 16-bit image")
+            scale = 65535.0
+        grey = np.round(values / scale * 255).astype(np.uint8)
+        return Image.fromarray(grey).convert("RGB")
+    if mode == "P" and "transparency" in image.info:
+        image, mode = image.convert("RGBA"), "RGBA"
+    if mode in ("RGBA", "LA", "PA", "RGBa", "La"):
+        rgba = image.convert("RGBA")
+        if int(np.asarray(rgba)[..., 3].min()) < 255:
+            warnings.warn(f"{name} has transparent pixels; they are composited on white (the alpha channel is "
+                          "not an input of the model)", UserWarning, stacklevel=3)
+        white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(white, rgba).convert("RGB")
+    return image.convert("RGB")
 
 
 def read_images(paths: Sequence[str]) -> tuple[list[tuple[str, Any]], list[tuple[str, str]]]:
@@ -61,18 +112,27 @@ def read_images(paths: Sequence[str]) -> tuple[list[tuple[str, Any]], list[tuple
 
 
 def image_to_tensor(image: Any) -> Tensor:
-    """A PIL image, an ``(H, W[, C])`` array or an image file path as ``(3, H, W)`` float in ``[0, 1]``."""
+    """A PIL image, an ``(H, W[, C])`` array or an image file path as ``(3, H, W)`` float in ``[0, 1]``.
+
+    PIL images follow :func:`read_image`'s rules; arrays are scaled by their dtype (``uint8`` by 255,
+    ``uint16`` by 65535; float arrays are taken as ``[0, 1]``); a 4th channel (alpha) is dropped.
+    """
     import numpy as np
 
     if isinstance(image, (str, os.PathLike)):
         image = read_image(image)
-    array = np.asarray(image.convert("RGB") if hasattr(image, "convert") else image)
+    array = np.asarray(to_rgb_image(image) if hasattr(image, "convert") else image)
     if array.ndim == 2:
         array = np.stack([array] * 3, axis=-1)
-    if array.ndim != 3:
-        raise ValueError(f"expected an image (H, W[, 3]), got an array of shape {array.shape}")
-    tensor = torch.from_numpy(np.array(array[..., :3])).permute(2, 0, 1)  # a writable copy
-    return tensor.float() / 255 if tensor.dtype == torch.uint8 else tensor.float()
+    if array.ndim != 3 or array.shape[-1] not in (1, 3, 4):
+        raise ValueError(f"expected an image (H, W[, 1 | 3 | 4]), got an array of shape {array.shape}")
+    if array.shape[-1] == 1:
+        array = np.repeat(array, 3, axis=-1)
+    scale = {np.dtype(np.uint8): 255.0, np.dtype(np.uint16): 65535.0}.get(array.dtype)
+    if scale is None and not np.issubdtype(array.dtype, np.floating) and array.dtype != np.bool_:
+        raise ValueError(f"an image array of dtype {array.dtype} has no defined range; use uint8, uint16 or float in [0, 1]")
+    tensor = torch.from_numpy(np.array(array[..., :3], dtype=np.float32)).permute(2, 0, 1)  # a writable copy
+    return tensor / scale if scale is not None else tensor
 
 
 def read_mask(path: str | os.PathLike) -> Tensor:
@@ -113,6 +173,8 @@ def _open_video(path: str | os.PathLike):
     import av
 
     path = os.fspath(path)
+    if os.path.isdir(path):
+        raise ValueError(f"{path} is a directory, not a video file; give the video files in it (e.g. {path}/*.mp4)")
     if not os.path.isfile(path):
         raise FileNotFoundError(f"video file not found: {path}")
     if os.path.getsize(path) == 0:

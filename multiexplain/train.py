@@ -206,7 +206,7 @@ class Trainer:
             return
         path = Path(self.config.checkpoint_dir) / "last.pt"
         if path.exists():
-            self.load_state_dict(torch.load(path, map_location=self.device, weights_only=False))
+            self.load_state_dict(torch.load(path, map_location=self.device, weights_only=True))  # no code runs
 
     # -- loop ---------------------------------------------------------------------------------
     def fit(self, max_epochs: int | None = None) -> list[dict[str, float]]:
@@ -355,7 +355,14 @@ def load_config_file(path: str | os.PathLike) -> dict[str, Any]:
     if path.suffix in (".yaml", ".yml"):
         import yaml
 
-        return yaml.safe_load(text)
+        try:
+            return yaml.safe_load(text)  # plain values only: a python tag is refused, never run
+        except yaml.YAMLError as error:
+            mark = getattr(error, "problem_mark", None)
+            where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark is not None else ""
+            problem = getattr(error, "problem", None) or str(error).splitlines()[0]
+            tags = " (tags such as !!python/object are refused: a config holds plain values)" if "tag" in problem else ""
+            raise ValueError(f"not a plain YAML config{where}: {problem}{tags}") from None
     if path.suffix == ".toml":
         try:
             import tomllib

@@ -27,6 +27,7 @@ checkpoint folder first; only a missing file is downloaded.
 from __future__ import annotations
 
 import os
+import pickle
 import socket
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -460,6 +461,8 @@ def _load_hf(parsed: ModelSpec, task: str | None) -> LoadedModel:
         return _load_hf_captioner(parsed, source, offline or is_dir, offline)
     try:
         model = transformers.AutoModelForImageClassification.from_pretrained(source, local_files_only=offline or is_dir)
+    except ValueError as error:  # a config AutoModelForImageClassification has no class for
+        raise SpecError(_not_a_classifier(parsed, source, offline or is_dir, error)) from None
     except OSError as error:
         if offline:
             raise OfflineError(_offline_message(
@@ -484,6 +487,24 @@ def _load_hf(parsed: ModelSpec, task: str | None) -> LoadedModel:
         labels = [str(id2label[i]) for i in sorted(id2label)]
     return LoadedModel(model, parsed, "classification", preprocess=preprocess, labels=labels, mean=mean, std=std,
                        extra={"processor": processor}, geometry=_hf_geometry(processor, size))
+
+
+_HF_CAPTIONERS = ("blip", "vision-encoder-decoder")
+
+
+def _not_a_classifier(parsed: ModelSpec, source: str, local_only: bool, error: Exception) -> str:
+    """The message for an ``hf:`` model that is no image classifier (a captioner, a text model, ...)."""
+    import transformers
+
+    try:
+        model_type = transformers.AutoConfig.from_pretrained(source, local_files_only=local_only).model_type
+    except (OSError, ValueError):
+        return f"cannot load {parsed} as an image classifier: {str(error).splitlines()[0][:200]}"
+    if model_type in _HF_CAPTIONERS:
+        return (f"{parsed} is a {model_type!r} captioner, not an image classifier; explain its captions with "
+                f"`multiexplain caption IMAGE --model {parsed}`")
+    return (f"{parsed} is a {model_type!r} model, which transformers' AutoModelForImageClassification cannot load "
+            "as an image classifier; classify takes image-classification models (ViT, ConvNeXt, ResNet, Swin, ...)")
 
 
 def _load_hf_captioner(parsed: ModelSpec, source: str, local_only: bool, offline: bool) -> LoadedModel:
@@ -629,7 +650,13 @@ def _load_file(parsed: ModelSpec, arch: str | None, task: str | None) -> LoadedM
         arch_spec = ModelSpec(arch_spec.source, arch_spec.name, "none")  # the file supplies the weights
     try:
         payload = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as error:  # noqa: BLE001 - any unpickling failure means "not a plain state dict"
+    except pickle.UnpicklingError:
+        raise SpecError(
+            f"{parsed.name} is not a plain state dict: it holds pickled Python objects (a whole model saved with "
+            "torch.save(model)?) that only load by running code, which multiexplain never does; save the weights "
+            "with torch.save(model.state_dict(), path)"
+        ) from None
+    except Exception as error:  # noqa: BLE001 - truncated, empty, not a torch file
         raise SpecError(
             f"{parsed.name} is not a plain state dict ({type(error).__name__}); save it with "
             "torch.save(model.state_dict(), path)"
@@ -646,10 +673,36 @@ def _load_file(parsed: ModelSpec, arch: str | None, task: str | None) -> LoadedM
         loaded = _load_timm(arch_spec, state)
     else:
         loaded = load_model(arch_spec, task=task, device="cpu")
-    try:
-        loaded.model.load_state_dict(state, strict=True)
-    except RuntimeError as error:
-        first = str(error).splitlines()[0:3]
-        raise SpecError(f"{parsed.name} does not fit the architecture {arch_spec}: {' '.join(first)}") from None
+    misfit = _state_dict_misfit(state, loaded.model.state_dict())
+    if misfit:
+        raise SpecError(f"{parsed.name} does not fit the architecture {arch_spec}: {misfit}")
+    loaded.model.load_state_dict(state, strict=True)
     loaded.spec = parsed
     return loaded
+
+
+def _first(names: list[str], shown: int = 3) -> str:
+    """The first ``shown`` names, then "and N more"."""
+    text = ", ".join(names[:shown])
+    return text + (f" and {len(names) - shown} more" if len(names) > shown else "")
+
+
+def _state_dict_misfit(state: Mapping[str, Tensor], expected: Mapping[str, Tensor]) -> str:
+    """Why ``state`` cannot load into a model whose state dict is ``expected`` ("" when it fits):
+    missing and unexpected keys and shape mismatches, each capped at its first few keys."""
+    missing = [key for key in expected if key not in state]
+    unexpected = [key for key in state if key not in expected]
+    mismatched = [f"{key} (file {tuple(state[key].shape)}, model {tuple(value.shape)})"
+                  for key, value in expected.items() if key in state and state[key].shape != value.shape]
+    parts = [f"{len(keys)} {what}: {_first(keys)}" for what, keys in (
+        ("missing key(s)", missing), ("unexpected key(s)", unexpected), ("shape mismatch(es)", mismatched)) if keys]
+    if not parts:
+        return ""
+    prefixes = {key.split(".", 1)[0] for key in state}
+    if len(prefixes) == 1 and unexpected:
+        prefix = next(iter(prefixes))
+        if all(key.split(".", 1)[-1] in expected for key in state):
+            parts.append(f"every key of the file starts with {prefix + '.'!r} (a wrapped model, e.g. DataParallel's "
+                         f"'module.'): strip it with {{k.removeprefix({prefix + '.'!r}): v for k, v in state.items()}}")
+    return "; ".join(parts) + "; was it saved from another architecture? pass the --arch it was trained as"
+

@@ -347,3 +347,160 @@ def test_context_manager_use(tiny):
     with GradCAMPlusPlus(tiny, "conv2") as explainer:
         explanation = explainer(torch.randn(1, 3, 16, 16), targets=2)
     assert explanation.maps.shape == (1, 16, 16) and _all_hooks(tiny) == 0
+
+
+# -- bad numbers: refused, flagged or warned about, never a NaN map -------------------------------
+
+class PoisonSample(nn.Module):
+    """Identity, except that it writes ``value`` into one sample's output (NaN or inf from the model)."""
+
+    def __init__(self, sample: int, value: float):
+        super().__init__()
+        self.sample, self.value = sample, value
+
+    def forward(self, x):
+        x = x.clone()
+        x[self.sample, :, 0, 0] = self.value
+        return x
+
+
+class NaNGradient(torch.autograd.Function):
+    """Identity forward; the backward pass returns NaN for one sample (a model's numerics failing there)."""
+
+    @staticmethod
+    def forward(ctx, x, sample):
+        ctx.sample = sample
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        grad = grad.clone()
+        grad[ctx.sample] = float("nan")
+        return grad, None
+
+
+def test_non_finite_input_is_an_error_that_names_the_input_and_samples(tiny):
+    x = torch.randn(4, 3, 16, 16)
+    x[2, 1, 3, 3] = float("nan")
+    with pytest.raises(ValueError, match=r"the input holds NaN or inf values in sample\(s\) 2 of 4.*nan_to_num"):
+        GradCAMPlusPlus(tiny, "conv2")(x)
+    x[2] = 0
+    x[0, 0, 0, 0] = float("inf")
+
+    class Keyword(nn.Module):
+        def __init__(self, inner):
+            super().__init__()
+            self.inner = inner
+
+        def forward(self, pixel_values):
+            return self.inner(pixel_values)
+
+    with pytest.raises(ValueError, match=r"input 'pixel_values' holds NaN or inf values in sample\(s\) 0 of 4"):
+        GradCAMPlusPlus(Keyword(tiny), "inner.conv2")({"pixel_values": x})
+    assert _all_hooks(tiny) == 0
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf")])
+def test_non_finite_layer_output_flags_that_sample_and_leaves_the_others_exact(tiny, value):
+    model = nn.Sequential()
+    model.add_module("body", nn.Sequential(tiny.conv1, tiny.act1, tiny.conv2))
+    model.add_module("poison", PoisonSample(1, value))
+    model.add_module("head", nn.Sequential(nn.ReLU(), tiny.pool, nn.Flatten(), tiny.fc))
+    model.eval()
+    x = torch.randn(3, 3, 16, 16)
+    with pytest.warns(RuntimeWarning, match=r"NaN or inf \(the layer's output.*at layer 'poison' for sample\(s\) 1 of 3"):
+        explanation = GradCAMPlusPlus(model, "poison")(x)
+    assert explanation.non_finite.tolist() == [False, True, False]
+    assert explanation.targets[1].item() == -1, "no top-1 class can be ranked from non-finite logits"
+    for field in (explanation.maps, explanation.raw, explanation.weights):
+        assert torch.isfinite(field).all() and not field[1].any()
+    assert not explanation.zero_gradient[1], "a NaN gradient is not a zero gradient"
+    clean = GradCAMPlusPlus(tiny, "conv2")(x)
+    for i in (0, 2):
+        assert explanation.targets[i] == clean.targets[i]
+        torch.testing.assert_close(explanation.maps[i], clean.maps[i])
+    # Targets the caller gave are kept, and every target of the flagged sample is flagged.
+    with pytest.warns(RuntimeWarning, match="NaN or inf"):
+        given = GradCAM(model, "poison")(x, [[0, 4]] * 3)
+    assert given.targets.tolist() == [[0, 4]] * 3
+    assert given.non_finite.tolist() == [[False, False], [True, True], [False, False]]
+
+
+def test_non_finite_gradient_flags_only_that_sample(tiny):
+    class Model(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.tiny = tiny
+
+        def forward(self, x):
+            a = self.tiny.conv2(self.tiny.act1(self.tiny.conv1(x)))
+            a = NaNGradient.apply(a, 0)
+            return self.tiny.fc(self.tiny.pool(torch.relu(a)).flatten(1))
+
+    x = torch.randn(2, 3, 16, 16)
+    with pytest.warns(RuntimeWarning, match=r"\(its gradient\).*sample\(s\) 0 of 2"):
+        explanation = GradCAMPlusPlus(Model(), "tiny.conv2")(x, targets=[1, 1])
+    assert explanation.non_finite.tolist() == [True, False]
+    assert explanation.targets.tolist() == [1, 1] and torch.isfinite(explanation.maps).all()
+    assert not explanation.maps[0].any() and explanation.maps[1].max() == 1
+    torch.testing.assert_close(explanation.raw[1], GradCAMPlusPlus(tiny, "conv2")(x, [1, 1]).raw[1])
+
+
+def test_a_clean_explanation_has_no_flags_and_no_warning(tiny):
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        explanation = GradCAMPlusPlus(tiny, "conv2")(torch.randn(2, 3, 16, 16), [[0, 1], [2, 3]])
+    assert explanation.non_finite.shape == (2, 2) and not explanation.non_finite.any()
+
+
+def test_scores_that_are_softmax_probabilities_give_a_warning(tiny):
+    probabilities = nn.Sequential(tiny, nn.Softmax(dim=1)).eval()
+    x = torch.randn(2, 3, 16, 16)
+    with pytest.warns(RuntimeWarning, match="looks like softmax probabilities.*logits="):
+        GradCAMPlusPlus(probabilities, "0.conv2")(x)
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # logits, and log-probabilities, are fine
+        GradCAMPlusPlus(nn.Sequential(tiny, nn.LogSoftmax(dim=1)), "0.conv2")(x)
+        GradCAMPlusPlus(probabilities, "0.conv2", logits=lambda out: out.log())(x)
+
+
+def _negative_activation_net() -> nn.Module:
+    """conv -> GELU -> global pool -> head: a negative bias puts most GELU outputs below 0, so the
+    activation sums are negative and 2 + sum(A) g crosses 0 for the large positive gradients."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.GELU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 3))
+    with torch.no_grad():
+        model[0].bias.fill_(-1.0)
+        model[4].weight.mul_(200)
+    return model.eval()
+
+
+def test_gradcampp_at_negative_activations_warns_what_it_means_and_what_to_do():
+    import warnings
+
+    model = _negative_activation_net()
+    x = torch.rand(2, 3, 8, 8)
+    with pytest.warns(RuntimeWarning, match=r"layer '1'.*negative.*alpha = 1 / \(2 \+ sum\(A\) g\) leaves \(0, 1\].*"
+                                            r"after its ReLU.*method='gradcam'"):
+        explanation = GradCAMPlusPlus(model, "1")(x, 0)
+    # What the warning is about: at positive gradients alpha leaves (0, 1], and channel weights come
+    # out negative, which Grad-CAM++ weights (sums of alpha * ReLU(g) >= 0) never are after a ReLU.
+    a = model[1](model[0](x)).detach().requires_grad_(True)
+    (g,) = torch.autograd.grad(model[4](model[3](model[2](a)))[:, 0].sum(), a)
+    alpha = core.grad_cam_plus_plus_alpha(a.detach(), g)
+    assert ((alpha[g > 0] <= 0) | (alpha[g > 0] > 1)).any()
+    assert (explanation.weights < -1).any()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        GradCAM(model, "1")(x, 0)  # Grad-CAM has no alpha
+        relu = nn.Sequential(model[0], nn.ReLU(), model[2], model[3], model[4]).eval()
+        GradCAMPlusPlus(relu, "1")(x, 0)  # after a ReLU alpha stays in (0, 1/2]
+
+
+def test_empty_targets_say_what_to_give(tiny):
+    with pytest.raises(ValueError, match="hold no class index; give at least one per sample"):
+        GradCAMPlusPlus(tiny, "conv2")(torch.randn(1, 3, 16, 16), [[]])

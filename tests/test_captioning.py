@@ -247,8 +247,9 @@ def test_cell_norm_gives_every_cell_the_same_length():
 
 @pytest.mark.slow
 def test_shipped_model_word_maps_point_at_the_named_objects(show_and_tell):
-    # Validation scenes (seed 2), not the benchmark's (seed 3). On 300 benchmark scenes the shape
-    # words' Grad-CAM++ pointing (2 px) is ~90% against ~55% for Grad-CAM; here a looser floor.
+    # Validation scenes (seed 2), not the benchmark's (seed 3; 91.5% / 55.7% on its 706 shape words).
+    # Measured here with the shipped model: Grad-CAM++ 87 of 101 shape words (86.1%), Grad-CAM 55 (54.5%).
+    # Floors: 84 of 101 (3 words of margin) and a lead of 25 points (measured 31.7).
     model, vocabulary = show_and_tell
     held_out = make_captioned_scenes(40, seed=2, start=200)
     results = explain_caption(model, held_out.images, held_out.captions, tokenizer=vocabulary, methods=BOTH)
@@ -262,7 +263,7 @@ def test_shipped_model_word_maps_point_at_the_named_objects(show_and_tell):
                     hits[method].append(bool(peak))
     plus, plain = (sum(h) / len(h) for h in (hits["gradcam++"], hits["gradcam"]))
     assert len(hits["gradcam++"]) >= 60
-    assert plus >= 0.8 and plus > plain + 0.1, (plus, plain)
+    assert plus >= 0.83 and plus > plain + 0.25, (plus, plain)
 
 
 def test_one_forward_for_all_words(show_and_tell, scenes):
@@ -285,9 +286,10 @@ def test_one_forward_for_all_words(show_and_tell, scenes):
 def test_generated_caption_greedy_and_beam(show_and_tell):
     model, vocabulary = show_and_tell
     held_out = make_captioned_scenes(20, seed=2, start=100)
-    # The shipped model captions most held-out scenes exactly (55% on 300 held-out scenes).
+    # The shipped model captions 66% of the benchmark's 300 scenes exactly; these 20 validation scenes:
+    # measured 12 exact; the floor leaves one caption of margin.
     generated = [vocabulary.decode(row.tolist()) for row in model.generate(held_out.images)]
-    assert sum(g == c for g, c in zip(generated, held_out.captions)) >= 8
+    assert sum(g == c for g, c in zip(generated, held_out.captions)) >= 11
     results = explain_caption(model, held_out.images[:3], tokenizer=vocabulary)
     assert isinstance(results, list) and len(results) == 3
     assert [r.caption for r in results] == generated[:3]

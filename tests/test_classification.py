@@ -227,7 +227,9 @@ def test_shipped_model_loads_and_is_accurate_on_a_fresh_seed():
     with torch.no_grad():
         predicted = model(scenes.images).sigmoid() >= 0.5
     accuracy = (predicted == scenes.labels.bool()).float().mean().item()
-    assert accuracy >= 0.95, accuracy
+    # Measured 99.06% (17 of 1800 labels wrong); the floor leaves 10 more wrong labels of margin
+    # (about 2.4 standard errors of a 1800-label sample at 99%).
+    assert accuracy >= 0.985, accuracy
     assert zoo.load_model("builtin:scene-classifier").model.state_dict().keys() == model.state_dict().keys()
     assert isinstance(zoo.load_model(str(shipped_path("scene-classifier")), arch="builtin:scene-classifier").model, SceneCNN)
     # The declared layer is the one the core's "auto" search picks too.

@@ -184,3 +184,118 @@ def test_closed_form_equals_general_formula_with_true_higher_derivatives():
     torch.testing.assert_close(weights_general, weights_closed * math.exp(s.item()), rtol=1e-9, atol=1e-12)
     cam_general = torch.relu((weights_general[..., None, None] * a.detach()).sum(1))
     torch.testing.assert_close(core.normalize_maps(cam_general, 2), core.normalize_maps(cam_closed, 2))
+
+
+# -- precision and resampling, checked against bounds and references that do not come from measurements --
+
+U32 = 2.0**-24  # unit roundoff of float32: every float32 +, *, / errs by at most this relative amount
+
+
+def float32_error_bound(a: torch.Tensor, g: torch.Tensor, method: str) -> torch.Tensor:
+    """A bound, per pixel, on ``|L_float32 - L_exact|`` for ``(N, C, *spatial)`` activations ``a >= 0``.
+
+    Standard forward error analysis (Higham, *Accuracy and Stability of Numerical Algorithms*, ch. 3-4):
+    a sum of ``n`` terms in any order errs by at most ``n u sum|terms|``, a product or quotient by ``u``.
+    With ``a >= 0``, Grad-CAM++'s ``2 + s g`` (``s = sum_p a``) is a sum of non-negative terms wherever
+    ``g > 0`` (the only positions ``ReLU(g)`` keeps), so alpha errs by at most ``(P + 3) u`` relatively
+    and ``w_c = sum_p alpha ReLU(g)`` by ``(2P + 4) u w_c``; Grad-CAM's mean by ``(P + 1) u mean|g|``.
+    The map ``ReLU(sum_c w_c a_c)`` then errs by ``sum_c |dw_c| a_c + (C + 1) u sum_c |w_c| a_c``. The
+    factor 2 covers the second-order terms. Nothing here is fitted to measured errors.
+    """
+    a, g = a.double(), g.double()
+    spatial = tuple(range(2, a.ndim))
+    positions, channels = math.prod(a.shape[2:]), a.shape[1]
+    if method == "gradcam++":
+        alpha = core.grad_cam_plus_plus_alpha(a, g)
+        w = (alpha * g.clamp(min=0)).sum(dim=spatial)
+        dw = (2 * positions + 4) * U32 * w.abs()
+    else:
+        w = g.mean(dim=spatial)
+        dw = (positions + 1) * U32 * g.abs().mean(dim=spatial)
+    expand = (...,) + (None,) * len(spatial)
+    bound = (dw[expand] * a).sum(1) + (channels + 1) * U32 * (w.abs()[expand] * a).sum(1)
+    return 2 * bound
+
+
+@pytest.mark.parametrize("method", ["gradcam++", "gradcam"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+def test_low_precision_tensors_are_computed_to_float32_precision(dtype, method):
+    """bfloat16 / float16 activations and gradients (autocast's) must be computed in >= float32: their map
+    equals the exact (float64) map of the same values to within the float32 bound above. Computing in
+    bfloat16 (u = 2^-8) errs ~65,000 times more and fails it."""
+    weight_fn = core.grad_cam_plus_plus_weights if method == "gradcam++" else core.grad_cam_weights
+    reference = reference_gradcampp if method == "gradcam++" else reference_gradcam
+    gen = torch.Generator().manual_seed(7)
+    for spatial in SPATIAL_SHAPES:
+        a = (torch.rand(3, 6, *spatial, generator=gen) * 4).relu().to(dtype)  # post-ReLU, exactly representable
+        g = (torch.randn(3, 6, *spatial, generator=gen) * 0.3).to(dtype)
+        _, low = core.class_activation_map(a, g, weight_fn)
+        _, exact = reference(a, g)  # independent of core: a core computing in bfloat16 cannot move it
+        error = (low.double() - exact).abs()
+        bound = float32_error_bound(a, g, method)
+        assert (error <= bound).all(), f"{spatial}: error {error.max():.3g} exceeds the float32 bound {bound.max():.3g}"
+        assert exact.amax() > 0 and bound.amax() < 1e-4 * exact.amax()  # the bound is tight enough to mean something
+
+
+def reference_resize(values: torch.Tensor, size: tuple[int, ...]) -> torch.Tensor:
+    """Linear interpolation with half-pixel centres, one axis at a time, written out in float64: output
+    pixel ``j`` of ``n_out`` samples the input at ``x = (j + 0.5) n_in / n_out - 0.5``, clamped to
+    ``[0, n_in - 1]`` (the image-resize convention, ``align_corners=False``)."""
+    result = values.double()
+    for axis, n_out in enumerate(size):
+        dim = result.ndim - len(size) + axis
+        n_in = result.shape[dim]
+        slices = []
+        for j in range(n_out):
+            x = min(max((j + 0.5) * n_in / n_out - 0.5, 0.0), n_in - 1)
+            low = int(math.floor(x))
+            high = min(low + 1, n_in - 1)
+            t = x - low
+            slices.append((1 - t) * result.select(dim, low) + t * result.select(dim, high))
+        result = torch.stack(slices, dim=dim)
+    return result
+
+
+@pytest.mark.parametrize("shape, size", [((2, 3), (8,)), ((2, 2, 3), (5, 7)), ((1, 3, 4), (12, 16)),
+                                          ((2, 2, 3, 2), (4, 7, 5))], ids=["1d", "2d", "2d-x4", "3d"])
+def test_upsampled_values_equal_half_pixel_linear_interpolation(shape, size):
+    """The values of the upsampled maps, in 1-D, 2-D and 3-D (``align_corners=True`` stretches the grid
+    so the corners coincide instead, which moves every interior value)."""
+    maps = torch.rand(*shape, generator=torch.Generator().manual_seed(len(size)), dtype=torch.float64)
+    up = core.upsample_maps(maps, size)
+    assert up.shape == (shape[0], *size)
+    torch.testing.assert_close(up, reference_resize(maps, size), rtol=1e-12, atol=1e-12)
+    # By hand, 2 -> 4 cells: [a, 0.75 a + 0.25 b, 0.25 a + 0.75 b, b].
+    torch.testing.assert_close(core.upsample_maps(torch.tensor([[0.0, 4.0]], dtype=torch.float64), (4,)),
+                               torch.tensor([[0.0, 1.0, 3.0, 4.0]], dtype=torch.float64))
+
+
+@pytest.mark.parametrize("method", ["gradcam++", "gradcam"])
+def test_autocast_explanations_are_computed_to_float32_precision(method):
+    """Under ``torch.autocast("cpu", bfloat16)`` the layer's output and gradient are bfloat16; the explainer's
+    raw map must be the exact map of exactly those values to within the float32 bound (the comparison with a
+    float32 model in test_properties.py mixes in the bfloat16 forward's own error, which no bound covers)."""
+    from multiexplain import GradCAM, GradCAMPlusPlus
+
+    torch.manual_seed(0)
+    features = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3, padding=1), torch.nn.ReLU())
+    head = torch.nn.Sequential(torch.nn.Conv2d(8, 8, 1), torch.nn.ReLU(), torch.nn.AdaptiveAvgPool2d(1),
+                               torch.nn.Flatten(), torch.nn.Linear(8, 4))
+    model = torch.nn.Sequential(features, head).eval()
+    x = torch.randn(3, 3, 12, 12)
+    targets = [0, 2, 3]
+    captured = {}
+    handle = features.register_forward_hook(lambda _m, _a, out: captured.__setitem__("a", out.detach()))
+    try:
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            explanation = (GradCAMPlusPlus if method == "gradcam++" else GradCAM)(model, "0")(x, targets)
+            a = captured["a"].requires_grad_(True)
+            (g,) = torch.autograd.grad(head(a)[torch.arange(3), targets].sum(), a)
+    finally:
+        handle.remove()
+    assert a.dtype == g.dtype == torch.bfloat16, "autocast must be in effect at the layer"
+    _, exact = (reference_gradcampp if method == "gradcam++" else reference_gradcam)(a.detach(), g)  # float64, not core
+    error = (explanation.raw.double() - exact).abs()
+    bound = float32_error_bound(a.detach(), g, method)
+    assert (error <= bound).all(), f"error {error.max():.3g} exceeds the float32 bound {bound.max():.3g}"
+    assert exact.amax() > 0

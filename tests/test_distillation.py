@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 import subprocess
@@ -242,6 +243,39 @@ def test_trainer_checkpoints_every_epoch_and_resumes_to_the_same_weights(tmp_pat
     assert trainer.fit()[0]["epoch"] == 1.0 and trainer.epoch == 2
     for (name, a), b in zip(student.state_dict().items(), resumed.state_dict().values()):
         torch.testing.assert_close(a, b, msg=name)
+
+
+
+@pytest.mark.parametrize("optimizer, momentum", [("sgd", 0.0), ("sgd", 0.9), ("adam", 0.0)])
+def test_trainer_takes_one_optimizer_step_per_batch(optimizer, momentum):
+    """Two full-batch epochs move the weights exactly as torch's own optimizer does from the same start
+    on the same loss (an independent loop): a trainer that never steps, steps before the backward pass or
+    drops the gradients fails this by value, not only by a looser 'the loss went down'."""
+    torch.manual_seed(0)
+    images, labels = torch.randn(16, 3, 8, 8), torch.arange(16) % 4
+    data = torch.utils.data.TensorDataset(images, labels)
+    start = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.ReLU(), torch.nn.AdaptiveAvgPool2d(1),
+                                torch.nn.Flatten(), torch.nn.Linear(4, 4))
+    config = {"epochs": 2, "batch_size": 16, "lr": 0.5, "optimizer": optimizer, "momentum": momentum,
+              "weight_decay": 1e-3, "schedule": "none", "progress": False}
+    student = copy.deepcopy(start)
+    history = train.Trainer(student, None, {"ce": 1.0}, data, config).fit()
+    reference = copy.deepcopy(start)
+    if optimizer == "sgd":
+        opt = torch.optim.SGD(reference.parameters(), lr=0.5, momentum=momentum, weight_decay=1e-3, nesterov=momentum > 0)
+    else:
+        opt = torch.optim.AdamW(reference.parameters(), lr=0.5, weight_decay=1e-3)
+    losses_seen = []
+    for _ in range(2):  # a full batch: the shuffled order does not change the mean loss
+        opt.zero_grad()
+        loss = F.cross_entropy(reference(images), labels)
+        loss.backward()
+        opt.step()
+        losses_seen.append(loss.item())
+    for (name, ours), theirs in zip(student.state_dict().items(), reference.state_dict().values()):
+        torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-6, msg=name)
+    assert not torch.equal(student[4].weight, start[4].weight)
+    assert [h["loss"] for h in history] == pytest.approx(losses_seen, rel=1e-5)
 
 
 def test_train_from_config_saves_a_loadable_student_and_the_pair_loader_reads_it(tmp_path):

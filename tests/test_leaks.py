@@ -276,3 +276,36 @@ def test_inputs_made_under_inference_mode_are_explained_outside_it(model, layer)
     explanation = GradCAMPlusPlus(model, layer)(x)
     reference = GradCAMPlusPlus(model, "block")(x.clone())
     torch.testing.assert_close(explanation.maps, reference.maps)
+
+
+@pytest.mark.parametrize("fails", [False, True])
+def test_a_generated_caption_leaves_mixed_training_flags_as_they_were(fails):
+    """explain_caption(caption=None) on a captioner whose generate() switches to eval (as many do) and
+    may raise: every submodule's own flag comes back, not one flag for the whole model."""
+    from multiexplain.adapters.captioning import explain_caption
+    from multiexplain.data.captioned_scenes import make_captioned_scenes
+    from multiexplain.models import ShowAttendTell, load_show_and_tell
+
+    shipped, vocabulary = load_show_and_tell()
+
+    class SwitchesToEval(ShowAttendTell):
+        def generate(self, images, **kwargs):
+            self.eval()
+            if fails:
+                raise RuntimeError("generation failed")
+            return super().generate(images, **kwargs)
+
+    model = SwitchesToEval(**shipped.config)
+    model.load_state_dict(shipped.state_dict())
+    model.train()
+    model.encoder.eval()  # mixed: a frozen, eval-mode encoder under a training decoder
+    flags = {name: module.training for name, module in model.named_modules()}
+    assert len(set(flags.values())) == 2
+    image = make_captioned_scenes(1, seed=2).images[0]
+    if fails:
+        with pytest.raises(RuntimeError, match="generation failed"):
+            explain_caption(model, image, tokenizer=vocabulary)
+    else:
+        assert explain_caption(model, image, tokenizer=vocabulary).words
+    assert {name: module.training for name, module in model.named_modules()} == flags
+    assert all(not m._forward_hooks and not m._forward_pre_hooks for m in model.modules())

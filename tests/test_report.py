@@ -138,6 +138,18 @@ def test_demo_report_renders_with_all_sections(tmp_path):
     assert "failed" not in result.status.values(), result.status
     # Every checkpoint is shipped, so every task must really run (not "unavailable").
     assert all(result.status[task] == "ok" for task in TASK_CHECKPOINTS), result.status
+    # Headline metrics near what the shipped models measure on these seeded batches (seed 3, CPU):
+    # floors = measured minus the stated margin, so a quality regression fails, not only a collapse.
+    floors = {  # (task, method, metric): (measured, floor, margin)
+        ("classification", "gradcam++", "Win % (higher is better)"): (81.25, 68.75, "2 of 16 scenes"),
+        ("classification", "gradcam++", "Instances covered % (higher is better)"): (100.0, 95.0, "5 points"),
+        ("video", "gradcam++", "Win % (higher is better)"): (75.0, 50.0, "1 of 4 clips"),
+        ("video", "gradcam++", "Energy in the action frames % (higher is better)"): (80.0, 75.0, "5 points; chance 63"),
+        ("distillation", "gradcam++", "Student-teacher map correlation (higher is better)"): (0.955, 0.93, "0.025"),
+    }
+    for (task, method, metric), (measured, floor, margin) in floors.items():
+        value = result.metrics[task][method][metric]
+        assert value >= floor, f"{task} {metric}: {value:.3f} < floor {floor} (measured {measured}, margin {margin})"
     shot = tmp_path / "demo.png"
     probe = rp.render_in_chromium(result.index, screenshot=shot, window=(1300, 1600))
     assert set(TASKS) <= set(probe["sections"])

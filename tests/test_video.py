@@ -419,11 +419,13 @@ def test_shipped_action_c3d_is_accurate_and_looks_at_the_actor():
     data = make_action_clips(40, seed=3)
     with torch.no_grad():
         predictions = model(data.clips).argmax(1)
-    assert (predictions == data.labels).float().mean() >= 0.85
+    # Measured 37 of 40 clips right (92.5%); the floor leaves 2 clips of margin.
+    assert (predictions == data.labels).float().mean() >= 0.875
     result = explain_clip(model, data.clips[:16], target=data.labels[:16])
     energy = energy_pointing_game(result.maps, data.masks[:16])
     chance = data.masks[:16].float().mean()
-    assert energy.mean() > 2 * chance  # 8 x 8 x 8 layer maps are coarse: actor radius ~ one cell
+    # 8 x 8 x 8 layer maps are coarse (actor radius ~ one cell): measured 2.37x chance, floor 2.2x (7% margin).
+    assert energy.mean() > 2.2 * chance
 
 
 # -- the quality benchmark's ROAD / sanity-check section -------------------------------------

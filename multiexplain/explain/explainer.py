@@ -23,6 +23,7 @@ from torch import Tensor, nn
 
 from .. import core
 from .capture import Element, LayerCapture, bypassed
+from .checks import check_finite_inputs, non_finite_samples, warn_if_alpha_unbounded, warn_if_probabilities, warn_non_finite
 from .families import final_activations
 from .layers import ChannelsLast, LayerChoice, LayerSpec, Reshape, TokenReshape, _geometry_misfit, read_layout, resolve_layer
 from .targets import Inputs, Targets, call_model, model_logits, primary_input, target_scores
@@ -56,6 +57,10 @@ class Explanation:
             is then all zeros, never NaN).
         method: the method's registered name (``"gradcam++"``, ``"gradcam"``, ...).
         layer: dotted name of the explained layer.
+        non_finite: ``(N, [K])`` bool, True where the model produced NaN or inf in the layer's output,
+            its gradient or the explained score; the map, raw map and weights are all zero there, a
+            top-1 target is ``-1`` and a ``RuntimeWarning`` named the samples. ``None`` for results
+            not made by the explainer.
     """
 
     maps: Tensor
@@ -66,6 +71,7 @@ class Explanation:
     zero_gradient: Tensor
     method: str
     layer: str
+    non_finite: Tensor | None = None
 
     @property
     def multi_target(self) -> bool:
@@ -262,6 +268,7 @@ class BaseCAM:
                 f"expected a batched channels-first input (N, C, *spatial), got shape {tuple(reference.shape)}; "
                 "add the batch axis (x.unsqueeze(0)) or pass input_size="
             )
+        check_finite_inputs(inputs, reference.shape[0])
         choice = self.resolve(inputs, targets, input_size)
         capture = LayerCapture(choice.module, choice.name, call_index=choice.layer_call, element=choice.element,
                                detach_below=not differentiable)
@@ -273,12 +280,15 @@ class BaseCAM:
                 output = call_model(self.model, inputs)
             activation = capture.require()
             scores, indices, multi = target_scores(output, targets, reference.shape[0], self.logits)
+            if not callable(targets) or isinstance(targets, Tensor):
+                warn_if_probabilities(self.logits(output))
             gradients = _gradients(scores, activation, differentiable)
         finally:
             torch.set_grad_enabled(grad_mode)
         size = tuple(input_size) if input_size is not None else tuple(reference.shape[2:])
         reshape = choice.reshape if choice.reshape is not None else _read_named_layer(activation, size)
         activation, gradients = _channels_first(activation, gradients, reshape, choice.name)
+        non_finite, indices = _flag_non_finite(activation, gradients, scores, indices, targets is None, choice.name)
         if self.choice is not None and self.choice.grid is None:
             layout = {type(None): "channels_first", TokenReshape: "tokens", ChannelsLast: "channels_last"}.get(type(reshape), "custom")
             self.choice = replace(self.choice, layout=self.choice.layout or layout, grid=tuple(activation.shape[2:]))
@@ -288,17 +298,21 @@ class BaseCAM:
                 self.model, choice.module, reshape=reshape, layer_call=choice.layer_call, element=choice.element,
                 logits=self.logits, pool_axes=self.pool_axes, create_graph=self.create_graph,
             )
-            explanations[name] = method._maps(choice.name, activation, gradients, scores, indices, multi, size, differentiable)
+            explanations[name] = method._maps(choice.name, activation, gradients, scores, indices, multi, size,
+                                              differentiable, non_finite)
         return explanations
 
     def _maps(self, layer: str, activation: Tensor, gradients: Tensor, scores: Tensor, indices: Tensor | None,
-              multi: bool, size: tuple[int, ...], differentiable: bool) -> Explanation:
+              multi: bool, size: tuple[int, ...], differentiable: bool, non_finite: Tensor) -> Explanation:
         spatial_ndim = activation.ndim - 2
         if not differentiable:
             activation, gradients = activation.detach(), gradients.detach()
+        zero_gradient = (gradients == 0).flatten(2).all(dim=2)
+        if bool(non_finite.any()):
+            # Zeros in place of the non-finite values: those maps, raw maps and weights come out all zero.
+            activation, gradients = _zero_flagged(activation, gradients, non_finite)
         weights = self.channel_weights(activation.unsqueeze(1), gradients, spatial_ndim)
         raw = core.weighted_activation_map(activation.unsqueeze(1), weights, spatial_ndim, self.pool_axes)
-        zero_gradient = (gradients == 0).flatten(2).all(dim=2)
         if len(size) != spatial_ndim:
             raise ValueError(
                 f"the map of layer {layer!r} has {spatial_ndim} spatial axes {tuple(raw.shape[2:])} but the "
@@ -306,11 +320,35 @@ class BaseCAM:
             )
         maps = core.normalize_maps(core.upsample_maps(raw, size), spatial_ndim)
         if not multi:
-            maps, raw, weights, scores, zero_gradient = (t.squeeze(1) for t in (maps, raw, weights, scores, zero_gradient))
+            maps, raw, weights, scores, zero_gradient, non_finite = (
+                t.squeeze(1) for t in (maps, raw, weights, scores, zero_gradient, non_finite))
             indices = indices.squeeze(1) if indices is not None else None
         if not differentiable:
             scores = scores.detach()
-        return Explanation(maps, raw, weights, scores, indices, zero_gradient, self.method, layer)
+        return Explanation(maps, raw, weights, scores, indices, zero_gradient, self.method, layer, non_finite)
+
+
+def _flag_non_finite(activation: Tensor, gradients: Tensor, scores: Tensor, indices: Tensor | None, top1: bool,
+                     layer: str) -> tuple[Tensor, Tensor | None]:
+    """``(flags (N, K), indices)``: which samples and targets hold NaN/inf the model produced (warned
+    about); a top-1 target of a flagged sample becomes -1, as no class can be ranked from its logits."""
+    flags, what = non_finite_samples(activation, gradients, scores)
+    if what:
+        warn_non_finite(flags, what, layer)
+        if top1 and indices is not None:
+            indices = torch.where(flags, torch.full_like(indices, -1), indices)
+    return flags, indices
+
+
+def _zero_flagged(activation: Tensor, gradients: Tensor, flags: Tensor) -> tuple[Tensor, Tensor]:
+    """Activations ``(N, C, ...)`` and gradients ``(N, K, C, ...)`` with every value of a flagged
+    ``(sample, target)`` (``flags (N, K)``) and every non-finite value replaced by 0 (``torch.where``,
+    so a differentiable map keeps a NaN-free graph)."""
+    extra = gradients.ndim - 2
+    keep = ~flags.view(*flags.shape, *([1] * extra))
+    gradients = torch.where(keep & torch.isfinite(gradients), gradients, torch.zeros_like(gradients))
+    activation = torch.where(torch.isfinite(activation), activation, torch.zeros_like(activation))
+    return activation, gradients
 
 
 def _read_named_layer(activation: Tensor, size: tuple[int, ...]) -> Reshape | None:
@@ -387,7 +425,9 @@ class GradCAMPlusPlus(BaseCAM):
     method = "gradcam++"
 
     def channel_weights(self, activations: Tensor, gradients: Tensor, spatial_ndim: int) -> Tensor:
-        return core.grad_cam_plus_plus_weights(activations, gradients, spatial_ndim, self.pool_axes)
+        weights = core.grad_cam_plus_plus_weights(activations, gradients, spatial_ndim, self.pool_axes)
+        warn_if_alpha_unbounded(activations, gradients, spatial_ndim, weights, self.pool_axes, self.layer_name)
+        return weights
 
 
 # -- the adapter protocol ----------------------------------------------------------------------------

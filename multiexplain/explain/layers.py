@@ -250,7 +250,16 @@ def _named(model: nn.Module, target: LayerSpec) -> nn.Module:
     if found is not None:
         return found
     close = difflib.get_close_matches(target, [n for n in names if n], n=5, cutoff=0.5)
-    hint = f"; close names: {', '.join(close)}" if close else "; list them with [n for n, _ in model.named_modules()]"
+    if close:
+        hint = f"; close names: {', '.join(close)}"
+    else:
+        children = list(model.named_children())
+        top = [name for name, _ in children]
+        shown = ", ".join(top[:12]) + (f" and {len(top) - 12} more" if len(top) > 12 else "")
+        nested = [f"{name}.{next(iter(child._modules))}" for name, child in children if child._modules]
+        example = f", e.g. '{nested[-1]}'" if nested else ""
+        hint = (f"; its top-level modules are {shown or 'none'} (dotted names reach inside them{example}; "
+                "all of them: [n for n, _ in model.named_modules()])")
     raise ValueError(f"{type(model).__name__} has no layer named {target!r}{hint}")
 
 

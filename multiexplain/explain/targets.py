@@ -93,6 +93,11 @@ def target_indices(targets: Targets, logits: Tensor) -> tuple[Tensor, bool]:
             indices = torch.as_tensor(targets, device=logits.device)
         except (TypeError, ValueError) as error:
             raise ValueError(f"targets must be an int, N ints or an (N, K) nested list of ints: {error}") from None
+        if indices.numel() == 0:
+            raise ValueError(
+                f"targets {targets!r} hold no class index; give at least one per sample (an int, N ints, or an "
+                "(N, K) nested list with K >= 1)"
+            )
         if indices.is_floating_point() or indices.dtype == torch.bool:
             raise TypeError(f"targets must be integer class indices, got dtype {indices.dtype}")
         indices = indices.long()

@@ -13,6 +13,7 @@ checkpoint under the final name.
 from __future__ import annotations
 
 import os
+import pickle
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -103,9 +104,16 @@ def load_checkpoint(path: str | os.PathLike, device: str | torch.device = "cpu")
         raise FileNotFoundError(f"checkpoint {path} does not exist")
     try:
         payload = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as error:  # noqa: BLE001 - truncated, empty, or holding objects that need code
-        raise ValueError(f"{path} is not a readable multiexplain checkpoint ({type(error).__name__}: "
-                         f"{str(error).splitlines()[0][:200] if str(error) else 'no details'})") from None
+    except pickle.UnpicklingError:
+        raise ValueError(
+            f"{path} is not a multiexplain checkpoint: it holds pickled Python objects (a whole model or a training "
+            "state?) that only load by running code, which multiexplain never does (weights_only=True); write "
+            "checkpoints with multiexplain.models.save_checkpoint or `multiexplain distill`"
+        ) from None
+    except Exception as error:  # noqa: BLE001 - truncated, empty, not a torch file
+        detail = str(error).splitlines()[0][:200] if str(error) else "no details"
+        raise ValueError(f"{path} is not a readable multiexplain checkpoint ({type(error).__name__}: {detail}); "
+                         "is it truncated, or not written by torch.save?") from None
     if not isinstance(payload, Mapping) or payload.get("format") != CHECKPOINT_FORMAT:
         found = payload.get("format") if isinstance(payload, Mapping) else type(payload).__name__
         raise ValueError(f"{path} is not a {CHECKPOINT_FORMAT} checkpoint (format {found!r}); "
