@@ -49,6 +49,7 @@ PARAMETERS = {
     "tolerance 0.05 max / 0.005 mean": "the autocast test's stated tolerance (tests/test_properties.py)",
     "to 1e-3 of the peak": "a test tolerance",
     "15 px": "Zhang et al.'s pointing-game tolerance (a definition)",
+    "Loc(delta) at 0 / 0.25 / 0.5": "the thresholds delta the store's per-item localisation is computed at",
     "bound 25 MB": "the leak test's bound (tests/test_leaks.py)",
     "bound 256 KB": "the leak test's bound (tests/test_leaks.py)",
 }
