@@ -326,6 +326,7 @@ class _VideoJob:
         self.args, self.loaded, self.out = args, loaded, out
         requested = args.window if args.window else args.frames  # --window alone (0): the model's frames
         self.frames, self.side, self.normalisation = _video_geometry(loaded, requested)
+        self.side = args.size or self.side
         fixed = clip_frames(loaded.model)
         if fixed is not None and self.frames != fixed:
             raise CommandError(f"{args.model} takes clips of exactly {fixed} frames; drop --frames/--window or give {fixed}")
@@ -537,7 +538,7 @@ def cmd_video(args: argparse.Namespace) -> int:
         raise CommandError("--stride needs --window (the whole video, window by window)")
     if args.window is not None and args.frames is not None:
         raise CommandError("give --window (the whole video) or --frames (one clip), not both")
-    for name in ("frames", "window", "stride"):
+    for name in ("frames", "window", "stride", "size"):
         value = getattr(args, name)
         if value is not None and value < (0 if name == "window" else 1):
             raise CommandError(f"--{name} must be a positive number of frames, got {value}")
@@ -844,6 +845,8 @@ def build_parser() -> argparse.ArgumentParser:
     video.add_argument("--stride", type=int, default=None, metavar="S",
                        help="frames between window starts (default T/2); overlapping windows' maps are blended "
                        "with weights peaking at each window's centre")
+    video.add_argument("--size", type=int, default=None, metavar="S",
+                       help="frame side: the short side is scaled to S, then a centred S x S crop (default: the model's)")
     video.add_argument("--class", dest="target", metavar="C", help="explain this class (index or name; default: top-1)")
     video.add_argument("--labels", metavar="FILE", help="class names: one per line, or a JSON list (for models "
                        "whose weights carry none, e.g. pytorchvideo hub models)")

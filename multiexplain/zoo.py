@@ -411,9 +411,12 @@ def read_labels(path: str | os.PathLike) -> list[str]:
             raise ValueError(f"{path} looks like JSON but is not valid JSON: {error}") from None
         if isinstance(data, dict):
             try:
-                data = [data[key] for key in sorted(data, key=int)]
+                keyed = {int(key): value for key, value in data.items()}
             except ValueError:
                 raise ValueError(f"{path}: a JSON object of labels needs integer keys (an id2label mapping)") from None
+            if sorted(keyed) != list(range(len(keyed))):
+                raise ValueError(f"{path}: an id2label mapping needs every index from 0 to {len(keyed) - 1}")
+            data = [keyed[i] for i in range(len(keyed))]
         if not isinstance(data, list) or not all(isinstance(v, str) for v in data):
             raise ValueError(f"{path}: expected a JSON list of class names")
         labels = [str(v) for v in data]
