@@ -638,7 +638,7 @@ def test_reader_errors_name_the_file_and_frame_and_short_clips_say_how_they_are_
     with pytest.warns(UserWarning, match="has 2 frame.*needs 16: each frame is repeated about 8.0 times"):
         clip, _ = read_clip(short, num_frames=16, size=32)
     assert clip.shape == (3, 16, 32, 32)
-    with VideoReader(short, size=32) as reader, pytest.warns(UserWarning, match="last frame is repeated 3 time"):
+    with VideoReader(short, size=32) as reader, pytest.warns(UserWarning, match="last frame is repeated 2 time"):
         padded = reader.clip(4, start=0.0)
     assert padded.indices == [0, 1, 1, 1] and padded.padded
     # A padded clip's animation shares the source span it shows (2 frames at 12 fps) evenly.
