@@ -33,7 +33,6 @@ import os
 import subprocess
 import sys
 import tempfile
-import time
 
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 
