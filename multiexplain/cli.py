@@ -424,7 +424,7 @@ class _WholeVideoOutputs:
         for method, _ in VIDEO_METHODS:
             stem = job.out / f"{_stem(path, index)}_{method.replace('+', 'p')}"
             style = {"alpha": job.args.alpha, "colormap": job.args.colormap, "scale": job.scale}
-            writers = [AnimationWriter(f"{stem}.gif", fps, **style), AnimationWriter(f"{stem}.mp4", fps, **style)]
+            writers = [AnimationWriter([f"{stem}.gif", f"{stem}.mp4"], fps, **style)]  # each frame drawn once
             self.files[method] = {"gif": f"{stem.name}.gif", "mp4": f"{stem.name}.mp4", "strip": f"{stem.name}_strip.png"}
             if job.args.save_maps:
                 writers.append(MapWriter(f"{stem}_maps.npy", num_frames, (job.side, job.side)))

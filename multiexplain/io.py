@@ -457,7 +457,9 @@ class _GifStream:
     def add(self, image: Any, start: float, end: float) -> None:
         from PIL import GifImagePlugin, Image
 
-        frame = Image.fromarray(image).convert("P", palette=Image.Palette.ADAPTIVE, colors=256)
+        # Octree quantisation: ~20x faster than the median cut of convert("P", ADAPTIVE) and as good
+        # for heat-map colours; each frame keeps its own palette.
+        frame = Image.fromarray(image).quantize(256, method=Image.Quantize.FASTOCTREE)
         if not self.started:
             header, _ = GifImagePlugin.getheader(frame, None, {"loop": 0, "duration": 1})
             self.handle.write(b"".join(header))
@@ -522,7 +524,8 @@ class AnimationWriter:
     """``frame | overlay`` animations written frame by frame, so long videos need bounded memory.
 
     Args:
-        path: ``.gif`` or ``.mp4`` (the suffix picks the format).
+        path: ``.gif`` or ``.mp4`` (the suffix picks the format), or several such paths: each frame
+            is drawn once and written to all of them.
         rate: the nominal frame rate stored in an MP4 header (the frame times decide the playback).
         mean, std: undo a normalisation for display; ``alpha``, ``colormap``: the overlay;
         ``scale``: enlarge small frames (nearest).
@@ -532,15 +535,20 @@ class AnimationWriter:
     the source span it shows. A frame is written when the next one arrives (its duration is then known).
     """
 
-    def __init__(self, path: str | os.PathLike, rate: float = 25.0, *, mean: Sequence[float] | None = None,
+    def __init__(self, path: str | os.PathLike | Sequence[str | os.PathLike], rate: float = 25.0, *,
+                 mean: Sequence[float] | None = None,
                  std: Sequence[float] | None = None, alpha: float = DEFAULT_ALPHA, colormap: str = DEFAULT_COLORMAP,
                  scale: int = 1) -> None:
-        self.path = os.fspath(path)
-        suffix = Path(self.path).suffix.lower()
-        if suffix not in (".gif", ".mp4"):
-            raise ValueError(f"an animation is a .gif or .mp4 file, got {self.path!r}")
-        os.makedirs(os.path.dirname(os.path.abspath(self.path)), exist_ok=True)
-        self._out = _GifStream(self.path) if suffix == ".gif" else _Mp4Stream(self.path, rate)
+        paths = [os.fspath(p) for p in path] if isinstance(path, (list, tuple)) else [os.fspath(path)]
+        for file in paths:
+            if Path(file).suffix.lower() not in (".gif", ".mp4"):
+                raise ValueError(f"an animation is a .gif or .mp4 file, got {file!r}")
+        self.paths = paths
+        self.path = paths[0]
+        self._outs: list[Any] = []
+        for file in paths:
+            os.makedirs(os.path.dirname(os.path.abspath(file)), exist_ok=True)
+            self._outs.append(_GifStream(file) if Path(file).suffix.lower() == ".gif" else _Mp4Stream(file, rate))
         self._style = (mean, std, alpha, colormap, max(1, int(scale)))
         self._pending: tuple[Any, float] | None = None
         self._closed = False
@@ -551,7 +559,8 @@ class AnimationWriter:
             image, start = self._pending
             if time <= start:
                 raise ValueError(f"frame times must increase: {time} s after {start} s")
-            self._out.add(image, start, time)
+            for out in self._outs:
+                out.add(image, start, time)
         self._pending = (_side_by_side(frame, heatmap, *self._style), float(time))
         self.frames += 1
 
@@ -563,10 +572,12 @@ class AnimationWriter:
         try:
             if self._pending is not None:
                 image, start = self._pending
-                self._out.add(image, start, end if end is not None and end > start else start + 0.04)
+                for out in self._outs:
+                    out.add(image, start, end if end is not None and end > start else start + 0.04)
                 self._pending = None
         finally:
-            self._out.close()
+            for out in self._outs:
+                out.close()
         return self.path
 
     def __enter__(self) -> "AnimationWriter":
