@@ -83,18 +83,63 @@ def test_torchvision_state_dict_with_arch_gets_kinetics_names(tmp_path, one_torc
     assert result["outputs"]["gradcam++"]["label"] in loaded.labels and len(loaded.labels) == 400  # Kinetics-400
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize("spec, frames, size, layer", [
+# Each zoo family at the smallest clip its architecture takes: torchvision's ResNets at 32 x 32;
+# S3D's and pytorchvideo's heads pool fixed 7 x 7 windows (>= 224 px) over a fixed number of time
+# slices (the hub models' frames). C2D and I3D have a pooling block after their first stage, so
+# their last stage is blocks.5. The MViTs (fixed 16 x 224 x 224 position embeddings, ~2 min a run
+# here) are built small below.
+ZOO_VIDEO_CASES = [
+    ("torchvision:mc3_18@none", 16, 32, "layer4"),
+    ("torchvision:r2plus1d_18@none", 16, 32, "layer4"),
+    ("torchvision:s3d@none", 16, 224, "features"),
     ("torchvision:swin3d_t@none", 8, 64, "norm"),
+    ("pytorchvideo:slow_r50@none", 8, 224, "blocks.4"),
+    ("pytorchvideo:c2d_r50@none", 8, 224, "blocks.5"),
+    ("pytorchvideo:i3d_r50@none", 8, 224, "blocks.5"),
+    ("pytorchvideo:r2plus1d_r50@none", 16, 224, "blocks.4"),
+    ("pytorchvideo:csn_r101@none", 32, 224, "blocks.4"),
     ("pytorchvideo:x3d_xs@none", 4, 182, "blocks.4"),
-])
+]
+
+
+# Default initialisation shrinks S3D's activations to ~1e-7 by its last layer (no residual paths,
+# eval-mode batch norms with unit running variance), so every map of a random S3D is flat (all
+# zero after normalising). Its batch norms are calibrated on one random batch, as training would
+# set them, and the command line gets the weights as a .pt with --arch.
+_FLAT_AT_INIT = {"torchvision:s3d@none"}
+
+
+def _calibrate_batch_norms(model: torch.nn.Module, shape: tuple[int, ...]) -> None:
+    norms = [m for m in model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
+    for norm in norms:
+        norm.reset_running_stats()
+        norm.momentum = None  # the running statistics become this batch's
+    model.train()
+    with torch.no_grad():
+        model(torch.randn(shape, generator=torch.Generator().manual_seed(1)))
+    model.eval()
+    for norm in norms:
+        norm.momentum = 0.1
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("spec, frames, size, layer", ZOO_VIDEO_CASES, ids=[case[0] for case in ZOO_VIDEO_CASES])
 def test_zoo_video_models_through_the_command_line(tmp_path, spec, frames, size, layer, one_torch_thread):
-    path = _mp4(tmp_path / "clip.mp4")
+    """The CLI on a real MP4 and the Python adapter on the clip it reads: the same layer, class and
+    maps (float16 on disk), for every zoo video family (r3d_18 with --arch above; SlowFast below)."""
+    path = _mp4(tmp_path / "clip.mp4", frames=40)  # more than any clip here: no padding
     out = tmp_path / "out"
     torch.manual_seed(0)
-    assert _run(path, "--model", spec, "--frames", str(frames), "--size", str(size), "--save-maps", "--out", str(out)) == 0
-    torch.manual_seed(0)  # the same random weights as the command line's
-    loaded = zoo.load_model(spec)
+    model_args = ["--model", spec]
+    if spec in _FLAT_AT_INIT:
+        loaded = zoo.load_model(spec)
+        _calibrate_batch_norms(loaded.model, (2, 3, frames, size, size))
+        torch.save(loaded.model.state_dict(), tmp_path / "weights.pt")
+        model_args = ["--model", str(tmp_path / "weights.pt"), "--arch", spec]
+    assert _run(path, *model_args, "--frames", str(frames), "--size", str(size), "--save-maps", "--out", str(out)) == 0
+    if spec not in _FLAT_AT_INIT:
+        torch.manual_seed(0)  # the same random weights as the command line's
+        loaded = zoo.load_model(spec)
     explained = _adapter_maps(loaded.model, path, frames, size, loaded)
     assert explained["gradcam++"].layer == layer
     _assert_same(out, explained, frames, size)
@@ -163,6 +208,80 @@ def test_slowfast_pathway_through_the_command_line(tmp_path, one_torch_thread):
     _assert_same(out, explained, 32, 224)
     assert _result(out)["outputs"]["gradcam++"]["label"].startswith("action ")
     assert json.loads((out / "video.json").read_text())["settings"]["pathway"] == "slow"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("pathway", ["fast", "slow", "both"])
+def test_every_slowfast_pathway_choice_through_the_command_line(tmp_path, monkeypatch, pathway, one_torch_thread):
+    """`--pathway fast|slow|both` on a real MP4, the same layer(s) and maps as the adapter's. The
+    model is a real pytorchvideo SlowFast built small (the hub architecture's heads fix 32 x 224 x
+    224 clips, a minute per run on two busy cores: its slow pathway is checked above); the zoo
+    hands it to the command line in place of a hub SPEC, everything after that is the command's."""
+    from pytorchvideo.models import slowfast
+
+    torch.manual_seed(0)
+    model = slowfast.create_slowfast(model_num_class=5, stem_dim_outs=(16, 2),
+                                     head_pool_kernel_sizes=((2, 1, 1), (8, 1, 1))).eval()
+    loaded = zoo.LoadedModel(model, zoo.parse_spec("pytorchvideo:slowfast_r50@none"), "video", mean=zoo.PYTORCHVIDEO_MEAN,
+                             std=zoo.PYTORCHVIDEO_STD, extra={"frames": 8, "size": 32})
+    monkeypatch.setattr(zoo, "load_model", lambda *args, **kwargs: loaded)
+    path = _mp4(tmp_path / "clip.mp4")
+    out = tmp_path / "out"
+    assert _run(path, "--model", "pytorchvideo:slowfast_r50@none", "--pathway", pathway, "--save-maps",
+                "--out", str(out)) == 0
+    explained = _adapter_maps(model, path, 8, 32, loaded, pathway=pathway)
+    expected_layer = {"fast": "blocks.4.multipathway_blocks.1", "slow": "blocks.4.multipathway_blocks.0",
+                      "both": "blocks.4.multipathway_blocks.0+blocks.4.multipathway_blocks.1"}[pathway]
+    assert explained["gradcam++"].layer == expected_layer and explained["gradcam++"].pathway == pathway
+    _assert_same(out, explained, 8, 32)
+    assert json.loads((out / "video.json").read_text())["settings"]["pathway"] == pathway
+
+
+def _small_mvit(kind: str) -> torch.nn.Module:
+    """A real MViT of the hub architecture's family, 4 x 32 x 32 clips, two blocks (the second pools)."""
+    torch.manual_seed(0)
+    if kind == "pytorchvideo":
+        from pytorchvideo.models.vision_transformers import create_multiscale_vision_transformers
+
+        return create_multiscale_vision_transformers(
+            spatial_size=32, temporal_size=4, depth=2, head_num_classes=5, embed_dim_mul=[[1, 2.0]],
+            atten_head_mul=[[1, 2.0]], pool_q_stride_size=[[1, 1, 2, 2]], pool_kv_stride_adaptive=[1, 4, 4],
+            pool_kvq_kernel=[3, 3, 3], patch_embed_dim=8, num_heads=1).eval()
+    from torchvision.models.video.mvit import MSBlockConfig, MViT
+
+    # Two heads, as in every hub block: the attention's pooling convolutions then see (N * heads)
+    # rows, not the clips' N, and are no candidates for the layer (as in mvit_v1_b / mvit_v2_s).
+    blocks = [MSBlockConfig(2, 8, 8, [3, 3, 3], [3, 3, 3], [1, 1, 1], [1, 2, 2]),
+              MSBlockConfig(2, 8, 16, [3, 3, 3], [3, 3, 3], [1, 2, 2], [1, 1, 1])]
+    return MViT(spatial_size=(32, 32), temporal_size=4, block_setting=blocks, residual_pool=True,
+                residual_with_cls_embed=False, rel_pos_embed=True, proj_after_attn=True, num_classes=5).eval()
+
+
+@pytest.mark.slow
+@pytest.mark.filterwarnings("ignore:auto layer")  # pytorchvideo's pooled attention: tokens after the pick carry no grid
+@pytest.mark.parametrize("kind, spec", [("torchvision", "torchvision:mvit_v2_s@none"),
+                                        ("pytorchvideo", "pytorchvideo:mvit_base_16x4@none")])
+def test_mvit_tokens_through_the_command_line(tmp_path, monkeypatch, kind, spec, one_torch_thread):
+    """MViT (token layers found by the probe, a fixed clip length) on a real MP4: the same layer
+    and maps from the command line and the adapter. The model is a real MViT built small (the
+    hub architectures take ~2 min a run on two busy cores; their layer is checked in
+    tests/test_layers.py and test_matrix.py); the zoo hands it to the command line in place of the
+    hub SPEC, and the clip length comes off the model as the zoo reads it."""
+    from multiexplain.explain.families import clip_frames
+
+    model = _small_mvit(kind)
+    assert clip_frames(model) == 4
+    loaded = zoo.LoadedModel(model, zoo.parse_spec(spec), "video", mean=(0.45,) * 3, std=(0.225,) * 3,
+                             extra={"frames": clip_frames(model), "size": 32})
+    monkeypatch.setattr(zoo, "load_model", lambda *args, **kwargs: loaded)
+    path = _mp4(tmp_path / "clip.mp4")
+    out = tmp_path / "out"
+    assert _run(path, "--model", spec, "--save-maps", "--out", str(out)) == 0
+    explained = _adapter_maps(model, path, 4, 32, loaded)
+    assert explained["gradcam++"].layer == "blocks.1.norm1"
+    assert explained["gradcam++"].raw.shape[1] == 2  # (T', H', W') tokens: time kept
+    _assert_same(out, explained, 4, 32)
+    assert _run(path, "--model", spec, "--frames", "8", "--out", str(tmp_path / "out8")) == 2
 
 
 def test_mvit_takes_exactly_its_16_frames(tmp_path, capsys):
