@@ -285,10 +285,9 @@ def test_mvit_tokens_through_the_command_line(tmp_path, monkeypatch, kind, spec,
 
 
 def test_mvit_takes_exactly_its_16_frames(tmp_path, capsys):
-    """MViT's position embeddings fix its clip length: the zoo reads it off the model, another
-    --frames is refused before anything runs. (The full MViT run through the command line, maps
-    compared with the adapter's, takes about two minutes on two CPU cores; the layer the probe picks
-    for both MViTs is checked in tests/test_layers.py.)"""
+    """MViT's position embeddings fix its clip length: the zoo reads it off the hub models, another
+    --frames is refused before anything runs. (Small MViTs run through the command line above; the
+    layer the probe picks for the hub MViTs is checked in tests/test_layers.py and test_matrix.py.)"""
     path = _mp4(tmp_path / "clip.mp4")
     for spec in ("pytorchvideo:mvit_base_16x4@none", "torchvision:mvit_v2_s@none"):
         loaded = zoo.load_model(spec)
