@@ -1,9 +1,18 @@
-"""Video action recognition: space-time Grad-CAM++ maps for 3D-conv (and other) video classifiers.
+"""Video action recognition: space-time Grad-CAM++ maps for video classifiers.
 
 :func:`explain_clip` turns a classifier and clips into one :class:`~multiexplain.ExplainRequest`
-(the clip, or SlowFast's ``[slow, fast]`` pathway list, as call inputs; the target classes'
-pre-softmax logits as scores; the layer from the one resolver, with the pathway as its branch)
-and returns a :class:`VideoExplanation`: the shared explanation fields with ``maps (N, T, H, W)``.
+(the call inputs in the model's own layout: the clip, SlowFast's ``[slow, fast]`` pathway list, or
+a Hugging Face video model's frames-first ``pixel_values``; the target classes' pre-softmax logits
+as scores; the layer from the one resolver, with the pathway as its branch) and returns a
+:class:`VideoExplanation`: the shared explanation fields with ``maps (N, T, H, W)``.
+
+Clips are always given as ``(N, C, T, H, W)`` (or ``(C, T, H, W)``); the adapter packs them for
+the model: SlowFast gets its two pathways (:func:`slowfast_pathways`, alpha read off the model),
+VideoMAE / TimeSformer / ViViT get ``{"pixel_values": (N, T, C, H, W)}``. A Hugging Face
+processor's output (a mapping with ``pixel_values``) is taken as it is.
+
+A whole video is explained window by window (:func:`window_starts`); :class:`WindowBlend`
+combines the maps of overlapping windows into one map per frame.
 
 Channel weights pool over the whole ``T', H', W'`` volume by default (the paper's form: the
 Grad-CAM++ denominator's ``sum_q A_k(q)`` and the weight sums run over the volume);
@@ -13,17 +22,22 @@ Grad-CAM++ denominator's ``sum_q A_k(q)`` and the weight sums run over the volum
 from __future__ import annotations
 
 import warnings
+from collections.abc import Mapping
 from dataclasses import dataclass, fields
-from typing import Sequence
+from typing import Any, Iterator, Sequence
 
 import torch
 from torch import Tensor, nn
 
 from multiexplain.core import normalize_maps
 from multiexplain.explain import ExplainRequest, Explanation, explain_request, method_names
-from multiexplain.explain.layers import LayerSpec
+from multiexplain.explain.families import clip_frames, frames_first, pathway_alpha
+from multiexplain.explain.layers import LayerSpec, Reshape
 
-__all__ = ["KINETICS_MEAN", "KINETICS_STD", "PATHWAYS", "VideoExplanation", "explain_clip", "normalize_clip", "slowfast_pathways"]
+__all__ = [
+    "KINETICS_MEAN", "KINETICS_STD", "PATHWAYS", "VideoExplanation", "WindowBlend", "explain_clip", "model_inputs",
+    "normalize_clip", "slowfast_pathways", "window_starts",
+]
 
 # Kinetics-400 statistics of torchvision's video models (pytorchvideo's hub models use others:
 # multiexplain.zoo.PYTORCHVIDEO_MEAN / PYTORCHVIDEO_STD).
@@ -111,8 +125,36 @@ def normalize_clip(clip: Tensor, mean: Sequence[float] = KINETICS_MEAN, std: Seq
     return (clip - mean_t) / torch.tensor(std, dtype=clip.dtype, device=clip.device).view(shape)
 
 
-def _inputs(model: nn.Module, clip_or_batch: Tensor | list[Tensor]) -> tuple[Tensor | list[Tensor], Tensor]:
-    """``(call inputs, reference clip the maps align with)``, checked."""
+def _frames_first_inputs(model: nn.Module, clip: Tensor) -> dict[str, Tensor]:
+    """``{"pixel_values": (N, T, C, H, W)}`` for a Hugging Face video model, checked against its config."""
+    config = getattr(model, "config", None)
+    channels = int(getattr(config, "num_channels", 3) or 3)
+    _check_channels(clip, channels, "clip")
+    frames = clip_frames(model)
+    if frames is not None and clip.shape[2] != frames:
+        raise ValueError(f"this model takes clips of exactly {frames} frames (config.num_frames), got {clip.shape[2]}")
+    size = getattr(config, "image_size", None)
+    if size is not None:
+        expected = (size, size) if isinstance(size, int) else tuple(size)
+        if tuple(clip.shape[3:]) != tuple(expected):
+            raise ValueError(f"this model takes {expected[0]}x{expected[1]} frames (config.image_size), got "
+                             f"{clip.shape[3]}x{clip.shape[4]}; read the video at that size")
+    return {"pixel_values": clip.permute(0, 2, 1, 3, 4)}
+
+
+def model_inputs(model: nn.Module, clip_or_batch: Tensor | list[Tensor] | Mapping[str, Any]) -> tuple[Any, Tensor]:
+    """``(call inputs in the model's own layout, reference clip (N, C, T, H, W) the maps align with)``, checked.
+
+    A tensor clip becomes SlowFast's ``[slow, fast]`` list for a two-pathway model and
+    ``{"pixel_values": (N, T, C, H, W)}`` for a frames-first (Hugging Face) model; a list is taken
+    as SlowFast's pathways and a mapping (a processor's output) as keyword inputs, as they are.
+    """
+    if isinstance(clip_or_batch, Mapping):
+        pixels = clip_or_batch.get("pixel_values")
+        if not isinstance(pixels, Tensor) or pixels.ndim != 5:
+            raise ValueError("a mapping of inputs needs 'pixel_values' of shape (N, T, C, H, W) (a video processor's output)")
+        inputs = dict(clip_or_batch)
+        return inputs, pixels.permute(0, 2, 1, 3, 4) if frames_first(model) else pixels
     if isinstance(clip_or_batch, (list, tuple)):
         pathways = [_as_batch(x, f"pathway {i}") for i, x in enumerate(clip_or_batch)]
         if len(pathways) != 2:
@@ -121,11 +163,20 @@ def _inputs(model: nn.Module, clip_or_batch: Tensor | list[Tensor]) -> tuple[Ten
             _check_channels(x, None, f"pathway {i}")
         return pathways, pathways[-1]  # maps align with the fast pathway's (full-rate) frames
     reference = _as_batch(clip_or_batch, "clip")
+    if frames_first(model):
+        return _frames_first_inputs(model, reference), reference
+    alpha = pathway_alpha(model)
+    if alpha is not None:
+        _check_channels(reference, None, "clip")
+        return slowfast_pathways(reference, alpha), reference
     conv = _first_conv3d(model)
     _check_channels(reference, conv.in_channels if conv is not None else None, "clip")
     need = _min_frames(model)
     if reference.shape[2] < need:
         raise ValueError(f"the clip has {reference.shape[2]} frames but this model needs at least {need}")
+    frames = clip_frames(model)
+    if frames is not None and reference.shape[2] != frames:
+        raise ValueError(f"this model takes clips of exactly {frames} frames, got {reference.shape[2]}")
     return reference, reference
 
 
@@ -140,18 +191,22 @@ def explain_clip(
     create_graph: bool = False,
     *,
     methods: Sequence[str] | None = None,
+    reshape: Reshape | None = None,
 ) -> VideoExplanation | dict[str, VideoExplanation]:
     """Explain a video classifier's decision on clips with a space-time heat map.
 
     Args:
-        model: a video classifier taking ``(N, C, T, H, W)`` (or SlowFast's ``[slow, fast]`` list),
-            explained in the train/eval mode it is in (use ``eval()`` for batch norm). Scores are
-            pre-softmax logits (a pytorchvideo head's final Softmax is skipped, see the explainer).
-        clip_or_batch: ``(C, T, H, W)``, ``(N, C, T, H, W)``, or for SlowFast a list
-            ``[slow (N, C, T/alpha, H, W), fast (N, C, T, H, W)]`` (see :func:`slowfast_pathways`).
+        model: a video classifier (torchvision, pytorchvideo including SlowFast and MViT, Hugging
+            Face VideoMAE / TimeSformer / ViViT, or your own), explained in the train/eval mode it
+            is in (use ``eval()`` for batch norm). Scores are pre-softmax logits (a pytorchvideo
+            head's final Softmax is skipped, see the explainer).
+        clip_or_batch: ``(C, T, H, W)`` or ``(N, C, T, H, W)``, packed for the model by
+            :func:`model_inputs`; or SlowFast's own list ``[slow (N, C, T/alpha, H, W), fast
+            (N, C, T, H, W)]``; or a Hugging Face processor's output (``pixel_values`` frames first).
         target: class per clip: ``None`` (top-1), an int, or ``N`` ints.
         layer: ``"auto"`` (the one resolver), a dotted name or a module (a ``(slow, fast)`` pair for
-            ``pathway="both"``).
+            ``pathway="both"``); ``reshape`` reads a named layer's output as ``(N, C, T', H', W')``
+            (e.g. :class:`~multiexplain.TokenReshape` with ``grid=(T', H', W')`` for an MViT block).
         method / methods: one method -> one :class:`VideoExplanation`; several -> ``{method: ...}``
             from one forward pass.
         per_slice: pool the channel weights over ``H', W'`` only (one weight per channel and ``t'``).
@@ -160,7 +215,7 @@ def explain_clip(
         create_graph: keep the maps differentiable (double backprop).
     """
     names, single = method_names(method, methods)
-    inputs, reference = _inputs(model, clip_or_batch)
+    inputs, reference = model_inputs(model, clip_or_batch)
     if pathway not in ("fast", "slow", "both"):
         raise ValueError(f"pathway must be 'fast', 'slow' or 'both', got {pathway!r}")
     is_slowfast = isinstance(inputs, list)
@@ -171,7 +226,7 @@ def explain_clip(
 
     def run(which: str) -> dict[str, Explanation]:
         chosen = layer[PATHWAYS[which]] if isinstance(layer, (tuple, list)) else layer
-        request = ExplainRequest(inputs, target, chosen, branch=PATHWAYS[which] if is_slowfast else None,
+        request = ExplainRequest(inputs, target, chosen, reshape=reshape, branch=PATHWAYS[which] if is_slowfast else None,
                                  input_size=tuple(reference.shape[2:]), pool_axes=(1, 2) if per_slice else None,
                                  create_graph=create_graph)
         try:
@@ -209,3 +264,58 @@ def _fused(slow: Explanation, fast: Explanation, per_slice: bool) -> VideoExplan
         scores=fast.scores, targets=fast.targets, zero_gradient=slow.zero_gradient & fast.zero_gradient,
         method=fast.method, layer=f"{slow.layer}+{fast.layer}", per_slice=per_slice, pathway="both",
     )
+
+
+# -- whole videos: windows and how their maps are combined ----------------------------------------
+
+def window_starts(num_frames: int, window: int, stride: int) -> list[int]:
+    """First frame of each window of ``window`` frames, ``stride`` frames apart, plus one window
+    ending at the last frame where the strides stop short of it: every frame is covered. A video
+    of at most ``window`` frames is one window (start 0)."""
+    if window < 1 or stride < 1:
+        raise ValueError(f"window and stride must be >= 1, got window={window}, stride={stride}")
+    if stride > window:
+        raise ValueError(f"stride {stride} > window {window} would leave frames without a map; use stride <= window")
+    if num_frames <= window:
+        return [0]
+    starts = list(range(0, num_frames - window + 1, stride))
+    if starts[-1] + window < num_frames:
+        starts.append(num_frames - window)
+    return starts
+
+
+class WindowBlend:
+    """One map per frame of a whole video from the maps of overlapping windows, streamed.
+
+    A window's maps ``(T, H, W)`` (each window min-max normalised on its own, explaining its own
+    target) are added with a weight for each position in the window that peaks at its centre,
+    ``w_j = min(j + 1, T - j)``; a frame's map is the weighted mean over the windows that cover it.
+    So a frame takes most from the window it is central in (where a 3D network's temporal
+    receptive field is full), seams between windows are smooth, a frame covered by one window gets
+    that window's map, and maps stay in ``[0, 1]``. :meth:`pop` hands out frames no later window
+    covers, so memory holds at most one window of maps.
+    """
+
+    def __init__(self) -> None:
+        self._sums: dict[int, Tensor] = {}
+        self._weights: dict[int, float] = {}
+
+    @staticmethod
+    def weights(length: int) -> list[float]:
+        """The weight of each position of a window of ``length`` frames."""
+        return [float(min(j + 1, length - j)) for j in range(length)]
+
+    def add(self, start: int, maps: Tensor) -> None:
+        """Add one window's maps ``(T, H, W)`` that cover frames ``start .. start + T - 1``."""
+        if maps.ndim != 3:
+            raise ValueError(f"a window's maps are (T, H, W), got shape {tuple(maps.shape)}")
+        for j, weight in enumerate(self.weights(maps.shape[0])):
+            frame = start + j
+            value = maps[j].detach() * weight
+            self._sums[frame] = self._sums[frame] + value if frame in self._sums else value
+            self._weights[frame] = self._weights.get(frame, 0.0) + weight
+
+    def pop(self, before: int | None = None) -> Iterator[tuple[int, Tensor]]:
+        """``(frame index, map (H, W))`` of every frame before ``before`` (all with ``None``), in order."""
+        for frame in sorted(f for f in self._sums if before is None or f < before):
+            yield frame, self._sums.pop(frame) / self._weights.pop(frame)

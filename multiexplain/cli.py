@@ -354,8 +354,9 @@ def cmd_caption(args: argparse.Namespace) -> int:
 
 def _video_geometry(loaded, frames: int | None) -> tuple[int, int, Any]:
     """Frames, frame side and the normalisation the model needs: the shipped C3D takes 16 x 64 x 64
-    clips in [0, 1] (it normalises inside); pytorchvideo models take Kinetics-normalised clips."""
-    if loaded.spec.source == "pytorchvideo" or "frames" in loaded.extra:
+    clips in [0, 1] (it normalises inside); zoo video models (torchvision, pytorchvideo, Hugging
+    Face) take clips normalised with their weights' statistics, at the zoo's frames and size."""
+    if "frames" in loaded.extra:
         clip_frames, side = int(loaded.extra.get("frames", 16)), int(loaded.extra.get("size", 224))
         return frames or clip_frames, side, (loaded.mean, loaded.std)
     clip_size = list(getattr(loaded.model, "config", {}).get("clip_size", (16, 112, 112)))
@@ -376,65 +377,281 @@ def _read_videos(paths: Sequence[str], frames: int, side: int) -> tuple[list, li
     return ok, failed
 
 
-def cmd_video(args: argparse.Namespace) -> int:
-    import torch
+VIDEO_METHODS = (("gradcam++", "Grad-CAM++"), ("gradcam", "Grad-CAM"))
 
-    from .adapters import video as adapter
-    from .io import write_gif, write_mp4
-    from .report import Figure, Report
+
+class _VideoJob:
+    """What every video of one ``multiexplain video`` run shares: the model, how clips are read
+    and fed to it, the target, and where the outputs go."""
+
+    def __init__(self, args: argparse.Namespace, loaded: Any, out: Path) -> None:
+        from .explain.families import clip_frames, pathway_alpha
+
+        self.args, self.loaded, self.out = args, loaded, out
+        requested = args.window if args.window else args.frames  # --window alone (0): the model's frames
+        self.frames, self.side, self.normalisation = _video_geometry(loaded, requested)
+        self.side = args.size or self.side
+        fixed = clip_frames(loaded.model)
+        if fixed is not None and self.frames != fixed:
+            raise CommandError(f"{args.model} takes clips of exactly {fixed} frames; drop --frames/--window or give {fixed}")
+        self.slowfast = pathway_alpha(loaded.model) is not None
+        if args.pathway is not None and not self.slowfast:
+            raise CommandError(f"--pathway is for SlowFast models; {args.model} has one pathway")
+        self.pathway = args.pathway or "fast"
+        self.layer = args.layer or loaded.layer
+        self.labels = loaded.labels
+        self._num_classes: int | None = None
+        self.scale = max(1, 256 // self.side)
+        self.style = {"alpha": args.alpha, "colormap": args.colormap, "scale": self.scale}
+
+    def model_input(self, frames: Any) -> Any:
+        """``(3, T, H, W)`` frames in [0, 1] -> the normalised batch of one clip on the model's device."""
+        from .adapters.video import normalize_clip
+
+        clip = frames if self.normalisation is None else normalize_clip(frames, *self.normalisation)
+        return clip.unsqueeze(0).to(self.loaded.device)
+
+    def num_classes(self, batch: Any) -> int:
+        if self._num_classes is None:
+            import torch
+
+            from .adapters.video import model_inputs
+            from .explain import call_model, model_logits
+
+            inputs, _ = model_inputs(self.loaded.model, batch)
+            with torch.no_grad():
+                self._num_classes = int(model_logits(call_model(self.loaded.model, inputs)).shape[-1])
+            if self.labels is not None and len(self.labels) != self._num_classes:
+                raise CommandError(f"{len(self.labels)} class names (--labels or the weights' metadata) for a model "
+                                   f"with {self._num_classes} outputs")
+        return self._num_classes
+
+    def target(self, batch: Any) -> int | None:
+        classes = self.num_classes(batch)
+        return None if self.args.target is None else _parse_class(self.args.target, self.labels, classes)
+
+    def label(self, cls: int) -> str:
+        return self.labels[cls] if self.labels and cls < len(self.labels) else str(cls)
+
+    def explain(self, batch: Any) -> dict:
+        from .adapters.video import explain_clip
+
+        return explain_clip(self.loaded.model, batch, self.target(batch), layer=self.layer,
+                            methods=tuple(m for m, _ in VIDEO_METHODS),
+                            pathway=self.pathway if self.slowfast else "fast")
+
+
+def _video_clip(job: _VideoJob, path: str, index: int) -> dict:
+    """One clip of ``--frames`` frames sampled over the whole video: animations (the source's
+    duration), strip and (``--save-maps``) the maps."""
+    from .io import MapWriter, VideoReader, write_gif, write_mp4
     from .viz import write_strip
 
-    if args.frames is not None and args.frames < 1:
-        raise CommandError(f"--frames must be at least 1 (frames per clip), got {args.frames}; omit it for the model's own")
+    with VideoReader(path, size=job.side) as reader:
+        clip = reader.clip(job.frames)
+    both = job.explain(job.model_input(clip.frames))
+    entry = {"video": path, "fps": clip.info.fps, "frames": job.frames, "source_frames": clip.info.num_frames,
+             "duration": clip.info.duration, "frame_indices": clip.indices, "padded": clip.padded, "outputs": {}}
+    times, end = clip.display_times(), clip.display_end
+    for method, name in VIDEO_METHODS:
+        explanation = both[method]
+        cls = int(explanation.targets[0])
+        stem = job.out / f"{_stem(path, index)}_{method.replace('+', 'p')}"
+        maps = explanation.maps[0]
+        kwargs = {"alpha": job.args.alpha, "colormap": job.args.colormap}
+        write_gif(f"{stem}.gif", clip.frames, maps, clip.info.fps, times=times, end=end, scale=job.scale, **kwargs)
+        write_mp4(f"{stem}.mp4", clip.frames, maps, clip.info.fps, times=times, end=end, scale=job.scale, **kwargs)
+        write_strip(f"{stem}_strip.png", clip.frames, maps, title=f"{name}: {job.label(cls)}", frame_numbers=clip.indices, **kwargs)
+        files = {"gif": f"{stem.name}.gif", "mp4": f"{stem.name}.mp4", "strip": f"{stem.name}_strip.png"}
+        if job.args.save_maps:
+            writer = MapWriter(f"{stem}_maps.npy", maps.shape[0], tuple(maps.shape[1:]))
+            for frame_map in maps:
+                writer.add(frame_map)
+            files["maps"] = Path(writer.close()).name
+        entry["outputs"][method] = {"class": cls, "label": job.label(cls), "score": float(explanation.scores[0]),
+                                    "layer": explanation.layer, **files}
+    return entry
+
+
+class _WholeVideoOutputs:
+    """The per-method outputs of a whole video, written frame by frame as windows finish them."""
+
+    def __init__(self, job: _VideoJob, path: str, index: int, num_frames: int, fps: float) -> None:
+        import torch
+
+        from .adapters.video import WindowBlend
+        from .io import AnimationWriter, MapWriter
+
+        self.job, self.blends, self.writers, self.files = job, {}, {}, {}
+        self.strip_at = set(torch.linspace(0, max(num_frames - 1, 0), min(8, num_frames)).round().long().tolist())
+        self.strip: dict[str, list] = {}
+        for method, _ in VIDEO_METHODS:
+            stem = job.out / f"{_stem(path, index)}_{method.replace('+', 'p')}"
+            style = {"alpha": job.args.alpha, "colormap": job.args.colormap, "scale": job.scale}
+            writers = [AnimationWriter([f"{stem}.gif", f"{stem}.mp4"], fps, **style)]  # each frame drawn once
+            self.files[method] = {"gif": f"{stem.name}.gif", "mp4": f"{stem.name}.mp4", "strip": f"{stem.name}_strip.png"}
+            if job.args.save_maps:
+                writers.append(MapWriter(f"{stem}_maps.npy", num_frames, (job.side, job.side)))
+                self.files[method]["maps"] = f"{stem.name}_maps.npy"
+            self.blends[method], self.writers[method], self.strip[method] = WindowBlend(), writers, []
+        self.first_time: float | None = None
+
+    def emit(self, frames: dict, before: int | None) -> None:
+        """Write every frame before ``before`` (all for ``None``) that no later window covers."""
+        from .io import MapWriter
+
+        for method, blend in self.blends.items():
+            for frame_index, frame_map in blend.pop(before):
+                time, image = frames[frame_index]
+                if self.first_time is None:
+                    self.first_time = time
+                for writer in self.writers[method]:
+                    if isinstance(writer, MapWriter):
+                        writer.add(frame_map)
+                    else:
+                        writer.add(image.float().div(255), frame_map, time - self.first_time)
+                if frame_index in self.strip_at:
+                    self.strip[method].append((frame_index, image, frame_map))
+
+    def close(self, end: float) -> None:
+        from .io import MapWriter
+
+        for writers in self.writers.values():
+            for writer in writers:
+                writer.close() if isinstance(writer, MapWriter) else writer.close(end - (self.first_time or 0.0))
+
+    def write_strips(self, titles: dict[str, str]) -> None:
+        import torch
+
+        from .viz import write_strip
+
+        for method, picked in self.strip.items():
+            if not picked:
+                continue
+            clip = torch.stack([image for _, image, _ in picked], dim=1).float().div(255)
+            maps = torch.stack([m for _, _, m in picked])
+            write_strip(self.job.out / self.files[method]["strip"], clip, maps, num_frames=len(picked), title=titles[method],
+                        alpha=self.job.args.alpha, colormap=self.job.args.colormap,
+                        frame_numbers=[index for index, _, _ in picked])
+
+
+def _video_windows(job: _VideoJob, path: str, index: int) -> dict:
+    """The whole video, ``--window`` frames at a time every ``--stride`` frames: one map per frame
+    (overlapping windows blended, see :class:`~multiexplain.adapters.video.WindowBlend`), written
+    as the windows finish, with each window's class and score."""
+    import torch
+
+    from .adapters.video import window_starts
+    from .io import VideoReader
+
+    window, stride = job.frames, job.args.stride or max(1, job.frames // 2)
+    with VideoReader(path, size=job.side) as reader:
+        info = reader.info
+        if info.num_frames < window:
+            return _video_clip(job, path, index)  # one padded window (the reader warns how)
+        starts = window_starts(info.num_frames, window, stride)
+        outputs = _WholeVideoOutputs(job, path, index, info.num_frames, info.fps)
+        frames: dict[int, tuple[float, Any]] = {}
+        windows, layer, done, last = [], None, 0, -1
+
+        def run(start: int) -> None:
+            nonlocal layer
+            picked = [frames[max(i for i in frames if i <= f)] for f in range(start, start + window)]
+            clip = torch.stack([image for _, image in picked], dim=1).float().div(255)
+            both = job.explain(job.model_input(clip))
+            first = both["gradcam++"]
+            cls, layer = int(first.targets[0]), first.layer
+            windows.append({"start_frame": start, "end_frame": start + window - 1, "start_time": picked[0][0],
+                            "end_time": picked[-1][0] + 1 / info.fps, "class": cls, "label": job.label(cls),
+                            "score": float(first.scores[0])})
+            for method, _ in VIDEO_METHODS:
+                outputs.blends[method].add(start, both[method].maps[0])
+
+        try:
+            for frame_index, time, image in reader.frames():
+                frames[frame_index], last = (time, image), frame_index
+                while done < len(starts) and frame_index >= starts[done] + window - 1:
+                    run(starts[done])
+                    done += 1
+                    before = starts[done] if done < len(starts) else None
+                    outputs.emit(frames, before)
+                    for stale in [i for i in frames if before is not None and i < before]:
+                        del frames[stale]
+            if done < len(starts) and frames:  # the stream ended before its header's frame count
+                run(max(min(frames), last - window + 1))
+                outputs.emit(frames, None)
+        finally:
+            outputs.close(end=(last + 1) / info.fps)
+    counts: dict[str, int] = {}
+    for entry in windows:
+        counts[entry["label"]] = counts.get(entry["label"], 0) + 1
+    top = max(counts, key=counts.get) if counts else None
+    outputs.write_strips({method: f"{name}: per-window maps ({top} in {counts.get(top, 0)}/{len(windows)} windows)"
+                          for method, name in VIDEO_METHODS})
+    return {"video": path, "fps": info.fps, "frames": window, "source_frames": last + 1, "duration": info.duration,
+            "window": window, "stride": stride, "windows": windows,
+            "outputs": {method: {"label": top, "layer": layer, **outputs.files[method]} for method, _ in VIDEO_METHODS}}
+
+
+def cmd_video(args: argparse.Namespace) -> int:
+    import warnings
+
+    from .report import Figure, Report
+
+    if args.stride is not None and args.window is None:
+        raise CommandError("--stride needs --window (the whole video, window by window)")
+    if args.window is not None and args.frames is not None:
+        raise CommandError("give --window (the whole video) or --frames (one clip), not both")
+    for name in ("frames", "window", "stride", "size"):
+        value = getattr(args, name)
+        if value is not None and value < (0 if name == "window" else 1):
+            raise CommandError(f"--{name} must be a positive number of frames, got {value}")
     loaded = _load(args.model, args.arch, "video", args.device)
-    frames, side, normalisation = _video_geometry(loaded, args.frames)
-    videos, failed = _read_videos(args.videos, frames, side)
-    if not videos:
-        _log("multiexplain: no readable video")
-        return EXIT_USAGE
+    if args.labels:
+        from .zoo import read_labels
+
+        loaded.labels = read_labels(args.labels)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
+    job = _VideoJob(args, loaded, out)
+    explain_one = _video_windows if args.window is not None else _video_clip
+    counter = iter(range(len(args.videos)))
+
+    def work(path: str) -> dict:
+        index = next(counter)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            entry = explain_one(job, path, index)
+        entry["warnings"] = [str(w.message) for w in caught]
+        for message in entry["warnings"]:
+            _log(f"multiexplain video: warning: {path}: {cap_message(message)}")
+        return entry
+
+    results, failed = each_input("video", list(args.videos), work, debug=args.debug)
+    if not results:
+        _log("multiexplain: no readable video")
+        return EXIT_USAGE
     report = Report("multiexplain video", intro=f"Model {args.model}: space-time Grad-CAM++ and Grad-CAM maps.")
     section = report.section("video", "Video")
-    animations, strips, results = [], [], []
-    labels = loaded.labels
-    for index, (path, clip, fps) in enumerate(_progress(videos, len(videos), "video", "clip")):
-        model_input = clip if normalisation is None else adapter.normalize_clip(clip, *normalisation)
-        model_input = model_input.to(loaded.device)
-        target = None
-        if args.target is not None:
-            with torch.no_grad():
-                num_classes = loaded.model(model_input.unsqueeze(0)).shape[-1]
-            target = _parse_class(args.target, labels, num_classes)
-        entry = {"video": path, "fps": fps, "frames": frames, "outputs": {}}
-        both = adapter.explain_clip(loaded.model, model_input, target, layer=args.layer or "auto",
-                                    methods=("gradcam++", "gradcam"))
-        for method, name in (("gradcam++", "Grad-CAM++"), ("gradcam", "Grad-CAM")):
-            explanation = both[method]
-            cls = int(explanation.targets[0])
-            label = labels[cls] if labels and cls < len(labels) else str(cls)
-            stem = out / f"{_stem(path, index)}_{method.replace('+', 'p')}"
-            maps = explanation.maps[0]
-            scale = max(1, 256 // side)
-            kwargs = {"alpha": args.alpha, "colormap": args.colormap}
-            # The animations keep the clip's frame rate (as read from the file).
-            write_gif(f"{stem}.gif", clip, maps, fps, scale=scale, **kwargs)
-            write_mp4(f"{stem}.mp4", clip, maps, fps, scale=scale, **kwargs)
-            write_strip(f"{stem}_strip.png", clip, maps, title=f"{name}: {label}", **kwargs)
-            entry["outputs"][method] = {"class": cls, "label": label, "score": float(explanation.scores[0]),
-                                        "layer": explanation.layer, "gif": f"{stem.name}.gif",
-                                        "mp4": f"{stem.name}.mp4", "strip": f"{stem.name}_strip.png"}
-            caption = f"{Path(path).name}, {name}: {label}"
-            animations.append(Figure(f"{stem.name}.gif", caption, links={"MP4": f"{stem.name}.mp4"}))
-            strips.append(Figure(f"{stem.name}_strip.png", caption))
-        results.append(entry)
-        print(f"{path}: {entry['outputs']['gradcam++']['label']}")
-    section.add_figures(animations, "Animations (frame | overlay)")
+    animations, strips = [], []
+    for entry in results:
+        for method, name in VIDEO_METHODS:
+            files = entry["outputs"][method]
+            caption = f"{Path(entry['video']).name}, {name}: {files['label']}"
+            animations.append(Figure(files["gif"], caption, links={"MP4": files["mp4"]}))
+            strips.append(Figure(files["strip"], caption))
+        print(f"{entry['video']}: {entry['outputs']['gradcam++']['label']}")
+    section.add_figures(animations, "Animations (frame | overlay, the source's timing)")
     section.add_figures(strips, "Frame strips")
     if failed:
         section.add_note("Skipped unreadable files: " + "; ".join(f"{p} ({r})" for p, r in failed))
-    settings = {"model": args.model, "frames": frames, "frame size": side, "device": args.device,
+    settings = {"model": args.model, "frames": job.frames, "frame size": job.side, "device": args.device,
                 "colormap": args.colormap, "alpha": args.alpha}
+    if args.window is not None:
+        settings.update({"window": job.frames, "stride": args.stride or max(1, job.frames // 2),
+                         "window blending": "weighted mean, triangular weights peaking at each window's centre"})
+    if job.slowfast:
+        settings["pathway"] = job.pathway
     section.add_settings(settings)
     (out / "video.json").write_text(json.dumps({"settings": settings, "results": results,
                                                 "skipped": [p for p, _ in failed]}, indent=2))
@@ -774,13 +991,30 @@ def build_parser() -> argparse.ArgumentParser:
     _common(caption, "multiexplain-caption")
     caption.set_defaults(handler=cmd_caption)
 
-    video = commands.add_parser("video", help="space-time maps of a clip (GIF + MP4 + strip)",
-                                description="Explain an action-recognition model on a video clip.")
+    video = commands.add_parser(
+        "video", help="space-time maps of a clip or a whole video (GIF + MP4 + strip)",
+        description="Explain an action-recognition model on video files: one clip of T frames sampled over "
+        "each video, or with --window the whole video window by window (a map for every frame). Animations keep "
+        "the source's duration; torchvision, pytorchvideo (SlowFast: --pathway), Hugging Face VideoMAE / "
+        "TimeSformer / ViViT (hf:DIR) and .pt files with --arch.")
     video.add_argument("videos", nargs="+", metavar="FILE")
     _model(video, DEFAULT_MODELS["video"])
-    video.add_argument("--frames", type=int, default=None, metavar="T", help="frames per clip (default: the model's)")
+    video.add_argument("--frames", type=int, default=None, metavar="T",
+                       help="frames per clip, sampled uniformly over the video (default: the model's)")
+    video.add_argument("--window", type=int, nargs="?", const=0, default=None, metavar="T",
+                       help="explain the whole video, T consecutive frames at a time (T omitted: the model's clip length)")
+    video.add_argument("--stride", type=int, default=None, metavar="S",
+                       help="frames between window starts (default T/2); overlapping windows' maps are blended "
+                       "with weights peaking at each window's centre")
+    video.add_argument("--size", type=int, default=None, metavar="S",
+                       help="frame side: the short side is scaled to S, then a centred S x S crop (default: the model's)")
     video.add_argument("--class", dest="target", metavar="C", help="explain this class (index or name; default: top-1)")
-    video.add_argument("--layer", help="dotted layer name to explain (default: the last 3D convolutional block)")
+    video.add_argument("--labels", metavar="FILE", help="class names: one per line, or a JSON list (for models "
+                       "whose weights carry none, e.g. pytorchvideo hub models)")
+    video.add_argument("--pathway", choices=("slow", "fast", "both"), default=None,
+                       help="SlowFast models: explain the fast (default), the slow or both pathways")
+    video.add_argument("--layer", help="dotted layer name to explain (default: the one resolver's layer for the model)")
+    video.add_argument("--save-maps", action="store_true", help="also write each method's maps as float16 (T, H, W) .npy")
     _common(video, "multiexplain-video")
     video.set_defaults(handler=cmd_video)
 

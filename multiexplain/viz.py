@@ -139,11 +139,13 @@ def write_strip(
     mean: Sequence[float] | None = None, std: Sequence[float] | None = None,
     alpha: float = DEFAULT_ALPHA, colormap: str = DEFAULT_COLORMAP,
     title: str | None = None, active: Tensor | None = None, panel_inches: float = 1.3, dpi: int = 100,
+    frame_numbers: Sequence[int] | None = None,
 ) -> str:
     """PNG strip of ``num_frames`` uniformly sampled frames: frames on top, overlays below.
 
-    ``active`` ``(T,)`` bool (optional) marks the frames where the action happens in the titles.
-    Returns the path written.
+    ``active`` ``(T,)`` bool (optional) marks the frames where the action happens in the titles;
+    ``frame_numbers`` (``T`` ints, optional) are the frames' numbers in their source video, shown in
+    the titles instead of their positions in the clip. Returns the path written.
     """
     import matplotlib
 
@@ -160,7 +162,8 @@ def write_strip(
         axes[0, column].imshow(frame)
         axes[1, column].imshow(overlay(frame, maps[t], alpha, colormap))
         mark = " *" if active is not None and bool(active[t]) else ""
-        axes[0, column].set_title(f"t={t}{mark}", fontsize=8)
+        number = t if frame_numbers is None else int(frame_numbers[t])
+        axes[0, column].set_title(f"t={number}{mark}", fontsize=8)
     for ax in axes.flat:
         ax.axis("off")
     if title:

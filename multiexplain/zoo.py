@@ -10,7 +10,8 @@ SPEC                                           what it loads
                                                (default tag, or the tag after the dot)
 ``timm:convnext_tiny@none``                    ... randomly initialised (no download)
 ``hf:google/vit-base-patch16-224``             a Hugging Face image classifier from the Hub
-``hf:/path/to/saved_dir``                      ... from a directory written by ``save_pretrained``
+``hf:/path/to/saved_dir``                      ... from a directory written by ``save_pretrained`` (image
+                                               classifiers, captioners, VideoMAE / TimeSformer / ViViT)
 ``pytorchvideo:x3d_s`` / ``...@none``          a pytorchvideo hub model, pretrained (Kinetics-400) or random
 ``builtin:scene-classifier``                   a model shipped with multiexplain (see ``BUILTIN_MODELS``)
 ``weights.pt`` together with ``arch=SPEC``     a state dict loaded into the architecture ``SPEC`` builds
@@ -38,6 +39,7 @@ import torch
 from torch import Tensor, nn
 
 from .sources import ResizeCrop
+from .explain.families import HF_VIDEO_TYPES, clip_frames
 
 __all__ = [
     "BUILTIN_MODELS",
@@ -50,6 +52,7 @@ __all__ = [
     "host_reachable",
     "load_model",
     "parse_spec",
+    "read_labels",
     "resolve_device",
 ]
 
@@ -305,8 +308,9 @@ def _load_torchvision(parsed: ModelSpec, num_classes: int | None = None) -> Load
         labels = None  # a head of another size: the weights' class names do not apply
     transforms = reference.transforms()
     if parsed.name in torchvision.models.list_models(module=torchvision.models.video):
-        # A video builder: clips of 16 frames (the weights' recipe) at the transforms' crop size.
-        frames = max(16, int(reference.meta.get("min_temporal_size") or 1))
+        # A video builder: clips of 16 frames (the weights' recipe; MViT takes exactly its own
+        # count) at the transforms' crop size.
+        frames = clip_frames(model) or max(16, int(reference.meta.get("min_temporal_size") or 1))
         return LoadedModel(model, parsed, "video", labels=labels, mean=tuple(transforms.mean), std=tuple(transforms.std),
                            extra={"frames": frames, "size": int(transforms.crop_size[0])})
     return LoadedModel(model, parsed, "classification", preprocess=transforms, labels=labels,
@@ -452,13 +456,15 @@ def _load_hf(parsed: ModelSpec, task: str | None) -> LoadedModel:
     is_dir = local.is_dir()
     if not is_dir and (name.startswith((".", "/", "~")) or name.count("/") > 1):
         raise FileNotFoundError(f"hf:{name}: no such directory (a local model is a directory written by save_pretrained)")
-    if task not in (None, "classification", "captioning"):
-        raise SpecError(f"hf: models are supported for classification and captioning; for {task} use "
-                        "pytorchvideo:, builtin: or a .pt file with --arch")
+    if task not in (None, "classification", "captioning", "video"):
+        raise SpecError(f"hf: models are supported for classification, captioning and video; for {task} use "
+                        "builtin: or a .pt file with --arch")
     offline = not is_dir and not host_reachable(_HOSTS["hf"])
     source = str(local) if is_dir else name
     if task == "captioning":
         return _load_hf_captioner(parsed, source, offline or is_dir, offline)
+    if task == "video" or (task is None and _hf_model_type(source, offline or is_dir) in HF_VIDEO_TYPES):
+        return _load_hf_video(parsed, source, offline or is_dir, offline)
     try:
         model = transformers.AutoModelForImageClassification.from_pretrained(source, local_files_only=offline or is_dir)
     except ValueError as error:  # a config AutoModelForImageClassification has no class for
@@ -481,10 +487,7 @@ def _load_hf(parsed: ModelSpec, task: str | None) -> LoadedModel:
     std = tuple(getattr(processor, "image_std", None) or (0.5, 0.5, 0.5))
     size = int(getattr(config, "image_size", 224) or 224)
     preprocess = _hf_preprocess(processor, size, mean, std)
-    labels = None
-    id2label = getattr(config, "id2label", None)
-    if id2label and not all(str(v).startswith("LABEL_") for v in id2label.values()):
-        labels = [str(id2label[i]) for i in sorted(id2label)]
+    labels = _hf_labels(config)
     return LoadedModel(model, parsed, "classification", preprocess=preprocess, labels=labels, mean=mean, std=std,
                        extra={"processor": processor}, geometry=_hf_geometry(processor, size))
 
@@ -505,6 +508,91 @@ def _not_a_classifier(parsed: ModelSpec, source: str, local_only: bool, error: E
                 f"`multiexplain caption IMAGE --model {parsed}`")
     return (f"{parsed} is a {model_type!r} model, which transformers' AutoModelForImageClassification cannot load "
             "as an image classifier; classify takes image-classification models (ViT, ConvNeXt, ResNet, Swin, ...)")
+
+
+def _hf_model_type(source: str, local_only: bool) -> str | None:
+    import transformers
+
+    try:
+        return transformers.AutoConfig.from_pretrained(source, local_files_only=local_only).model_type
+    except (OSError, ValueError):
+        return None
+
+
+def _hf_labels(config: Any) -> list[str] | None:
+    id2label = getattr(config, "id2label", None)
+    if id2label and not all(str(v).startswith("LABEL_") for v in id2label.values()):
+        return [str(id2label[i]) for i in sorted(id2label)]
+    return None
+
+
+def _load_hf_video(parsed: ModelSpec, source: str, local_only: bool, offline: bool) -> LoadedModel:
+    """A Hugging Face video classifier (VideoMAE, TimeSformer, ViViT: ``pixel_values`` frames first,
+    ``(N, T, C, H, W)``) with its processor's normalisation; clips of ``config.num_frames`` frames
+    at ``config.image_size`` (the sizes its position embeddings were made for)."""
+    import transformers
+
+    try:
+        model = transformers.AutoModelForVideoClassification.from_pretrained(source, local_files_only=local_only)
+    except OSError as error:
+        if offline:
+            raise OfflineError(_offline_message(
+                parsed, "the model files",
+                f"on a machine with internet run AutoModelForVideoClassification.from_pretrained('{parsed.name}')"
+                f".save_pretrained('DIR') (and the same for AutoVideoProcessor), copy DIR here and pass --model hf:DIR",
+            )) from None
+        raise SpecError(f"cannot load hf:{parsed.name}: {error}") from None
+    except ValueError as error:  # not a video classifier
+        raise SpecError(f"hf:{parsed.name} is not a video classifier this library knows ({error})"[:400]) from None
+    processor = None
+    for factory in (getattr(transformers, "AutoVideoProcessor", None), transformers.AutoImageProcessor):
+        if factory is None or processor is not None:
+            continue
+        try:
+            processor = factory.from_pretrained(source, local_files_only=local_only)
+        except (OSError, ValueError, KeyError, TypeError):
+            processor = None
+    config = model.config
+    mean = tuple(getattr(processor, "image_mean", None) or (0.5, 0.5, 0.5))
+    std = tuple(getattr(processor, "image_std", None) or (0.5, 0.5, 0.5))
+    size = config.image_size if isinstance(config.image_size, int) else int(config.image_size[0])
+    extra = {"frames": clip_frames(model) or int(config.num_frames), "size": int(size), "processor": processor}
+    return LoadedModel(model, parsed, "video", labels=_hf_labels(config), mean=mean, std=std, extra=extra)
+
+
+def read_labels(path: str | os.PathLike) -> list[str]:
+    """Class names from a file: one name per line, or a JSON list (or an ``{index: name}`` object,
+    as Hugging Face's ``id2label``)."""
+    import json
+
+    file = Path(path)
+    if not file.is_file():
+        raise FileNotFoundError(f"labels file {os.fspath(path)!r} does not exist")
+    text = file.read_text(encoding="utf-8")
+    stripped = text.strip()
+    if stripped.startswith(("[", "{")):
+        try:
+            data = json.loads(stripped)
+        except json.JSONDecodeError as error:
+            raise ValueError(f"{path} looks like JSON but is not valid JSON: {error}") from None
+        if isinstance(data, dict):
+            try:
+                keyed = {int(key): value for key, value in data.items()}
+            except ValueError:
+                raise ValueError(f"{path}: a JSON object of labels needs integer keys (an id2label mapping)") from None
+            if sorted(keyed) != list(range(len(keyed))):
+                raise ValueError(f"{path}: an id2label mapping needs every index from 0 to {len(keyed) - 1}")
+            data = [keyed[i] for i in range(len(keyed))]
+        if not isinstance(data, list) or not all(isinstance(v, str) for v in data):
+            raise ValueError(f"{path}: expected a JSON list of class names")
+        labels = [str(v) for v in data]
+    else:
+        labels = [line.strip() for line in text.splitlines()]
+        while labels and not labels[-1]:
+            labels.pop()
+    if not labels:
+        raise ValueError(f"labels file {path} holds no class names")
+    return labels
 
 
 def _load_hf_captioner(parsed: ModelSpec, source: str, local_only: bool, offline: bool) -> LoadedModel:
@@ -589,6 +677,7 @@ def _load_pytorchvideo(parsed: ModelSpec) -> LoadedModel:
             ))
     model = factory(pretrained=pretrained)
     frames, side = _PYTORCHVIDEO_CLIPS.get(parsed.name, (8, 224))
+    frames = clip_frames(model) or frames
     return LoadedModel(model, parsed, "video", mean=PYTORCHVIDEO_MEAN, std=PYTORCHVIDEO_STD,
                        extra={"frames": frames, "size": side})
 

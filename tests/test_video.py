@@ -10,11 +10,11 @@ import pytest
 import torch
 from torch import nn
 
-from multiexplain.adapters.video import explain_clip, slowfast_pathways
+from multiexplain.adapters.video import WindowBlend, explain_clip, slowfast_pathways, window_starts
 from multiexplain.data.action_clips import ACTIONS, draw_action_clip, make_action_clips
 from multiexplain.data.synthetic import COLOURS
 from multiexplain.explain.layers import probe_layer
-from multiexplain.io import read_clip, write_gif, write_mp4
+from multiexplain.io import AnimationWriter, VideoReader, read_clip, write_gif, write_mp4
 from multiexplain.models import C3D, c3d, load_action_c3d, load_c3d_weights
 from multiexplain.viz import write_strip
 
@@ -214,12 +214,20 @@ def _pytorchvideo(name):
         "slow_r50": lambda: resnet.create_resnet(model_depth=50, model_num_class=5, stem_dim_out=4, head_pool_kernel_size=(4, 1, 1)),
         "r2plus1d": lambda: r2plus1d.create_r2plus1d(model_num_class=5, stem_dim_out=4, head_pool_kernel_size=(1, 1, 1)),
         "csn": lambda: csn.create_csn(model_num_class=5, stem_dim_out=4, head_pool_kernel_size=(1, 1, 1)),
+        # C2D and I3D: the same ResNet with 2D (1 x k x k) and inflated (3 x 1 x 1) temporal kernels.
+        "c2d": lambda: resnet.create_resnet(model_depth=50, model_num_class=5, stem_dim_out=4, stem_conv_kernel_size=(1, 7, 7),
+                                            stage_conv_a_kernel_size=((1, 1, 1),) * 4, head_pool_kernel_size=(4, 1, 1)),
+        "i3d": lambda: resnet.create_resnet(
+            model_depth=50, model_num_class=5, stem_dim_out=4, stem_conv_kernel_size=(5, 7, 7),
+            stage_conv_a_kernel_size=((3, 1, 1), [(3, 1, 1), (1, 1, 1)], [(3, 1, 1), (1, 1, 1)], [(1, 1, 1), (3, 1, 1)]),
+            head_pool_kernel_size=(4, 1, 1)),
     }[name]()
 
 
 @pytest.mark.parametrize(
     "name, size",
-    [("x3d", (4, 32, 32)), ("slow_r50", (4, 32, 32)), ("r2plus1d", (8, 64, 64)), ("csn", (16, 32, 32))],
+    [("x3d", (4, 32, 32)), ("slow_r50", (4, 32, 32)), ("r2plus1d", (8, 64, 64)), ("csn", (16, 32, 32)),
+     ("c2d", (4, 64, 64)), ("i3d", (4, 64, 64))],
 )
 def test_pytorchvideo_models_auto_layer_and_maps(name, size):
     torch.manual_seed(0)
@@ -263,6 +271,11 @@ def test_slowfast_fast_slow_and_both():
     torch.testing.assert_close(both.maps, fused)
     with pytest.raises(ValueError, match="SlowFast"):
         explain_clip(small_c3d(), torch.rand(1, 3, 16, 32, 32), pathway="slow")
+    # A plain clip is packed into the pathways by the adapter (alpha read off the fusion conv).
+    for pathway, expected in (("fast", fast), ("slow", slow)):
+        packed = explain_clip(model, clip, pathway=pathway)
+        torch.testing.assert_close(packed.maps, expected.maps)
+        assert packed.layer == expected.layer
 
 
 @pytest.mark.slow
@@ -344,19 +357,30 @@ def test_bad_video_files(tmp_path):
         read_clip(empty)
     garbage = tmp_path / "garbage.mp4"
     garbage.write_bytes(os.urandom(4096))
-    with pytest.raises(ValueError, match="cannot (read|decode)|no decodable"):
+    with pytest.raises(ValueError, match="cannot read .*garbage.mp4 as a video"):
         read_clip(garbage)
+    # A still image opens in FFmpeg as a one-frame "video": refused, not padded.
+    from PIL import Image
+
+    still = tmp_path / "still.png"
+    Image.new("RGB", (16, 16)).save(still)
+    with pytest.raises(ValueError, match="still image"):
+        read_clip(still)
+    with pytest.raises(IsADirectoryError, match="is a directory"):
+        read_clip(tmp_path)
 
 
 # -- video in and out -----------------------------------------------------------------------
 
-def _write_test_mp4(path, frames=24, height=48, width=64, fps=12):
+def _write_test_mp4(path, frames=24, height=48, width=64, fps=12, gop=None):
     """A real MP4 written with PyAV: a white square moving right over a grey background."""
     import av
 
     with av.open(str(path), mode="w") as container:
         stream = container.add_stream("mpeg4", rate=fps)
         stream.width, stream.height, stream.pix_fmt = width, height, "yuv420p"
+        if gop is not None:
+            stream.codec_context.gop_size = gop
         for t in range(frames):
             image = np.full((height, width, 3), 60, np.uint8)
             x = 2 * t
@@ -456,3 +480,256 @@ def test_video_benchmark_road_and_sanity_section_on_two_clips(tmp_path, monkeypa
         assert all(-1 <= v <= 1 for v in row["sanity_spearman"])
     text = (tmp_path / "video.md").read_text()
     assert "kept" in text and "<!-- road_sanity -->" in text and f"`{payload['layers'][0]}`" in text
+
+
+# -- MViT (tokens, found by the probe) ------------------------------------------------------------
+
+@pytest.mark.filterwarnings("ignore:auto layer")  # the pooled attention's tokens after the pick carry no grid
+def test_small_pytorchvideo_mvit_tokens_and_its_fixed_clip_length():
+    from pytorchvideo.models.vision_transformers import create_multiscale_vision_transformers
+
+    torch.manual_seed(0)
+    model = create_multiscale_vision_transformers(
+        spatial_size=32, temporal_size=4, depth=2, head_num_classes=5, embed_dim_mul=[[1, 2.0]], atten_head_mul=[[1, 2.0]],
+        pool_q_stride_size=[[1, 1, 2, 2]], pool_kv_stride_adaptive=[1, 4, 4], pool_kvq_kernel=[3, 3, 3],
+        patch_embed_dim=8, num_heads=1).eval()
+    clip = torch.rand(2, 3, 4, 32, 32)
+    result = explain_clip(model, clip, target=[0, 3])
+    assert result.layer == "blocks.1.norm1" and result.raw.shape == (2, 2, 8, 8)  # (T', H', W') tokens, time kept
+    assert result.maps.shape == (2, 4, 32, 32) and not result.zero_gradient.any()
+    # A named token layer takes its reshape (the probe's grid), with the same maps.
+    from multiexplain import TokenReshape
+
+    named = explain_clip(model, clip, target=[0, 3], layer="blocks.1.norm1", reshape=TokenReshape(grid=(2, 8, 8)))
+    torch.testing.assert_close(named.maps, result.maps)
+    with pytest.raises(ValueError, match="exactly 4 frames"):
+        explain_clip(model, torch.rand(1, 3, 8, 32, 32))
+
+
+# -- Hugging Face video transformers: frames-first pixel values, token layouts ---------------------
+
+def _hf_video(kind: str, **overrides):
+    import transformers
+
+    common = dict(hidden_size=16, num_hidden_layers=2, num_attention_heads=2, intermediate_size=32, num_labels=5)
+    common.update(overrides)
+    torch.manual_seed(0)
+    if kind == "videomae":
+        return transformers.VideoMAEForVideoClassification(transformers.VideoMAEConfig(
+            image_size=32, patch_size=8, num_frames=8, tubelet_size=2, **common)).eval()
+    if kind == "timesformer":
+        return transformers.TimesformerForVideoClassification(transformers.TimesformerConfig(
+            image_size=32, patch_size=8, num_frames=4, **common)).eval()
+    return transformers.VivitForVideoClassification(transformers.VivitConfig(
+        image_size=32, num_frames=8, tubelet_size=[2, 8, 8], **common)).eval()
+
+
+def _tokens_to_grid(tokens: torch.Tensor, kind: str, model) -> torch.Tensor:
+    """(rows, L, D) tokens of the last block's first norm -> (N, D, T', H', W'), written out per
+    family from the models' own reshapes (independent of VideoTokens)."""
+    if kind == "videomae":  # Conv3d patches flattened (t, h, w), no class token
+        n, _, d = tokens.shape
+        return tokens.reshape(n, -1, 4, 4, d).permute(0, 4, 1, 2, 3)
+    if kind == "vivit":  # the same after a class token
+        n, _, d = tokens.shape
+        return tokens[:, 1:].reshape(n, -1, 4, 4, d).permute(0, 4, 1, 2, 3)
+    frames = model.config.num_frames  # TimeSformer's spatial attention: one frame per row, class token first
+    rows, _, d = tokens.shape
+    out = torch.zeros(rows // frames, d, frames, 4, 4, dtype=tokens.dtype)
+    for row in range(rows):
+        n, t = divmod(row, frames)
+        for cell in range(16):
+            out[n, :, t, cell // 4, cell % 4] = tokens[row, 1 + cell]
+    return out
+
+
+@pytest.mark.parametrize("kind", ["videomae", "timesformer", "vivit"])
+def test_hugging_face_video_maps_match_a_float64_reference(kind):
+    model = _hf_video(kind)
+    frames = model.config.num_frames
+    clip = torch.rand(2, 3, frames, 32, 32)  # (N, C, T, H, W): the adapter gives the model (N, T, C, H, W)
+    result = explain_clip(model, clip, target=[1, 4])
+    assert result.maps.shape == (2, frames, 32, 32) and result.layer.endswith("1.layernorm_before")
+    # Reference: a float64 copy, the layer's tokens and gradients by a plain hook, eq. 19 per clip.
+    import copy
+
+    model64 = copy.deepcopy(model).double()
+    layer = dict(model64.named_modules())[result.layer]
+    store = {}
+    handle = layer.register_forward_hook(lambda m, i, o: store.__setitem__("a", o))
+    logits = model64(pixel_values=clip.double().permute(0, 2, 1, 3, 4)).logits
+    handle.remove()
+    (grads,) = torch.autograd.grad(logits[0, 1] + logits[1, 4], store["a"])
+    acts, grads = _tokens_to_grid(store["a"].detach(), kind, model), _tokens_to_grid(grads, kind, model)
+    for i in range(2):
+        expected = reference_gradcampp(acts[i], grads[i])
+        torch.testing.assert_close(result.raw[i].double(), expected, rtol=1e-4, atol=1e-6 * expected.max().item() + 1e-12)
+    # A processor's output (frames-first pixel values in a mapping) gives the same maps.
+    from transformers import BatchFeature
+
+    feature = BatchFeature({"pixel_values": clip.permute(0, 2, 1, 3, 4)})
+    torch.testing.assert_close(explain_clip(model, feature, target=[1, 4]).maps, result.maps)
+    with pytest.raises(ValueError, match=f"exactly {frames} frames"):
+        explain_clip(model, torch.rand(1, 3, frames + 2, 32, 32))
+    with pytest.raises(ValueError, match="32x32 frames"):
+        explain_clip(model, torch.rand(1, 3, frames, 48, 48))
+
+
+def test_video_tokens_put_each_patch_where_its_pixels_are():
+    """Perturb one frame's patch and find the change at that (t, h, w) cell of the token grid."""
+    from multiexplain.explain.families import FAMILY_RULES
+
+    for kind, layout_of in (("videomae", "videomae.embeddings"), ("vivit", "vivit.embeddings"),
+                            ("timesformer", "timesformer.embeddings")):
+        model = _hf_video(kind, **({"attention_type": "joint_space_time"} if kind == "timesformer" else {}))
+        reshape = next(rule.reshape(model) for rule in FAMILY_RULES if rule.recognise(model))
+        store = {}
+        embeddings = dict(model.named_modules())[layout_of]
+        handle = embeddings.register_forward_hook(lambda m, i, o: store.__setitem__("tokens", o))
+        pixels = torch.rand(1, model.config.num_frames, 3, 32, 32)
+        with torch.no_grad():
+            model(pixel_values=pixels)
+            before = reshape(store["tokens"])
+            changed = pixels.clone()
+            changed[0, 2, :, 8:16, 16:24] += 1.0  # frame 2, patch row 1, column 2
+            model(pixel_values=changed)
+            after = reshape(store["tokens"])
+        handle.remove()
+        moved = (after - before).abs().sum(1)[0]  # (T', H', W')
+        t = 2 // (2 if kind in ("videomae", "vivit") else 1)  # tubelets of 2 frames
+        assert moved.argmax().item() == np.ravel_multi_index((t, 1, 2), moved.shape), kind
+
+
+# -- whole videos: windows ------------------------------------------------------------------------
+
+def test_window_starts_cover_every_frame():
+    assert window_starts(40, 16, 8) == [0, 8, 16, 24]
+    assert window_starts(41, 16, 8) == [0, 8, 16, 24, 25]
+    assert window_starts(10, 16, 8) == [0]
+    for frames, window, stride in ((100, 16, 5), (17, 16, 16), (33, 8, 3)):
+        starts = window_starts(frames, window, stride)
+        covered = set().union(*(range(s, s + window) for s in starts))
+        assert covered == set(range(frames)) and starts[-1] + window == frames
+    with pytest.raises(ValueError, match="without a map"):
+        window_starts(40, 8, 9)
+
+
+def test_window_blend_is_a_centre_weighted_mean_streamed_in_order():
+    torch.manual_seed(0)
+    maps = [torch.rand(4, 2, 2) for _ in range(3)]
+    blend = WindowBlend()
+    blend.add(0, maps[0])
+    assert [f for f, _ in blend.pop(before=2)] == [0, 1]  # no later window starts before frame 2
+    blend.add(2, maps[1])
+    blend.add(4, maps[2])
+    rest = dict(blend.pop())
+    assert sorted(rest) == [2, 3, 4, 5, 6, 7] and not list(blend.pop())
+    w = WindowBlend.weights(4)
+    assert w == [1.0, 2.0, 2.0, 1.0]
+    # Frame 3 is position 3 of window 0 (weight 1) and position 1 of window 2 (weight 2).
+    torch.testing.assert_close(rest[3], (1 * maps[0][3] + 2 * maps[1][1]) / 3)
+    torch.testing.assert_close(rest[7], maps[2][3])  # one window covers it: its own map
+    assert all(0 <= m.min() and m.max() <= 1 for m in rest.values())
+
+
+# -- reading streams: the frames asked for, resized while decoding --------------------------------
+
+def test_reader_seeks_to_the_same_frames_sequential_decoding_gives(tmp_path):
+    path = tmp_path / "long.mp4"
+    _write_test_mp4(path, frames=120, fps=24, gop=12)
+    with VideoReader(path, size=32) as reader:
+        assert (reader.info.num_frames, reader.info.fps, reader.info.duration) == (120, 24.0, 5.0)
+        everything = {index: image for index, _, image in reader.frames()}
+        wanted = [100, 5, 6, 50, 119, 5]
+        images, times = reader.read(wanted)
+    assert sorted(everything) == list(range(120))
+    for k, index in enumerate(wanted):
+        assert torch.equal(images[k], everything[index]), index
+        assert times[k] == pytest.approx(index / 24)
+    # Resized while decoding: close to decoding at full size and resizing after (antialiased).
+    with VideoReader(path) as full:
+        big, _ = full.read([50])
+    resized = torch.nn.functional.interpolate(big.float()[:, :, :, 8:56], size=(32, 32), mode="area")
+    assert (images[3].float() - resized[0]).abs().mean() < 6  # out of 255
+
+
+def test_reader_errors_name_the_file_and_frame_and_short_clips_say_how_they_are_padded(tmp_path):
+    import av
+
+    path = tmp_path / "damaged.mp4"
+    _write_test_mp4(path, frames=24)
+    with av.open(str(path)) as container:
+        positions = [p.pos for p in container.demux(video=0) if p.pos is not None]
+    data = bytearray(path.read_bytes())
+    data[positions[2] : positions[-1]] = os.urandom(positions[-1] - positions[2])
+    path.write_bytes(bytes(data))
+    with pytest.raises(ValueError, match=r"cannot decode frame 2 \(at 0.17 s\) of .*damaged.mp4"):
+        read_clip(path, num_frames=8)
+    short = tmp_path / "short.mp4"
+    _write_test_mp4(short, frames=2)
+    with pytest.warns(UserWarning, match="has 2 frame.*needs 16: each frame is repeated about 8.0 times"):
+        clip, _ = read_clip(short, num_frames=16, size=32)
+    assert clip.shape == (3, 16, 32, 32)
+    with VideoReader(short, size=32) as reader, pytest.warns(UserWarning, match="last frame is repeated 2 time"):
+        padded = reader.clip(4, start=0.0)
+    assert padded.indices == [0, 1, 1, 1] and padded.padded
+    # A padded clip's animation shares the source span it shows (2 frames at 12 fps) evenly.
+    assert padded.display_end == pytest.approx(2 / 12)
+    assert padded.display_times() == pytest.approx([k * (2 / 12) / 4 for k in range(4)])
+
+
+def test_animations_keep_irregular_frame_times(tmp_path):
+    import av
+    from PIL import Image
+
+    frames, maps = torch.rand(3, 3, 16, 16), torch.rand(3, 16, 16)
+    times, end = [0.0, 0.1, 1.0], 2.0
+    mp4 = write_mp4(tmp_path / "a.mp4", frames, maps, times=times, end=end)
+    gif = write_gif(tmp_path / "a.gif", frames, maps, times=times, end=end)
+    with av.open(mp4) as container:
+        stream = container.streams.video[0]
+        decoded = [frame.time for frame in container.decode(stream)]
+        assert decoded == pytest.approx(times, abs=1e-3)
+        assert float(stream.duration * stream.time_base) == pytest.approx(end, abs=1e-3)
+    with Image.open(gif) as image:
+        delays = []
+        for k in range(image.n_frames):
+            image.seek(k)
+            delays.append(image.info["duration"])
+    assert delays == [100, 900, 1000]
+    writer = AnimationWriter(tmp_path / "b.mp4")
+    writer.add(frames[:, 0], maps[0], 0.5)
+    with pytest.raises(ValueError, match="must increase"):
+        writer.add(frames[:, 1], maps[1], 0.5)
+    writer.close()
+    with pytest.raises(ValueError, match=".gif or .mp4"):
+        AnimationWriter(tmp_path / "c.avi")
+
+
+_PEAK = r"""
+import resource, sys
+from multiexplain.io import read_clip
+def rss():
+    return int(next(l for l in open("/proc/self/status") if l.startswith("VmRSS:")).split()[1])
+before = rss()
+read_clip(sys.argv[1], num_frames=16, size=112)
+print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before)
+"""
+
+
+@pytest.mark.slow
+def test_reading_16_frames_needs_no_more_memory_from_a_long_large_file(tmp_path):
+    """Loose check (the benchmark measures it: benchmarks/memory_video.py): 16 frames from a
+    240-frame 360x640 file need about what 16 frames from a 16-frame file need."""
+    import subprocess
+    import sys
+
+    long, short = tmp_path / "long.mp4", tmp_path / "short.mp4"
+    _write_test_mp4(long, frames=240, height=360, width=640, fps=24, gop=24)
+    _write_test_mp4(short, frames=16, height=360, width=640, fps=24, gop=24)
+    peaks = {}
+    for name, path in (("long", long), ("short", short)):
+        out = subprocess.run([sys.executable, "-c", _PEAK, str(path)], capture_output=True, text=True, check=True)
+        peaks[name] = int(out.stdout.strip().splitlines()[-1])
+    # Decoding everything at full size (as before) needed 240 x 360 x 640 x 3 bytes = 166 MB more.
+    assert peaks["long"] <= 1.5 * peaks["short"] + 8 * 1024, peaks

@@ -24,7 +24,7 @@ from torch import Tensor, nn
 from .. import core
 from .capture import Element, LayerCapture, bypassed
 from .checks import check_finite_inputs, non_finite_samples, warn_if_alpha_unbounded, warn_if_probabilities, warn_non_finite
-from .families import final_activations
+from .families import final_activations, input_spatial_size
 from .layers import ChannelsLast, LayerChoice, LayerSpec, Reshape, TokenReshape, _geometry_misfit, read_layout, resolve_layer
 from .targets import Inputs, Targets, call_model, model_logits, primary_input, target_scores
 
@@ -209,7 +209,7 @@ class BaseCAM:
                 if self.choice is None:
                     reference = primary_input(inputs)
                     n = reference.shape[0]
-                    spatial = tuple(input_size) if input_size is not None else tuple(reference.shape[2:])
+                    spatial = tuple(input_size) if input_size is not None else input_spatial_size(self.model, reference)
                     self.choice = resolve_layer(
                         self.model, "auto", **self._options,
                         call=lambda module: call_model(module, inputs),
@@ -229,7 +229,8 @@ class BaseCAM:
             targets: ``None`` (each sample's top-1 class), an int, ``N`` ints, an ``(N, K)``
                 nested list or tensor of class indices (``K`` maps per sample from one forward),
                 or a callable ``model_output -> scores (N,) or (N, K)``.
-            input_size: spatial size to upsample maps to; default the primary input's ``shape[2:]``.
+            input_size: spatial size to upsample maps to; default the primary input's ``shape[2:]``
+                (``(T, H, W)`` for a frames-first video model's ``(N, T, C, H, W)`` pixel values).
             create_graph: override the differentiable mode for this call.
         """
         return self.explain(inputs, targets, input_size=input_size, create_graph=create_graph)
@@ -285,7 +286,7 @@ class BaseCAM:
             gradients = _gradients(scores, activation, differentiable)
         finally:
             torch.set_grad_enabled(grad_mode)
-        size = tuple(input_size) if input_size is not None else tuple(reference.shape[2:])
+        size = tuple(input_size) if input_size is not None else input_spatial_size(self.model, reference)
         reshape = choice.reshape if choice.reshape is not None else _read_named_layer(activation, size)
         activation, gradients = _channels_first(activation, gradients, reshape, choice.name)
         non_finite, indices = _flag_non_finite(activation, gradients, scores, indices, targets is None, choice.name)
@@ -363,9 +364,11 @@ def _read_named_layer(activation: Tensor, size: tuple[int, ...]) -> Reshape | No
 def _channels_first(activation: Tensor, gradients: Tensor, reshape: Reshape | None, layer: str) -> tuple[Tensor, Tensor]:
     """Activations ``(N, C, *spatial)`` and gradients ``(N, K, C, *spatial)`` through ``reshape``."""
     if reshape is not None:
-        n, k = gradients.shape[:2]
+        # Target-major rows, so a reshape that regroups the batch axis (TimeSformer's frames in the
+        # batch: N * T' rows -> N) sees each target's rows in the order of the activation's.
+        k = gradients.shape[1]
         activation = reshape(activation)
-        gradients = reshape(gradients.flatten(0, 1)).unflatten(0, (n, k))
+        gradients = reshape(gradients.transpose(0, 1).flatten(0, 1)).unflatten(0, (k, activation.shape[0])).transpose(0, 1)
     if activation.ndim < 3:
         raise ValueError(
             f"layer {layer!r} outputs shape {tuple(activation.shape)}, which has no spatial axes; "

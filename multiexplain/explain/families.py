@@ -15,14 +15,17 @@ from __future__ import annotations
 
 import sys
 from dataclasses import dataclass
-from typing import Callable, Sequence
+from typing import Any, Callable, Sequence
 
 from torch import nn
 
 from .capture import Element
-from .layers import ChannelsLast, Reshape, TokenReshape, find_module
+from .layers import ChannelsLast, Reshape, TokenReshape, VideoTokens, find_module
 
-__all__ = ["FAMILY_RULES", "FamilyRule", "HasModules", "IsInstance", "ModelType", "SOFTMAX_HEADS", "final_activations"]
+__all__ = [
+    "FAMILY_RULES", "FRAMES_FIRST", "HF_VIDEO_TYPES", "FamilyRule", "HasModules", "IsInstance", "ModelType", "SOFTMAX_HEADS",
+    "clip_frames", "final_activations", "frames_first", "input_spatial_size", "pathway_alpha",
+]
 
 Located = tuple[nn.Module, Reshape | None, int | None, Element]
 
@@ -150,6 +153,30 @@ def _timm_prefix_tokens(model: nn.Module) -> Reshape:
     return TokenReshape(num_prefix_tokens=int(model.num_prefix_tokens))
 
 
+def _pair(value: Any) -> tuple[int, int]:
+    return (int(value), int(value)) if isinstance(value, int) else (int(value[0]), int(value[1]))
+
+
+def _hf_video_tokens(model: nn.Module) -> Reshape:
+    """The token layout of a Hugging Face video transformer, from its config: VideoMAE (tubelets,
+    no class token), ViViT (tubelets after a class token), TimeSformer (a class token; divided
+    space-time blocks see one frame per batch row, joint ones a (H', W', T') sequence)."""
+    config = model.config
+    height, width = _pair(config.image_size)
+    if config.model_type == "vivit":
+        patch = (int(config.tubelet_size[1]), int(config.tubelet_size[2]))
+    else:
+        patch = _pair(config.patch_size)
+    grid = (height // patch[0], width // patch[1])
+    if config.model_type == "videomae":
+        return VideoTokens(grid, num_prefix_tokens=0)
+    if config.model_type == "vivit":
+        return VideoTokens(grid, num_prefix_tokens=1)
+    if getattr(config, "attention_type", "divided_space_time") == "joint_space_time":
+        return VideoTokens(grid, num_prefix_tokens=1, order="hwt")
+    return VideoTokens(grid, num_prefix_tokens=1, frames=int(config.num_frames))
+
+
 def _constant(reshape: Reshape | None) -> Callable[[nn.Module], Reshape | None]:
     return lambda _model: reshape
 
@@ -175,6 +202,9 @@ class FamilyRule:
 _HF_VIT_TYPES = frozenset({
     "vit", "deit", "dinov2", "dinov2_with_registers", "beit", "data2vec-vision", "vit_msn", "vit_mae", "ijepa",
 })
+#: Hugging Face video classifiers this module knows (frames-first pixel values, token layouts).
+HF_VIDEO_TYPES = frozenset({"videomae", "timesformer", "vivit"})
+_HF_VIDEO_TYPES = HF_VIDEO_TYPES
 
 #: The rules, first match wins.
 FAMILY_RULES: Sequence[FamilyRule] = (
@@ -195,6 +225,11 @@ FAMILY_RULES: Sequence[FamilyRule] = (
                LastBlockNorm(("layernorm_before", "norm1")), _hf_prefix_tokens),
     FamilyRule("Hugging Face Swin classifier", ModelType(frozenset({"swin", "swinv2"}), ("classifier",)),
                BaseAt("layernorm"), _constant(TokenReshape(num_prefix_tokens=0))),
+    # Hugging Face video classifiers: as for ViTs, the last block's first norm (the last place the
+    # class token, or VideoMAE's mean-pooled tokens, read every patch token); the tokens laid out
+    # per family (see _hf_video_tokens).
+    FamilyRule("Hugging Face video transformer", ModelType(_HF_VIDEO_TYPES, ("classifier",)),
+               LastBlockNorm(("layernorm_before",)), _hf_video_tokens),
     # Hugging Face captioners: every final vision token reaches the text decoder.
     FamilyRule("Hugging Face BLIP", ModelType(frozenset({"blip"})), At("vision_model.post_layernorm"),
                _constant(TokenReshape(num_prefix_tokens=1)), layer_call=0),
@@ -230,3 +265,69 @@ def final_activations(model: nn.Module) -> list[nn.Module]:
         if isinstance(activation, (nn.Softmax, nn.Sigmoid)) and any(head(module) for head in SOFTMAX_HEADS):
             found.append(activation)
     return found
+
+
+# -- how a video model takes its frames ----------------------------------------------------------------
+
+#: Video models whose ``pixel_values`` are ``(N, T, C, H, W)`` (frames first), not ``(N, C, T, H, W)``.
+FRAMES_FIRST: Sequence[Callable[[nn.Module], bool]] = (ModelType(_HF_VIDEO_TYPES),)
+
+
+def frames_first(model: nn.Module) -> bool:
+    """Whether ``model`` takes clips frames first, ``(N, T, C, H, W)`` (see :data:`FRAMES_FIRST`)."""
+    return any(rule(model) for rule in FRAMES_FIRST)
+
+
+def input_spatial_size(model: nn.Module, reference: Any) -> tuple[int, ...]:
+    """The spatial axes of a model's primary input the maps align with: ``shape[2:]``, or
+    ``(T, H, W)`` of a frames-first clip ``(N, T, C, H, W)``."""
+    shape = tuple(reference.shape)
+    if len(shape) == 5 and frames_first(model):
+        return (shape[1], *shape[3:])
+    return shape[2:]
+
+
+def pathway_alpha(model: nn.Module) -> int | None:
+    """For a pytorchvideo SlowFast model (a ``MultiPathWayWithFuse`` block), the fast pathway's
+    frame-rate ratio alpha: the temporal stride of its fast-to-slow fusion convolution (4 in the hub
+    models); ``None`` for a single-pathway model."""
+    fused = IsInstance("pytorchvideo.models.net.MultiPathWayWithFuse")
+    for module in model.modules():
+        if fused(module):
+            fusion = getattr(module, "multipathway_fusion", None)
+            conv = getattr(fusion, "conv_fast_to_slow", None)
+            stride = getattr(conv, "stride", None)
+            return int(stride[0]) if stride else 4
+    return None
+
+
+def _hf_frames(model: nn.Module) -> int:
+    return int(model.config.num_frames)
+
+
+def _torchvision_mvit_frames(model: nn.Module) -> int:
+    return int(model.pos_encoding.temporal_size) * int(model.conv_proj.stride[0])
+
+
+def _pytorchvideo_mvit_frames(model: nn.Module) -> int:
+    return int(model.cls_positional_encoding.patch_embed_shape[0]) * int(model.patch_embed.patch_model.stride[0])
+
+
+#: Video models with a fixed number of input frames (learned temporal position embeddings): how to
+#: read it off the model.
+FIXED_FRAMES: Sequence[tuple[Callable[[nn.Module], bool], Callable[[nn.Module], int]]] = (
+    (ModelType(_HF_VIDEO_TYPES), _hf_frames),
+    (IsInstance("torchvision.models.video.mvit.MViT"), _torchvision_mvit_frames),
+    (IsInstance("pytorchvideo.models.vision_transformers.MultiscaleVisionTransformers"), _pytorchvideo_mvit_frames),
+)
+
+
+def clip_frames(model: nn.Module) -> int | None:
+    """The exact number of frames a fixed-length video model takes (see :data:`FIXED_FRAMES`), else ``None``."""
+    for recognise, frames in FIXED_FRAMES:
+        if recognise(model):
+            try:
+                return frames(model)
+            except (AttributeError, TypeError, IndexError):
+                return None
+    return None

@@ -45,6 +45,7 @@ __all__ = [
     "LayerChoice",
     "Reshape",
     "TokenReshape",
+    "VideoTokens",
     "find_module",
     "layer_name",
     "read_layout",
@@ -106,6 +107,49 @@ class TokenReshape:
             f"{'0-2' if self.num_prefix_tokens is None else self.num_prefix_tokens} prefix token(s): "
             "give TokenReshape(grid=(h, w), num_prefix_tokens=...)"
         )
+
+
+@dataclass(frozen=True)
+class VideoTokens:
+    """Video transformer tokens -> channels-first ``(N, D, T', H', W')``.
+
+    Args:
+        grid: one frame's patch grid ``(H', W')``; ``T'`` follows from the token count.
+        num_prefix_tokens: leading special tokens to drop (1 for a class token).
+        order: how the patch tokens are laid out: ``"thw"`` (time slowest: VideoMAE's and ViViT's
+            tubelets) or ``"hwt"`` (time fastest: TimeSformer's joint space-time sequence).
+        frames: for tokens that carry the frames in the batch axis, ``(N * T', prefix + H' * W', D)``
+            (TimeSformer's divided space-time blocks), ``T'``; ``None`` otherwise.
+
+    Slices, reshapes and a permute, so gradients map onto the grid as activations do.
+    """
+
+    grid: tuple[int, int]
+    num_prefix_tokens: int = 0
+    order: str = "thw"
+    frames: int | None = None
+
+    def __call__(self, tokens: Tensor) -> Tensor:
+        if tokens.ndim != 3:
+            raise ValueError(f"VideoTokens expects (N, L, D) tokens, got shape {tuple(tokens.shape)}")
+        (h, w), prefix = self.grid, self.num_prefix_tokens
+        batch, length, dim = tokens.shape
+        patches = tokens[:, prefix:, :]
+        if self.frames is not None:
+            if batch % self.frames or length - prefix != h * w:
+                raise ValueError(
+                    f"tokens of shape {tuple(tokens.shape)} are not {self.frames} frames per sample of {prefix} + "
+                    f"{h}x{w} tokens; the clip must have the model's frame count and frame size"
+                )
+            return patches.reshape(batch // self.frames, self.frames, h, w, dim).permute(0, 4, 1, 2, 3)
+        if (length - prefix) % (h * w) or length - prefix < h * w:
+            raise ValueError(f"{length} tokens are not {prefix} + T' x {h} x {w}; the clip must have the model's frame size")
+        frames = (length - prefix) // (h * w)
+        if self.order == "thw":
+            return patches.reshape(batch, frames, h, w, dim).permute(0, 4, 1, 2, 3)
+        if self.order == "hwt":
+            return patches.reshape(batch, h, w, frames, dim).permute(0, 4, 3, 1, 2)
+        raise ValueError(f"order must be 'thw' or 'hwt', got {self.order!r}")
 
 
 @dataclass(frozen=True)
