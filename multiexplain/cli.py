@@ -352,17 +352,6 @@ def cmd_caption(args: argparse.Namespace) -> int:
     return EXIT_OK if results else EXIT_FAILED
 
 
-def _video_geometry(loaded, frames: int | None) -> tuple[int, int, Any]:
-    """Frames, frame side and the normalisation the model needs: the shipped C3D takes 16 x 64 x 64
-    clips in [0, 1] (it normalises inside); zoo video models (torchvision, pytorchvideo, Hugging
-    Face) take clips normalised with their weights' statistics, at the zoo's frames and size."""
-    if "frames" in loaded.extra:
-        clip_frames, side = int(loaded.extra.get("frames", 16)), int(loaded.extra.get("size", 224))
-        return frames or clip_frames, side, (loaded.mean, loaded.std)
-    clip_size = list(getattr(loaded.model, "config", {}).get("clip_size", (16, 112, 112)))
-    return frames or int(clip_size[0]), int(clip_size[1]), None
-
-
 def _read_videos(paths: Sequence[str], frames: int, side: int) -> tuple[list, list[tuple[str, str]]]:
     from .io import read_clip
 
@@ -389,7 +378,7 @@ class _VideoJob:
 
         self.args, self.loaded, self.out = args, loaded, out
         requested = args.window if args.window else args.frames  # --window alone (0): the model's frames
-        self.frames, self.side, self.normalisation = _video_geometry(loaded, requested)
+        self.frames, self.side, self.normalisation = loaded.video_geometry(requested)
         self.side = args.size or self.side
         fixed = clip_frames(loaded.model)
         if fixed is not None and self.frames != fixed:
@@ -852,7 +841,7 @@ def _evaluate_video_folder(loaded, folder: Path, args: argparse.Namespace) -> tu
     from .evaluation import METHODS_COMPARED, VIDEO_ROAD_FRACTIONS, faithfulness_metrics
     from .io import VIDEO_SUFFIXES
 
-    frames, side, normalisation = _video_geometry(loaded, None)
+    frames, side, normalisation = loaded.video_geometry()
     videos, _ = _read_videos(_folder_files(folder, VIDEO_SUFFIXES), frames, side)
     if not videos:
         raise CommandError(f"no readable video under {folder}")
@@ -891,11 +880,14 @@ def cmd_explain_dataset(args: argparse.Namespace) -> int:
         args.task, args.model, args.data, args.out, arch=args.arch, images=args.images, methods=methods,
         layer=args.layer, boxes=args.boxes, masks=args.masks, target=args.target, tolerance=args.tolerance,
         batch_size=args.batch_size, chunk_size=args.chunk_size, workers=args.workers, device=args.device,
-        upsample=args.upsample, dtype=args.dtype, frames=args.frames, size=args.size, progress=not args.quiet,
+        upsample=args.upsample, dtype=args.dtype, frames=args.frames, size=args.size, window=args.window,
+        stride=args.stride, progress=not args.quiet,
     )
     if result.rank == 0:
         for entry in result.skipped:
             _log(error_line("explain-dataset", entry["error"], entry["path"]))
+        for entry in result.metrics["warnings"]:
+            _log(f"multiexplain explain-dataset: warning: {entry['path']}: {cap_message(entry['warning'])}")
         print(f"explained {result.explained} of {result.items} items ({len(result.skipped)} skipped) in "
               f"{result.seconds:.1f} s with {result.world_size} process(es)")
         for method, values in result.metrics["methods"].items():
@@ -1061,6 +1053,11 @@ def build_parser() -> argparse.ArgumentParser:
     dataset.add_argument("--upsample", action="store_true", help="also store maps at the input resolution")
     dataset.add_argument("--dtype", default="float16", choices=("float16", "float32"), help="stored map precision")
     dataset.add_argument("--frames", type=int, help="video: frames per clip (default: the model's)")
+    dataset.add_argument("--window", type=int, nargs="?", const=0, default=None, metavar="T",
+                         help="video: the whole video, T consecutive frames at a time (T omitted: the model's clip length)")
+    dataset.add_argument("--stride", type=int, default=None, metavar="S",
+                         help="video: frames between window starts (default T/2); every window's maps are stored, "
+                         "and with --upsample one blended map per frame")
     dataset.add_argument("--size", type=int, help="input side for models without their own preprocessing")
     dataset.add_argument("--quiet", action="store_true", help="no progress bar")
     _common(dataset, "multiexplain-store")

@@ -83,7 +83,9 @@ def load_ground_truth(boxes: str | os.PathLike | None = None, masks: str | os.Pa
 # -- decoding (runs in DataLoader workers) ---------------------------------------------------------
 
 class _Decoded(torch.utils.data.Dataset):
-    """Items as model inputs: ``(item, input tensor | None, region on the input grid | None, error)``."""
+    """Items as model inputs: ``(item, input tensor | None, region on the input grid | None, error,
+    warnings)``: decoding's warnings (a padded video, a transparent image) travel with the item
+    into its row, from whichever worker process decoded it."""
 
     def __init__(self, items: Sequence[Item], load: Callable[[Item], tuple[Tensor, tuple[int, int]]],
                  geometry: ResizeCrop | None, ground_truth: GroundTruth | None, labels: Sequence[str] | None):
@@ -93,18 +95,23 @@ class _Decoded(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return len(self.items)
 
-    def __getitem__(self, position: int) -> tuple[Item, Tensor | None, Tensor | None, str | None]:
+    def __getitem__(self, position: int) -> tuple[Item, Tensor | None, Tensor | None, str | None, list[str]]:
+        import warnings
+
         item = self.items[position]
-        try:
-            tensor, size = self.load(item)
-        except (OSError, ValueError) as error:
-            return item, None, None, " ".join(str(error).split())[:300]
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            try:
+                tensor, size = self.load(item)
+            except (OSError, ValueError) as error:
+                return item, None, None, " ".join(str(error).split())[:300], []
+        notes = [" ".join(str(w.message).split())[:300] for w in caught]
         region = None
         if self.ground_truth is not None:
             region = self.ground_truth.region(item, item.label, size)
             if region is not None and self.geometry is not None:
                 region = self.geometry.to_input(region)
-        return item, tensor, region, None
+        return item, tensor, region, None, notes
 
 
 def _collate(batch: list) -> list:
@@ -124,6 +131,10 @@ class _Context:
     target: str
     layer: str
     class_index: dict[str, int]
+    batch_size: int = 16
+    window: int | None = None  # video: frames per window of the whole-video mode (None: one clip per video)
+    stride: int = 1
+    normalisation: tuple | None = None  # video: (mean, std) applied to the frames, or None
 
 
 def _targets(context: _Context, items: Sequence[Item], logits: Tensor) -> Tensor:
@@ -156,7 +167,7 @@ def _classification(context: _Context, batch: list) -> list[tuple[dict, dict[str
                                layer=context.layer, reshape=context.loaded.reshape)
     labels = context.loaded.labels
     results = []
-    for i, (item, _, region, _) in enumerate(batch):
+    for i, (item, _, region, *_rest) in enumerate(batch):
         target = int(targets[i])
         row: dict[str, Any] = {
             "target": target, "target_label": labels[target] if labels and target < len(labels) else None,
@@ -205,6 +216,59 @@ def _video(context: _Context, batch: list) -> list[tuple[dict, dict[str, Tensor]
             tensors[f"{method}/raw"] = explanation.raw[i].detach().to("cpu", context.dtype)
             if context.upsample:
                 tensors[f"{method}/maps"] = explanation.maps[i].detach().to("cpu", context.dtype)
+        results.append((row, tensors))
+    return results
+
+
+def _video_windows(context: _Context, batch: list) -> list[tuple[dict, dict[str, Tensor]]]:
+    """Whole videos, ``context.window`` frames at a time every ``context.stride`` frames, as
+    ``multiexplain video --window`` does: each window explains its own top-1 class; the store keeps
+    every window's layer-resolution maps (``{method}/window_raw``, ``(windows, T', h, w)``) and their
+    first frames (``window_starts``), and with ``upsample`` one blended map per frame
+    (``{method}/maps``, ``(T, H, W)``, :class:`~multiexplain.adapters.video.WindowBlend`)."""
+    from .adapters.video import WindowBlend, explain_clip, normalize_clip, window_starts
+
+    labels, methods = context.loaded.labels, context.methods
+    results = []
+    for item, frames, *_rest in batch:
+        video = frames.float().div(255)  # (3, T, H, W)
+        if context.normalisation is not None:
+            video = normalize_clip(video, *context.normalisation)
+        starts = window_starts(video.shape[1], context.window, context.stride)
+        blends = {method: WindowBlend() for method in methods}
+        raw: dict[str, list[Tensor]] = {method: [] for method in methods}
+        blended: dict[str, list[Tensor]] = {method: [] for method in methods}
+        windows, layer = [], None
+        for first in range(0, len(starts), context.batch_size):
+            group = starts[first : first + context.batch_size]
+            clips = torch.stack([video[:, start : start + context.window] for start in group]).to(context.loaded.device)
+            explained = explain_clip(context.loaded.model, clips, methods=methods, layer=context.layer)
+            layer = explained[methods[0]].layer
+            for j, start in enumerate(group):
+                target = int(explained[methods[0]].targets[j])
+                windows.append({"start_frame": start, "end_frame": start + context.window - 1, "target": target,
+                                "target_label": labels[target] if labels and target < len(labels) else None,
+                                "scores": {method: float(explained[method].scores[j]) for method in methods}})
+                for method in methods:
+                    raw[method].append(explained[method].raw[j].detach().to("cpu", context.dtype))
+                    if context.upsample:
+                        blends[method].add(start, explained[method].maps[j])
+            if context.upsample:  # frames no later window covers are final: keep memory to one window's maps
+                before = starts[first + len(group)] if first + len(group) < len(starts) else None
+                for method in methods:
+                    blended[method] += [m.to("cpu", context.dtype) for _, m in blends[method].pop(before)]
+        counts: dict[int, int] = {}
+        for window in windows:
+            counts[window["target"]] = counts.get(window["target"], 0) + 1
+        target = max(counts, key=counts.get)
+        row: dict[str, Any] = {"target": target, "target_label": labels[target] if labels and target < len(labels) else None,
+                               "label": item.label, "layer": layer, "metrics": {}, "frames": int(video.shape[1]),
+                               "window": context.window, "stride": context.stride, "windows": windows}
+        tensors: dict[str, Tensor] = {"window_starts": torch.tensor(starts)}
+        for method in methods:
+            tensors[f"{method}/window_raw"] = torch.stack(raw[method])
+            if context.upsample:
+                tensors[f"{method}/maps"] = torch.stack(blended[method])
         results.append((row, tensors))
     return results
 
@@ -272,23 +336,34 @@ def _device(device: str, distributed: bool) -> str:
     return device
 
 
-def _loader(task: str, loaded: Any, frames: int | None, size: int | None) -> Callable[[Item], tuple[Tensor, tuple[int, int]]]:
+def _loader(task: str, loaded: Any, frames: int | None, size: int | None,
+            window: int | None = None) -> Callable[[Item], tuple[Tensor, tuple[int, int]]]:
     """``item -> (model input, original (H, W))``: how a worker decodes one item."""
     from . import io
 
     if task == "video":
-        clip_frames = frames or int(loaded.extra.get("frames", 16))
-        side = size or int(loaded.extra.get("size", 112))
-        normalise = loaded.spec.source in ("pytorchvideo", "torchvision")
+        from .adapters.video import normalize_clip
+
+        clip_frames, side, normalisation = loaded.video_geometry(window or frames)
+        side = size or side
 
         def load_clip(item: Item) -> tuple[Tensor, tuple[int, int]]:
             clip, _fps = io.read_clip(item.path, num_frames=clip_frames, size=side)
-            if normalise:
-                mean = torch.tensor(loaded.mean).view(-1, 1, 1, 1)
-                clip = (clip - mean) / torch.tensor(loaded.std).view(-1, 1, 1, 1)
+            if normalisation is not None:
+                clip = normalize_clip(clip, *normalisation)
             return clip, tuple(clip.shape[-2:])
 
-        return load_clip
+        def load_video(item: Item) -> tuple[Tensor, tuple[int, int]]:
+            # Every frame, as uint8 (a quarter of float32's size) at the model's frame size: the main
+            # process slides the windows over it. A video shorter than a window is padded (with a warning).
+            with io.VideoReader(item.path, size=side) as reader:
+                if reader.info.num_frames < clip_frames:
+                    video = reader.clip(clip_frames).frames.mul(255).round().to(torch.uint8)
+                else:
+                    video = torch.stack([frame for _, _, frame in reader.frames()], dim=1)
+            return video, tuple(video.shape[-2:])
+
+        return load_clip if window is None else load_video
     if task == "captioning":
         side = size or getattr(loaded.model, "image_size", None)
 
@@ -331,13 +406,16 @@ def explain_dataset(
     dtype: str = "float16",
     frames: int | None = None,
     size: int | None = None,
+    window: int | None = None,
+    stride: int | None = None,
     progress: bool = True,
 ) -> RunResult:
     """Explain every item of ``data`` with ``model`` (a SPEC, see :mod:`multiexplain.zoo`) into the store ``out``.
 
     Args:
         task: ``classification`` (an image folder, ImageFolder layout or list file), ``video`` (a
-            folder or list of videos, one clip each) or ``captioning`` (a COCO captions JSON).
+            folder or list of videos: one clip of ``frames`` frames sampled over each, or with
+            ``window`` the whole video) or ``captioning`` (a COCO captions JSON).
         methods: registered method names; all come from one forward pass per batch.
         boxes / masks: ground truth (COCO instances JSON or a VOC XML folder / a folder of masks):
             per-item Loc(delta), pointing game within ``tolerance`` input pixels (15: Zhang et al.'s
@@ -349,6 +427,9 @@ def explain_dataset(
         workers: DataLoader worker processes decoding items (0: in the main process).
         upsample: also store the maps at the input's resolution (besides the layer-resolution maps).
         dtype: ``float16`` (default) or ``float32`` for the stored maps.
+        window, stride: video only: explain the whole video ``window`` frames at a time (0: the
+            model's clip length) every ``stride`` frames (default half a window), as
+            ``multiexplain video --window`` does; see :func:`_video_windows` for what is stored.
     """
     if task not in TASKS:
         raise ValueError(f"unknown task {task!r}; choose one of {TASKS}")
@@ -358,6 +439,15 @@ def explain_dataset(
         raise ValueError(f"dtype must be float16 or float32, got {dtype!r}")
     if batch_size < 1 or chunk_size < 1:
         raise ValueError("batch_size and chunk_size must be >= 1")
+    if window is not None and task != "video":
+        raise ValueError("window is for video runs (the whole video, window by window)")
+    if stride is not None and window is None:
+        raise ValueError("stride needs window (the whole video, window by window)")
+    if window is not None and frames is not None:
+        raise ValueError("give window (the whole video) or frames (one clip per video), not both")
+    if (window is not None and window < 0) or (stride is not None and stride < 1) or (frames is not None and frames < 1):
+        raise ValueError(f"frames, window and stride must be positive numbers of frames, got "
+                         f"frames={frames}, window={window}, stride={stride}")
     from . import zoo
     from .explain import method_names
 
@@ -381,12 +471,16 @@ def explain_dataset(
                     "methods": list(names), "layer": layer, "target": target, "tolerance": tolerance,
                     "chunk_size": chunk_size, "batch_size": batch_size, "upsample": upsample, "dtype": dtype,
                     "ground_truth": ground_truth.source if ground_truth is not None else None,
-                    "frames": frames, "size": size}
+                    "frames": frames, "size": size, "window": window, "stride": stride}
         _open_store(store, settings, rank, distributed)
         chunks = chunk_ranges(len(items), chunk_size)
         mine = [c for c in range(len(chunks)) if c % world == rank and not store.is_done(c, len(chunks[c]))]
         class_index = {name: i for i, name in enumerate(loaded.labels or [])}
-        context = _Context(task, loaded, names, upsample, getattr(torch, dtype), tolerance, target, layer, class_index)
+        context = _Context(task, loaded, names, upsample, getattr(torch, dtype), tolerance, target, layer, class_index,
+                           batch_size)
+        if window is not None:
+            context.window, _side, context.normalisation = loaded.video_geometry(window or None)
+            context.stride = stride or max(1, context.window // 2)
         began = time.perf_counter()
         _explain_chunks(store, context, items, chunks, mine, workers, batch_size, task, frames, size, ground_truth,
                         rank, world, progress)
@@ -477,7 +571,7 @@ def _explain_chunks(store: MapStore, context: _Context, items: list[Item], chunk
     ordered = [items[i] for c in mine for i in chunks[c]]
     if not ordered:
         return
-    dataset = _Decoded(ordered, _loader(task, context.loaded, frames, size), context.loaded.geometry, ground_truth,
+    dataset = _Decoded(ordered, _loader(task, context.loaded, frames, size, context.window), context.loaded.geometry, ground_truth,
                        context.loaded.labels)
     loader = torch.utils.data.DataLoader(dataset, batch_sampler=_ChunkBatches([len(chunks[c]) for c in mine], batch_size),
                                          num_workers=workers, collate_fn=_collate)
@@ -489,17 +583,17 @@ def _explain_chunks(store: MapStore, context: _Context, items: list[Item], chunk
     pending = list(mine)
     rows: list[dict] = []
     tensors: dict[str, Tensor] = {}
-    explain = _EXPLAIN[task]
+    explain = _video_windows if context.window is not None else _EXPLAIN[task]
     for batch in loader:
         usable = [entry for entry in batch if entry[1] is not None]
-        for item, _tensor, _region, error in batch:
+        for item, _tensor, _region, error, _notes in batch:
             if error is not None:
                 rows.append({"item": item.index, "key": item.key, "path": item.path, "status": "skipped", "error": error,
                              "file": store.tensor_path(pending[0]).name})
         if usable:
-            for (item, *_rest), (row, item_tensors) in zip(usable, explain(context, usable)):
+            for (item, *_rest, notes), (row, item_tensors) in zip(usable, explain(context, usable)):
                 rows.append({"item": item.index, "key": item.key, "path": item.path, "status": "ok",
-                             "file": store.tensor_path(pending[0]).name, **row})
+                             "file": store.tensor_path(pending[0]).name, **row, **({"warnings": notes} if notes else {})})
                 tensors.update({f"{item.index}/{name}": value for name, value in item_tensors.items()})
         if bar is not None:
             bar.update(len(batch) * world)
@@ -522,6 +616,7 @@ def _aggregate(store: MapStore, owned: list[int], methods: tuple[str, ...], labe
     counts = torch.zeros(len(methods), num_classes + 1, dtype=torch.float64)
     done = torch.zeros(2, dtype=torch.float64)  # explained, skipped
     skipped: list[dict[str, Any]] = []
+    warned: list[dict[str, Any]] = []
     for chunk in owned:
         for row in store.rows(chunk):
             if row["status"] != "ok":
@@ -529,6 +624,7 @@ def _aggregate(store: MapStore, owned: list[int], methods: tuple[str, ...], labe
                 skipped.append({"item": row["item"], "path": row["path"], "error": row["error"]})
                 continue
             done[0] += 1
+            warned += [{"item": row["item"], "path": row["path"], "warning": note} for note in row.get("warnings", [])]
             for m, method in enumerate(methods):
                 values = row.get("metrics", {}).get(method)
                 if not values or not values.get("has_region"):
@@ -547,9 +643,11 @@ def _aggregate(store: MapStore, owned: list[int], methods: tuple[str, ...], labe
         for tensor in (sums, counts, done):
             dist.all_reduce(tensor)
         gathered: list[Any] = [None] * dist.get_world_size()
-        dist.all_gather_object(gathered, skipped)
-        skipped = sorted((entry for part in gathered for entry in part), key=lambda entry: entry["item"])
-    result: dict[str, Any] = {"explained": int(done[0]), "skipped": skipped, "skipped_count": int(done[1]), "methods": {}}
+        dist.all_gather_object(gathered, (skipped, warned))
+        skipped = sorted((entry for part, _ in gathered for entry in part), key=lambda entry: entry["item"])
+        warned = sorted((entry for _, part in gathered for entry in part), key=lambda entry: entry["item"])
+    result: dict[str, Any] = {"explained": int(done[0]), "skipped": skipped, "skipped_count": int(done[1]),
+                              "warnings": warned, "methods": {}}
     for m, method in enumerate(methods):
         if counts[m, -1] == 0:
             continue
@@ -577,5 +675,8 @@ def _write_report(store: MapStore, settings: dict, totals: dict) -> None:
     if totals["skipped"]:
         section.add_note("Skipped: " + "; ".join(f"{s['path']} ({s['error']})" for s in totals["skipped"][:20])
                          + (f"; and {len(totals['skipped']) - 20} more" if len(totals["skipped"]) > 20 else ""))
+    if totals["warnings"]:
+        section.add_note("Warnings: " + "; ".join(f"{w['path']} ({w['warning']})" for w in totals["warnings"][:20])
+                         + (f"; and {len(totals['warnings']) - 20} more" if len(totals["warnings"]) > 20 else ""))
     section.add_settings({k: v for k, v in settings.items() if v is not None})
     write_report(report, store.root)

@@ -160,6 +160,19 @@ class LoadedModel:
         parameter = next(self.model.parameters(), None)
         return parameter.device if parameter is not None else torch.device("cpu")
 
+    def video_geometry(self, frames: int | None = None) -> tuple[int, int, tuple[tuple[float, ...], tuple[float, ...]] | None]:
+        """``(frames per clip, frame side, (mean, std) or None)`` a video model takes.
+
+        Zoo video models (torchvision, pytorchvideo, Hugging Face) take clips at the zoo's frames and
+        size, normalised with their weights' statistics; the shipped C3D takes 16 x 64 x 64 clips in
+        ``[0, 1]`` (it normalises inside). ``frames`` overrides the clip length.
+        """
+        if "frames" in self.extra:
+            clip_frames, side = int(self.extra.get("frames", 16)), int(self.extra.get("size", 224))
+            return frames or clip_frames, side, (self.mean, self.std)
+        clip_size = list(getattr(self.model, "config", {}).get("clip_size", (16, 112, 112)))
+        return frames or int(clip_size[0]), int(clip_size[1]), None
+
 
 def resolve_device(name: str | torch.device | None = "auto") -> torch.device:
     """``"auto"`` -> CUDA when available, else CPU; ``"cuda"`` without a GPU is an error."""

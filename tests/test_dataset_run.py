@@ -285,3 +285,70 @@ def test_video_and_caption_pairs(tmp_path):
     for row, tensors in MapStore(tmp_path / "caption-store").items():
         assert row["words"] == row["caption"].split()
         assert tensors["gradcam++/raw"].shape == (len(row["words"]), 16, 16)
+
+
+def _write_mp4(path: Path, frames: torch.Tensor, fps: int = 8) -> None:
+    """``frames`` (3, T, H, W) in [0, 1] as an MPEG-4 file written with PyAV."""
+    import av
+
+    with av.open(str(path), mode="w") as container:
+        stream = container.add_stream("mpeg4", rate=fps)
+        stream.width, stream.height, stream.pix_fmt = frames.shape[-1], frames.shape[-2], "yuv420p"
+        for t in range(frames.shape[1]):
+            array = (frames[:, t].permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)
+            for packet in stream.encode(av.VideoFrame.from_ndarray(array, format="rgb24")):
+                container.mux(packet)
+        for packet in stream.encode():
+            container.mux(packet)
+
+
+def test_whole_videos_window_by_window_from_the_command_line(tmp_path, capsys):
+    """``explain-dataset --task video --window --stride 4 --upsample``: every window's maps equal
+    ``explain_clip`` on the same decoded frames, the per-frame maps are those windows blended with
+    :class:`WindowBlend`, and a video shorter than a window is padded with a warning, not dropped."""
+    from multiexplain.adapters.video import WindowBlend, explain_clip, window_starts
+    from multiexplain.data import make_action_clips
+    from multiexplain.io import VideoReader
+    from multiexplain.models import load_action_c3d
+
+    clips = make_action_clips(3, seed=5)
+    folder = tmp_path / "videos"
+    folder.mkdir()
+    _write_mp4(folder / "a_long.mp4", torch.cat([clips.clips[0], clips.clips[1][:, :8]], dim=1))  # 24 frames
+    _write_mp4(folder / "b_short.mp4", clips.clips[2][:, :10])  # fewer frames than a window
+    out = tmp_path / "store"
+    code = cli.main(["explain-dataset", "--task", "video", "--model", "builtin:action-c3d", "--data", str(folder),
+                     "--out", str(out), "--window", "--stride", "4", "--upsample", "--dtype", "float32",
+                     "--batch-size", "2", "--device", "cpu", "--quiet"])
+    printed = capsys.readouterr()
+    assert code == 0 and "explained 2 of 2 items" in printed.out
+    # The padded video is explained, and the padding is said: on stderr, in its row and in metrics.json.
+    assert "warning: " + str(folder / "b_short.mp4") in printed.err
+    assert [w["path"] for w in json.loads((out / "metrics.json").read_text())["warnings"]] == [str(folder / "b_short.mp4")]
+    model, names = load_action_c3d()
+    stored = {Path(row["path"]).name: (row, tensors) for row, tensors in MapStore(out).items()}
+
+    row, tensors = stored["a_long.mp4"]
+    with VideoReader(folder / "a_long.mp4", size=64) as reader:
+        video = torch.stack([frame for _, _, frame in reader.frames()], dim=1).float().div(255)
+    starts = window_starts(24, 16, 4)
+    assert starts == [0, 4, 8] and tensors["window_starts"].tolist() == starts
+    assert row["frames"] == 24 and [w["start_frame"] for w in row["windows"]] == starts
+    direct = explain_clip(model, torch.stack([video[:, s : s + 16] for s in starts]), methods=("gradcam++", "gradcam"))
+    blend = WindowBlend()
+    for k, start in enumerate(starts):
+        assert row["windows"][k]["target"] == int(direct["gradcam++"].targets[k])
+        assert row["windows"][k]["target_label"] == names[row["windows"][k]["target"]]
+        blend.add(start, direct["gradcam++"].maps[k])
+    for method in ("gradcam++", "gradcam"):
+        torch.testing.assert_close(tensors[f"{method}/window_raw"], direct[method].raw, atol=1e-5, rtol=1e-4)
+    blended = torch.stack([m for _, m in blend.pop()])
+    assert tensors["gradcam++/maps"].shape == (24, 64, 64)
+    torch.testing.assert_close(tensors["gradcam++/maps"], blended, atol=1e-5, rtol=1e-4)
+
+    row, tensors = stored["b_short.mp4"]
+    assert row["warnings"] and row["frames"] == 16 and tensors["window_starts"].tolist() == [0]
+    assert tensors["gradcam++/window_raw"].shape == (1, 8, 8, 8) and tensors["gradcam++/maps"].shape == (16, 64, 64)
+
+    with pytest.raises(ValueError, match="stride needs window"):
+        explain_dataset("video", "builtin:action-c3d", folder, tmp_path / "bad", stride=4, progress=False)
