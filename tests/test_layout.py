@@ -2,7 +2,7 @@
 
 Groups, lowest first (a module may import its own group and the groups listed for it):
 core -> explain -> data -> models -> metrics, viz -> adapters -> io, report, zoo, losses, train,
-evaluation -> demo, cli. Lazy (function-level) imports count too.
+torchdistill_losses, evaluation -> demo, cli. Lazy (function-level) imports count too.
 """
 
 from __future__ import annotations
@@ -29,6 +29,7 @@ ALLOWED: dict[str, set[str]] = {
     "zoo": {"explain", "models", "data"},
     "losses": {"core", "explain", "adapters", "models"},
     "train": {"explain", "losses", "models", "data"},
+    "torchdistill_losses": {"core", "explain", "adapters", "losses"},
     "evaluation": {"core", "explain", "metrics", "adapters", "data", "train"},
     "demo": {"core", "explain", "metrics", "adapters", "data", "models", "evaluation", "io", "report", "viz"},
     "cli": {"core", "explain", "metrics", "adapters", "data", "models", "evaluation", "io", "report", "viz",
