@@ -396,3 +396,47 @@ def test_the_mobilenet_student_explains_distils_and_checkpoints(tmp_path, one_to
     assert isinstance(train._model_from_config({"arch": "mobilenet_v2"}, "student"), models.MobileNetV2)
     with pytest.raises(ValueError, match="unknown student arch 'vgg'"):
         train._model_from_config({"arch": "vgg"}, "student")
+
+
+# -- the quality benchmark's bookkeeping (no training) -----------------------------------------
+
+def _quality_benchmark():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("quality_distillation", REPO / "benchmarks" / "quality_distillation.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    return bench
+
+
+def _fake_run(pair, row, regime, seed, error):
+    return {"stage": "table", "pair": pair, "row": row, "regime": regime, "seed": seed, "error": error,
+            "train_error": 0.0, "map_correlation": 0.5, "energy_in_mask": 0.2}
+
+
+def test_quality_benchmark_judges_the_target_as_written_and_names_missing_cells(tmp_path):
+    bench = _quality_benchmark()
+    pair = next(iter(bench.PAIRS))
+    errors = {  # equal means pass with all the data (<=) and fail with 10% (<, "better than")
+        ("all", "CE"): [10, 12, 14], ("all", "CE+expl"): [12, 12, 12], ("all", "CE+KD"): [8, 8, 8], ("all", "CE+KD+expl"): [8, 8],
+        ("10%", "CE"): [50, 50, 50], ("10%", "CE+expl"): [40, 40, 40], ("10%", "CE+KD"): [45, 45, 45], ("10%", "CE+KD+expl"): [44, 46, 45],
+    }
+    runs = [_fake_run(pair, row, regime, seed, e) for (regime, row), values in errors.items() for seed, e in enumerate(values)]
+    preset = {**bench.PRESETS["smoke"], "seeds": 3, "regimes": {"all": {}, "10%": {}}}
+    table = bench.summarise(runs, list(preset["regimes"]))
+    checks = {condition: met for p, condition, met, _ in bench.target_checks(table, 3) if p == pair}
+    assert checks == {"all: CE+expl <= CE": True, "all: CE+KD+expl <= CE+KD": None,  # 2 of 3 seeds: not judged
+                      "10%: CE+expl < CE": True, "10%: CE+KD+expl < CE+KD": False,
+                      "10%: CE+expl < CE+KD (stricter reading)": True}
+    payload = {"preset_settings": preset, "runs": runs}
+    short = bench.incomplete_cells(payload)
+    assert (pair, "CE+KD+expl", "all", 2) in short and (pair, "CE+AT", "10%", 0) in short
+    assert not any(cell[:3] == (pair, "CE", "all") for cell in short)
+
+    path = tmp_path / "distillation.json"
+    path.write_text(json.dumps({"preset": "smoke", "preset_settings": bench.PRESETS["smoke"], "candidates": bench.CANDIDATES,
+                                "study_seed": bench.STUDY_SEED, "device": "CPU (test)", "runs": runs, "wall_seconds": 1.0}))
+    assert bench.resumed_payload(path, "smoke", bench.PRESETS["smoke"], "CPU (test)")["sessions"] == 2
+    with pytest.raises(SystemExit, match="preset settings"):
+        bench.resumed_payload(path, "smoke", {**bench.PRESETS["smoke"], "seeds": 5}, "CPU (test)")
+    assert bench.job_key(runs[0]) == ("table", pair, "CE", "all", 0)
