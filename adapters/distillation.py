@@ -19,7 +19,7 @@ from multiexplain import core
 from multiexplain.explain import METHODS, BaseCAM, Inputs, call_model, method_names, model_logits, primary_input, resolve_layer
 from multiexplain.explain.layers import LayerSpec
 
-__all__ = ["ExplanationLoss", "unwrap"]
+__all__ = ["ExplanationLoss", "align_maps", "map_distance", "unwrap"]
 
 
 def unwrap(model: nn.Module) -> nn.Module:
@@ -27,18 +27,39 @@ def unwrap(model: nn.Module) -> nn.Module:
     return model.module if isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel)) else model
 
 
+def align_maps(student_maps: Tensor, teacher_maps: Tensor, normalize: str, size: Sequence[int] | None = None) -> tuple[Tensor, Tensor]:
+    """Raw layer-resolution maps ``(N, *spatial)`` of both models resized to ``size`` (default the
+    teacher's grid) and scaled per ``normalize`` (:func:`multiexplain.core.scale_maps`); the
+    teacher's detached and moved to the student's device."""
+    size = tuple(size) if size is not None else tuple(teacher_maps.shape[1:])
+    prepare = lambda maps: core.scale_maps(core.upsample_maps(maps, size), len(size), normalize)
+    return prepare(student_maps), prepare(teacher_maps.detach()).to(student_maps.device)
+
+
+def map_distance(student_maps: Tensor, teacher_maps: Tensor) -> Tensor:
+    """``mean over samples of sum over positions of (L_s - L_t)^2`` (eq. 28 without its weight)."""
+    if student_maps.shape != teacher_maps.shape:
+        raise ValueError(f"student maps {tuple(student_maps.shape)} and teacher maps {tuple(teacher_maps.shape)} differ in shape")
+    return (student_maps - teacher_maps.detach()).pow(2).flatten(1).sum(dim=1).mean()
+
+
 class ExplanationLoss(nn.Module):
-    """``weight * mean over samples of ||L_student - L_teacher||^2`` (paper eq. 27-28).
+    """``weight * mean over samples of ||L_student - L_teacher||^2`` (paper eq. 27-28), by
+    default on L2-normalised maps with ``weight = 8``.
 
     Args:
         teacher, student: the two models. The student may be wrapped in DistributedDataParallel;
             the teacher is explained in the mode the caller left it in (put it in ``eval()``).
         teacher_layer, student_layer: the layer to explain (module, dotted name or ``"auto"``: the
             one resolver, e.g. a :class:`~multiexplain.models.WideResNet`'s declared ``relu``).
-        weight: ``a`` in eq. 28 (0.01 as in the paper).
+        weight: ``a`` in eq. 28. Default 8 on L2-normalised maps (the study in
+            ``benchmarks/quality_distillation.py``); the paper's 0.01 on raw maps is
+            ``weight=0.01, normalize="none"`` (``{"expl": {"preset": "paper"}}`` in a loss config).
         method: a registered method name (``"gradcam++"``: the paper; ``"gradcam"``: its Table 4).
         normalize: how each aligned layer-resolution map is scaled before the distance
-            (:func:`multiexplain.core.scale_maps`): ``"none"`` (the paper), ``"l2"``, ``"max"``, ``"minmax"``.
+            (:func:`multiexplain.core.scale_maps`): ``"l2"`` (default: unit maps, so the term's
+            strength does not depend on how large a model's raw maps are; raw Grad-CAM++ maps are
+            ~150x larger than Grad-CAM's), ``"none"`` (the paper), ``"max"``, ``"minmax"``.
         size: spatial size both maps are resized to; ``None``: the teacher's layer resolution.
         target: ``"label"`` explains the ground-truth class, ``"teacher"`` the teacher's top-1.
 
@@ -56,9 +77,9 @@ class ExplanationLoss(nn.Module):
         teacher_layer: LayerSpec = "auto",
         student_layer: LayerSpec = "auto",
         *,
-        weight: float = 0.01,
+        weight: float = 8.0,
         method: str = "gradcam++",
-        normalize: str = "none",
+        normalize: str = "l2",
         size: Sequence[int] | None = None,
         target: str = "label",
     ) -> None:
@@ -107,35 +128,46 @@ class ExplanationLoss(nn.Module):
         explanation = self._explainer(role, inputs)(inputs, score)
         return explanation.raw, captured["logits"]
 
-    def _prepare(self, maps: Tensor, size: Sequence[int]) -> Tensor:
-        return core.scale_maps(core.upsample_maps(maps, size), len(size), self.normalize)
-
-    def explain_pair(self, inputs: Inputs, labels: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-        """``(student_maps, teacher_maps, student_logits, teacher_logits)`` for one batch: maps
-        aligned to one size and scaled per :attr:`normalize`, ``(N, *size)``; the teacher's detached."""
+    def explain_teacher(self, inputs: Inputs, labels: Tensor) -> tuple[Tensor, Tensor]:
+        """The teacher's raw layer-resolution maps ``(N, *layer_spatial)`` and logits ``(N, classes)``,
+        both detached (what :class:`multiexplain.losses.TeacherCache` stores per sample)."""
         labels = labels.view(-1).long()
         if self.target == "teacher":
-            choose_teacher: Callable[[Tensor], Tensor] = lambda logits: logits.argmax(dim=1)
+            choose: Callable[[Tensor], Tensor] = lambda logits: logits.argmax(dim=1)
         else:
-            choose_teacher = lambda logits: labels.to(logits.device)
-        teacher_maps, teacher_logits = self._explain("teacher", inputs, choose_teacher)
-        teacher_logits = teacher_logits.detach()
-        # The student explains the same class as the teacher: the label, or the teacher's top-1.
-        classes = teacher_logits.argmax(dim=1) if self.target == "teacher" else labels
-        student_maps, student_logits = self._explain("student", inputs, lambda logits: classes.to(logits.device))
-        size = self.size or tuple(teacher_maps.shape[1:])
-        return (
-            self._prepare(student_maps, size),
-            self._prepare(teacher_maps.detach(), size).to(student_maps.device),
-            student_logits,
-            teacher_logits,
-        )
+            choose = lambda logits: labels.to(logits.device)
+        maps, logits = self._explain("teacher", inputs, choose)
+        return maps.detach(), logits.detach()
+
+    def student_classes(self, labels: Tensor, teacher_logits: Tensor) -> Tensor:
+        """The classes the student explains: the teacher's (the label, or the teacher's top-1)."""
+        return teacher_logits.argmax(dim=1) if self.target == "teacher" else labels.view(-1).long()
+
+    def explain_student(self, inputs: Inputs, classes: Tensor) -> tuple[Tensor, Tensor]:
+        """The student's raw maps ``(N, *layer_spatial)`` of ``classes`` with a graph to its
+        parameters, and its logits ``(N, classes)`` from the same (differentiable) forward."""
+        return self._explain("student", inputs, lambda logits: classes.to(logits.device))
+
+    def align(self, student_maps: Tensor, teacher_maps: Tensor) -> tuple[Tensor, Tensor]:
+        """Both raw maps resized to :attr:`size` (default the teacher's grid) and scaled per
+        :attr:`normalize`: ``(N, *size)`` each, the teacher's detached."""
+        return align_maps(student_maps, teacher_maps, self.normalize, self.size)
+
+    def explain_pair(
+        self, inputs: Inputs, labels: Tensor, teacher: tuple[Tensor, Tensor] | None = None
+    ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """``(student_maps, teacher_maps, student_logits, teacher_logits)`` for one batch: maps
+        aligned to one size and scaled per :attr:`normalize`, ``(N, *size)``; the teacher's detached.
+        ``teacher``: the teacher's ``(raw maps, logits)`` when already known (a cache), else computed."""
+        teacher_maps, teacher_logits = teacher if teacher is not None else self.explain_teacher(inputs, labels)
+        classes = self.student_classes(labels, teacher_logits)
+        student_maps, student_logits = self.explain_student(inputs, classes)
+        student_maps, teacher_maps = self.align(student_maps, teacher_maps)
+        return student_maps, teacher_maps, student_logits, teacher_logits.detach()
 
     def distance(self, student_maps: Tensor, teacher_maps: Tensor) -> Tensor:
         """Unweighted ``mean over samples of sum over positions of (L_s - L_t)^2``."""
-        if student_maps.shape != teacher_maps.shape:
-            raise ValueError(f"student maps {tuple(student_maps.shape)} and teacher maps {tuple(teacher_maps.shape)} differ in shape")
-        return (student_maps - teacher_maps.detach()).pow(2).flatten(1).sum(dim=1).mean()
+        return map_distance(student_maps, teacher_maps)
 
     def value(self, step: Any) -> Tensor:
         """The unweighted distance from a training step's maps (``step.student_maps`` / ``teacher_maps``)."""

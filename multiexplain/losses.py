@@ -9,6 +9,7 @@ student's forward is the explainer's differentiable forward, and the other terms
 
 from __future__ import annotations
 
+import hashlib
 import math
 from collections.abc import Mapping, Sequence
 from contextlib import ExitStack, contextmanager
@@ -25,8 +26,9 @@ from .explain import Inputs, LayerCapture, call_model, model_logits, resolve_lay
 from .models.wrn import WideResNet
 
 __all__ = [
-    "AttentionTransferLoss", "CrossEntropyLoss", "DistillationLoss", "ExplanationLoss", "HintonKDLoss", "LOSSES",
-    "LossTerm", "StepOutputs", "attention_map", "build_loss",
+    "AttentionTransferLoss", "CrossEntropyLoss", "DistillationLoss", "EXPLANATION_PRESETS", "ExplanationLoss",
+    "HintonKDLoss", "LOSSES", "LossTerm", "SCHEDULES", "StepOutputs", "TeacherCache", "attention_map", "build_loss",
+    "feature_layers_of", "schedule_factor",
 ]
 
 
@@ -37,7 +39,9 @@ class StepOutputs:
     ``student_logits`` / ``teacher_logits``: ``(N, classes)`` (teacher detached, or ``None``
     when no term needs the teacher); ``labels``: ``(N,)``; ``student_maps`` / ``teacher_maps``:
     aligned, normalised maps ``(N, *map_size)`` (``None`` without an explanation term);
-    ``student_features`` / ``teacher_features``: the attention-transfer layers' outputs.
+    ``student_features`` / ``teacher_features``: the attention-transfer layers' outputs;
+    ``teacher_attention``: the teacher's attention maps of those layers (``(N, H, W)`` each) when
+    they come from a :class:`TeacherCache` instead of features.
     """
 
     labels: Tensor
@@ -47,6 +51,7 @@ class StepOutputs:
     teacher_maps: Tensor | None = None
     student_features: list[Tensor] = field(default_factory=list)
     teacher_features: list[Tensor] = field(default_factory=list)
+    teacher_attention: list[Tensor] = field(default_factory=list)
 
 
 class LossTerm(nn.Module):
@@ -108,11 +113,12 @@ class AttentionTransferLoss(LossTerm):
         super().__init__(weight)
 
     def value(self, step: StepOutputs) -> Tensor:
-        if not step.student_features or len(step.student_features) != len(step.teacher_features):
+        teachers = step.teacher_attention or [attention_map(feature.detach()) for feature in step.teacher_features]
+        if not step.student_features or len(step.student_features) != len(teachers):
             raise ValueError("attention transfer needs the same number (>= 1) of student and teacher feature layers")
         total = step.student_logits.new_zeros(())
-        for student, teacher in zip(step.student_features, step.teacher_features):
-            s, t = attention_map(student), attention_map(teacher.detach())
+        for student, t in zip(step.student_features, teachers):
+            s, t = attention_map(student), t.detach()
             if s.shape[1:] != t.shape[1:]:
                 s = F.normalize(core.upsample_maps(s, t.shape[1:]).flatten(1), dim=1).view_as(t)
             total = total + (s - t).pow(2).mean()
@@ -121,12 +127,82 @@ class AttentionTransferLoss(LossTerm):
 
 
 #: Loss terms by name; ``build_loss`` instantiates them from a config.
-LOSSES: dict[str, type[LossTerm]] = {
+LOSSES: dict[str, type[nn.Module]] = {
     "ce": CrossEntropyLoss,
     "kd": HintonKDLoss,
     "at": AttentionTransferLoss,
     "expl": ExplanationLoss,
 }
+
+#: Named settings of the explanation term (``{"expl": {"preset": NAME, **overrides}}``).
+#: ``"default"`` is what ``{"expl": ...}`` gets without a preset (chosen by the study in
+#: ``benchmarks/quality_distillation.py``); ``"paper"`` is the Grad-CAM++ paper's eq. 28 exactly:
+#: a = 0.01 on raw (unnormalised) maps, a constant weight.
+EXPLANATION_PRESETS: dict[str, dict[str, Any]] = {
+    "default": {"weight": 8.0, "method": "gradcam++", "normalize": "l2", "schedule": "constant", "warmup": 0.0},
+    "paper": {"weight": 0.01, "method": "gradcam++", "normalize": "none", "schedule": "constant", "warmup": 0.0},
+}
+
+#: Weight schedules over training progress ``p`` in ``[0, 1]`` (a linear warm-up from 0 comes first).
+SCHEDULES = ("constant", "linear", "cosine")
+
+
+def schedule_factor(schedule: str, progress: float, warmup: float = 0.0) -> float:
+    """The multiplier of a term's weight at training progress ``progress`` (0: start, 1: end).
+
+    ``"constant"``: 1; ``"linear"``: ``1 - p``; ``"cosine"``: ``(1 + cos(pi p)) / 2`` (both decay
+    to 0 at the end). ``warmup`` (a fraction of training) ramps the factor linearly from 0 first.
+    """
+    if schedule not in SCHEDULES:
+        raise ValueError(f"unknown weight schedule {schedule!r}; choose one of {SCHEDULES}")
+    if not 0.0 <= warmup < 1.0:
+        raise ValueError(f"warmup is a fraction of training in [0, 1), got {warmup}")
+    p = min(max(float(progress), 0.0), 1.0)
+    factor = {"constant": 1.0, "linear": 1.0 - p, "cosine": 0.5 * (1.0 + math.cos(math.pi * p))}[schedule]
+    return factor * (min(1.0, p / warmup) if warmup > 0 else 1.0)
+
+
+def feature_layers_of(model: nn.Module) -> tuple[str, ...]:
+    """The layers attention transfer reads by default: the model's declared ``group_layers``
+    (its stage outputs), else a WRN's three groups."""
+    return tuple(getattr(unwrap(model), "group_layers", WideResNet.group_layers))
+
+
+class TeacherCache:
+    """The frozen teacher's outputs (logits, raw explanation maps, attention maps), computed once
+    per training sample.
+
+    A frozen teacher in eval mode gives the same outputs for the same image every epoch, so with
+    un-augmented data they need computing only in the first epoch. Keys are a digest of each
+    sample's bytes and label (inputs are copied to the CPU to hash them); a batch is served from
+    the cache only when every sample in it is there with every entry asked for. Do not use it with
+    random augmentation (the images then differ every epoch and the cache only grows).
+    """
+
+    def __init__(self) -> None:
+        self._store: dict[bytes, dict[str, Tensor]] = {}
+
+    def __len__(self) -> int:
+        return len(self._store)
+
+    @staticmethod
+    def keys(inputs: Tensor, labels: Tensor) -> list[bytes]:
+        images = inputs.detach().cpu().contiguous()
+        classes = labels.view(-1).cpu().tolist()
+        return [hashlib.blake2b(image.numpy().tobytes() + str(int(c)).encode(), digest_size=16).digest()
+                for image, c in zip(images, classes)]
+
+    def get(self, keys: Sequence[bytes], names: Sequence[str], device: torch.device) -> dict[str, Tensor] | None:
+        """``{name: (N, ...)}`` for the batch, or ``None`` unless every sample has every name."""
+        if not keys or any(key not in self._store or any(n not in self._store[key] for n in names) for key in keys):
+            return None
+        return {name: torch.stack([self._store[key][name] for key in keys]).to(device) for name in names}
+
+    def put(self, keys: Sequence[bytes], values: Mapping[str, Tensor]) -> None:
+        """Store ``{name: (N, ...)}`` per sample (detached, on the CPU)."""
+        values = {name: value.detach().cpu() for name, value in values.items()}
+        for i, key in enumerate(keys):
+            self._store.setdefault(key, {}).update({name: value[i] for name, value in values.items()})
 
 
 @contextmanager
@@ -152,53 +228,113 @@ class DistillationLoss(nn.Module):
     backpropagate, the unweighted value of every term (detached, for logging) and the student's
     logits ``(N, classes)``. With an ``"expl"`` term the student's forward is the explainer's
     (differentiable) forward, so CE / KD / AT reuse it instead of running the student twice.
+
+    Args:
+        student, teacher: the models (the teacher frozen, or ``None`` without teacher terms).
+        terms: name -> term (``value(step)`` gives its unweighted loss, ``weight`` its weight).
+        student_feature_layers, teacher_feature_layers: attention transfer's layer pairs
+            (default: each model's ``group_layers``, see :func:`feature_layers_of`).
+        schedules: name -> ``(schedule, warmup)`` (see :func:`schedule_factor`); a term without
+            one keeps its weight. :meth:`set_progress` tells the loss where training is.
+        cache_teacher: keep the teacher's logits and maps per sample (:class:`TeacherCache`).
     """
 
     def __init__(
         self,
         student: nn.Module,
         teacher: nn.Module | None,
-        terms: Mapping[str, LossTerm],
-        student_feature_layers: Sequence[str] = WideResNet.group_layers,
-        teacher_feature_layers: Sequence[str] = WideResNet.group_layers,
+        terms: Mapping[str, nn.Module],
+        student_feature_layers: Sequence[str] | None = None,
+        teacher_feature_layers: Sequence[str] | None = None,
+        schedules: Mapping[str, tuple[str, float]] | None = None,
+        cache_teacher: bool = False,
     ) -> None:
         super().__init__()
         if not terms:
             raise ValueError("a distillation loss needs at least one term")
-        needy = [name for name, term in terms.items() if term.needs_teacher]
+        needy = [name for name, term in terms.items() if getattr(term, "needs_teacher", False)]
         if needy and teacher is None:
             raise ValueError(f"loss term(s) {needy} need a teacher model")
         object.__setattr__(self, "student", student)
         object.__setattr__(self, "teacher", teacher)
         self.terms = nn.ModuleDict(dict(terms))
-        self.student_feature_layers = tuple(student_feature_layers)
-        self.teacher_feature_layers = tuple(teacher_feature_layers)
+        self.student_feature_layers = tuple(student_feature_layers or feature_layers_of(student))
+        self.teacher_feature_layers = tuple(teacher_feature_layers or (feature_layers_of(teacher) if teacher is not None else ()))
+        self.schedules = dict(schedules or {})
+        unknown = sorted(set(self.schedules) - set(self.terms))
+        if unknown:
+            raise ValueError(f"schedules for unknown term(s) {unknown}")
+        for schedule, warmup in self.schedules.values():
+            schedule_factor(schedule, 0.0, warmup)  # validates both
+        self.progress = 0.0
+        self.cache = TeacherCache() if cache_teacher else None
 
     @property
     def explanation(self) -> ExplanationLoss | None:
         found = [term for term in self.terms.values() if isinstance(term, ExplanationLoss)]
         return found[0] if found else None
 
+    def set_progress(self, progress: float) -> None:
+        """Where training is, from 0 (start) to 1 (end): scheduled weights follow it."""
+        self.progress = float(progress)
+
+    def weights(self) -> dict[str, float]:
+        """Every term's weight at the current progress (its schedule applied)."""
+        weights = {}
+        for name, term in self.terms.items():
+            schedule, warmup = self.schedules.get(name, ("constant", 0.0))
+            weights[name] = term.weight * schedule_factor(schedule, self.progress, warmup)
+        return weights
+
+    def _run_teacher(self, inputs: Inputs, labels: Tensor, explanation: ExplanationLoss | None, use_at: bool) -> dict[str, Tensor]:
+        """One teacher forward: its logits, raw maps (with an explanation term) and attention maps (with AT)."""
+        assert self.teacher is not None
+        features: list[Tensor] = []
+        with ExitStack() as stack:
+            if use_at:
+                stack.enter_context(_capture_outputs(self.teacher, self.teacher_feature_layers, features))
+            if explanation is not None:
+                maps, logits = explanation.explain_teacher(inputs, labels)
+                out = {"logits": logits, "maps": maps}
+            else:
+                with torch.no_grad():
+                    out = {"logits": model_logits(call_model(self.teacher, inputs)).detach()}
+        out.update({f"attention{i}": attention_map(feature.detach()) for i, feature in enumerate(features)})
+        return out
+
+    def _teacher_outputs(self, inputs: Inputs, labels: Tensor, explanation: ExplanationLoss | None, use_at: bool) -> dict[str, Tensor]:
+        """The teacher's outputs for the batch, from the cache when it has them all."""
+        names = ["logits"] + (["maps"] if explanation is not None else [])
+        names += [f"attention{i}" for i in range(len(self.teacher_feature_layers))] if use_at else []
+        keys = None
+        if self.cache is not None and isinstance(inputs, Tensor):
+            keys = self.cache.keys(inputs, labels)
+            hit = self.cache.get(keys, names, inputs.device)
+            if hit is not None:
+                return hit
+        out = self._run_teacher(inputs, labels, explanation, use_at)
+        if keys is not None:
+            self.cache.put(keys, out)  # type: ignore[union-attr]
+        return out
+
     def compute_step(self, inputs: Inputs, labels: Tensor) -> StepOutputs:
-        """Run the models once and collect what the terms need."""
+        """Run the models once (the teacher not at all when the cache has the batch) and collect
+        what the terms need."""
         use_at = any(isinstance(term, AttentionTransferLoss) for term in self.terms.values())
-        needs_teacher = any(term.needs_teacher for term in self.terms.values())
+        needs_teacher = any(getattr(term, "needs_teacher", False) for term in self.terms.values())
         explanation = self.explanation
+        teacher = self._teacher_outputs(inputs, labels, explanation, use_at) if needs_teacher else {}
+        teacher_logits = teacher.get("logits")
         student_features: list[Tensor] = []
-        teacher_features: list[Tensor] = []
+        student_maps = teacher_maps = None
         with ExitStack() as stack:
             if use_at:
                 stack.enter_context(_capture_outputs(self.student, self.student_feature_layers, student_features))
-                assert self.teacher is not None
-                stack.enter_context(_capture_outputs(self.teacher, self.teacher_feature_layers, teacher_features))
-            student_maps = teacher_maps = teacher_logits = None
             if explanation is not None:
-                student_maps, teacher_maps, student_logits, teacher_logits = explanation.explain_pair(inputs, labels)
+                assert teacher_logits is not None
+                student_maps, teacher_maps, student_logits, teacher_logits = explanation.explain_pair(
+                    inputs, labels, teacher=(teacher["maps"], teacher_logits))
             else:
-                if needs_teacher:
-                    assert self.teacher is not None
-                    with torch.no_grad():
-                        teacher_logits = model_logits(call_model(self.teacher, inputs))
                 student_logits = model_logits(call_model(self.student, inputs))
         return StepOutputs(
             labels=labels,
@@ -207,34 +343,53 @@ class DistillationLoss(nn.Module):
             student_maps=student_maps,
             teacher_maps=teacher_maps,
             student_features=student_features,
-            teacher_features=[feature.detach() for feature in teacher_features],
+            teacher_attention=[teacher[f"attention{i}"] for i in range(len(self.teacher_feature_layers))] if use_at else [],
         )
 
     def forward(self, inputs: Inputs, labels: Tensor) -> tuple[Tensor, dict[str, Tensor], Tensor]:
         step = self.compute_step(inputs, labels)
         values = {name: term.value(step) for name, term in self.terms.items()}
-        total = sum(self.terms[name].weight * value for name, value in values.items())
+        weights = self.weights()
+        total = sum(weights[name] * value for name, value in values.items())
         return total, {name: value.detach() for name, value in values.items()}, step.student_logits  # type: ignore[return-value]
 
 
-def build_loss(config: Mapping[str, Any], student: nn.Module, teacher: nn.Module | None = None) -> DistillationLoss:
+def _explanation_options(spec: Any) -> dict[str, Any]:
+    """The explanation term's options: a preset (``"default"`` unless named) with overrides on top."""
+    options = dict(spec) if isinstance(spec, Mapping) else {"weight": float(spec)}
+    preset = options.pop("preset", "default")
+    if preset not in EXPLANATION_PRESETS:
+        raise ValueError(f"unknown explanation preset {preset!r}; choose one of {sorted(EXPLANATION_PRESETS)}")
+    return {**EXPLANATION_PRESETS[preset], **options}
+
+
+def build_loss(
+    config: Mapping[str, Any], student: nn.Module, teacher: nn.Module | None = None, *, cache_teacher: bool = False
+) -> DistillationLoss:
     """A :class:`DistillationLoss` from ``{name: weight}`` or ``{name: {"weight": w, **options}}``.
 
-    Names are the keys of :data:`LOSSES`. Options: ``kd``: ``temperature`` (4); ``expl``:
-    ``method`` ("gradcam++" | "gradcam"), ``normalize`` ("none" | "l2" | "max" | "minmax"),
-    ``size`` ([h, w] or null), ``target`` ("label" | "teacher"), ``teacher_layer`` /
-    ``student_layer`` ("auto"); ``at``: ``student_layers`` / ``teacher_layers`` (default the
-    WRN group outputs). Example: ``{"ce": 1, "kd": {"weight": 1, "temperature": 4},
-    "expl": {"weight": 0.01, "method": "gradcam++"}}``.
+    Names are the keys of :data:`LOSSES`. Every term takes ``schedule`` ("constant" | "linear" |
+    "cosine", see :func:`schedule_factor`) and ``warmup`` (a fraction of training). Options:
+    ``kd``: ``temperature`` (4); ``at``: ``student_layers`` / ``teacher_layers`` (default each
+    model's ``group_layers``); ``expl``: ``preset`` (:data:`EXPLANATION_PRESETS`: ``"default"``
+    unless named, ``"paper"`` for eq. 28 as published), then any of ``weight``, ``method``
+    ("gradcam++" | "gradcam"), ``normalize`` ("none" | "l2" | "max" | "minmax"), ``size``
+    ([h, w] or null), ``target`` ("label" | "teacher"), ``teacher_layer`` / ``student_layer``
+    ("auto"). A bare number for ``expl`` is the default preset at that weight. Example:
+    ``{"ce": 1, "kd": {"weight": 1, "temperature": 4}, "expl": {"preset": "paper"}}``.
     """
     if not isinstance(config, Mapping) or not config:
         raise ValueError(f"a loss config is a non-empty mapping of loss names to weights/options, got {config!r}")
-    terms: dict[str, LossTerm] = {}
+    terms: dict[str, nn.Module] = {}
     feature_layers: dict[str, Sequence[str]] = {}
+    schedules: dict[str, tuple[str, float]] = {}
     for name, spec in config.items():
         if name not in LOSSES:
             raise ValueError(f"unknown loss {name!r}; choose from {sorted(LOSSES)}")
-        options = dict(spec) if isinstance(spec, Mapping) else {"weight": float(spec)}
+        options = _explanation_options(spec) if name == "expl" else (dict(spec) if isinstance(spec, Mapping) else {"weight": float(spec)})
+        schedule, warmup = options.pop("schedule", "constant"), float(options.pop("warmup", 0.0))
+        if schedule != "constant" or warmup > 0:
+            schedules[name] = (schedule, warmup)
         if name == "expl":
             if teacher is None:
                 raise ValueError("the 'expl' loss needs a teacher model")
@@ -247,9 +402,6 @@ def build_loss(config: Mapping[str, Any], student: nn.Module, teacher: nn.Module
         else:
             terms[name] = LOSSES[name](**options)
     return DistillationLoss(
-        student,
-        teacher,
-        terms,
-        feature_layers.get("student", WideResNet.group_layers),
-        feature_layers.get("teacher", WideResNet.group_layers),
+        student, teacher, terms, feature_layers.get("student"), feature_layers.get("teacher"),
+        schedules=schedules, cache_teacher=cache_teacher,
     )

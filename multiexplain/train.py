@@ -11,7 +11,9 @@ import argparse
 import json
 import os
 import random
+import re
 import sys
+import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
@@ -23,9 +25,15 @@ from torch import nn
 from .data.distill_data import DISTILL_CLASSES, make_distill_dataset
 from .explain import model_logits
 from .losses import build_loss
-from .models import load_checkpoint, load_shipped, save_checkpoint, wide_resnet
+from .models import load_checkpoint, load_shipped, mobilenet_v2, save_checkpoint, wide_resnet
 
-__all__ = ["TrainConfig", "Trainer", "evaluate_student", "load_config_file", "main", "seed_everything", "train_from_config"]
+__all__ = [
+    "RESUME_FORMAT", "ResumeError", "TrainConfig", "Trainer", "evaluate_student", "find_resume_state", "load_config_file",
+    "main", "seed_everything", "train_from_config",
+]
+
+#: The ``format`` entry of a Trainer checkpoint (``epoch_NNN.pt`` / ``last.pt``).
+RESUME_FORMAT = "multiexplain-trainer/1"
 
 
 @dataclass
@@ -33,10 +41,16 @@ class TrainConfig:
     """Trainer settings (all keys of the ``"train"`` section of :func:`train_from_config`).
 
     ``optimizer``: "sgd" (momentum, Nesterov) or "adam"; ``schedule``: "cosine", "step" (x0.1 at
-    50% and 75% of the epochs) or "none"; ``checkpoint_dir``: where ``epoch_XXX.pt`` and
-    ``last.pt`` go each epoch (``None``: no checkpoints); ``resume``: continue from
-    ``checkpoint_dir/last.pt`` when it exists; ``device``: "cpu", "cuda", ... or ``None`` (the
-    student's device; under torchrun with CUDA, ``cuda:LOCAL_RANK``).
+    50% and 75% of the epochs) or "none"; ``checkpoint_dir``: where ``epoch_NNN.pt`` and
+    ``last.pt`` go each epoch, each written atomically (``None``: no checkpoints); ``resume``:
+    continue from the newest checkpoint there that loads (see :func:`find_resume_state`);
+    ``on_config_change``: what resuming does when ``lr``, ``momentum``, ``weight_decay`` or
+    ``epochs`` differ from the checkpoint's: ``"error"`` (refuse) or ``"warn"`` (warn, then
+    continue with the new values); any other difference (optimizer, schedule, batch size, seed,
+    losses) is always refused. ``cache_teacher``: compute the frozen teacher's logits and maps once
+    per training image (:class:`multiexplain.losses.TeacherCache`; un-augmented data only);
+    ``device``: "cpu", "cuda", ... or ``None`` (the student's device; under torchrun with CUDA,
+    ``cuda:LOCAL_RANK``).
     """
 
     epochs: int = 10
@@ -49,6 +63,8 @@ class TrainConfig:
     seed: int = 0
     checkpoint_dir: str | None = None
     resume: bool = False
+    on_config_change: str = "error"
+    cache_teacher: bool = False
     progress: bool = True
     device: str | None = None
 
@@ -58,7 +74,10 @@ class TrainConfig:
         unknown = sorted(set(values) - known)
         if unknown:
             raise ValueError(f"unknown train option(s) {unknown}; known: {sorted(known)}")
-        return cls(**values)
+        config = cls(**values)
+        if config.on_config_change not in ("error", "warn"):
+            raise ValueError(f"on_config_change must be 'error' or 'warn', got {config.on_config_change!r}")
+        return config
 
 
 def seed_everything(seed: int) -> None:
@@ -130,7 +149,8 @@ class Trainer:
             self.model = nn.parallel.DistributedDataParallel(
                 self.student, device_ids=[self.device.index] if self.device.type == "cuda" else None
             )
-        self.loss = build_loss(losses, self.model, self.teacher)
+        self.loss = build_loss(losses, self.model, self.teacher, cache_teacher=self.config.cache_teacher)
+        self.losses_config = _plain(losses)
         self.train_set, self.eval_set = train_set, eval_set
         self.optimizer = self._make_optimizer()
         self.scheduler = self._make_scheduler()
@@ -169,14 +189,18 @@ class Trainer:
 
     # -- checkpoints ----------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
+        """Everything needed to continue training, as tensors, numbers, strings, lists and dicts
+        only (``torch.load(..., weights_only=True)`` reads it, so loading it runs no code)."""
         return {
+            "format": RESUME_FORMAT,
             "epoch": self.epoch,
-            "student": self.student.state_dict(),
+            "student": {key: value.detach().cpu() for key, value in self.student.state_dict().items()},
             "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict() if self.scheduler is not None else None,
-            "history": self.history,
+            "history": [dict(record) for record in self.history],
             "config": asdict(self.config),
-            "rng": torch.get_rng_state(),
+            "losses": self.losses_config,
+            "rng": _rng_state(),
         }
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
@@ -185,9 +209,9 @@ class Trainer:
         if self.scheduler is not None and state.get("scheduler") is not None:
             self.scheduler.load_state_dict(state["scheduler"])
         self.epoch = int(state["epoch"])
-        self.history = list(state.get("history", []))
+        self.history = [dict(record) for record in state.get("history", [])]
         if "rng" in state:
-            torch.set_rng_state(state["rng"])
+            _set_rng_state(state["rng"])
 
     def _save_checkpoint(self) -> None:
         if self.config.checkpoint_dir is None or self.rank != 0:
@@ -195,18 +219,72 @@ class Trainer:
         directory = Path(self.config.checkpoint_dir)
         directory.mkdir(parents=True, exist_ok=True)
         state = self.state_dict()
-        torch.save(state, directory / f"epoch_{self.epoch:03d}.pt")
-        # Write-then-rename, so an interrupted save never leaves a broken last.pt to resume from.
-        tmp = directory / "last.pt.tmp"
-        torch.save(state, tmp)
-        os.replace(tmp, directory / "last.pt")
+        # Each file is written to a temporary name and renamed into place: a crash leaves the old
+        # file or the new one, never a truncated one under the final name.
+        _save_atomic(state, directory / f"epoch_{self.epoch:03d}.pt")
+        _save_atomic(state, directory / "last.pt")
 
     def _maybe_resume(self) -> None:
         if not self.config.resume or self.config.checkpoint_dir is None:
             return
-        path = Path(self.config.checkpoint_dir) / "last.pt"
-        if path.exists():
-            self.load_state_dict(torch.load(path, map_location=self.device, weights_only=True))  # no code runs
+        found = find_resume_state(self.config.checkpoint_dir)
+        if found is None:
+            return
+        path, state, skipped = found
+        if skipped:
+            warnings.warn(
+                f"resuming from {path}; skipped newer checkpoint(s) that do not load: "
+                + "; ".join(f"{name} ({reason})" for name, reason in skipped),
+                RuntimeWarning, stacklevel=3,
+            )
+        adjust = self._check_resume_config(path, state)
+        try:
+            self.load_state_dict(state)
+        except (KeyError, RuntimeError, ValueError) as error:
+            raise ResumeError(f"{path} does not fit this student or optimizer ({type(error).__name__}: "
+                              f"{str(error).splitlines()[0][:300]}); use another checkpoint_dir or resume: false") from None
+        adjust()
+
+    def _check_resume_config(self, path: Path, state: Mapping[str, Any]) -> Any:
+        """Refuse a checkpoint made under other settings (or, for the adjustable ones with
+        ``on_config_change="warn"``, warn); returns the adjustment to apply after loading."""
+        saved = dict(state.get("config") or {})
+        current = asdict(self.config)
+        changed = {key: (saved.get(key), current[key]) for key in _RESUME_CHECKED if saved.get(key) != current[key]}
+        if _plain(state.get("losses")) != self.losses_config:
+            changed["losses"] = (state.get("losses"), self.losses_config)
+        if not changed:
+            return lambda: None
+        described = ", ".join(f"{key}: checkpoint {old!r}, now {new!r}" for key, (old, new) in changed.items())
+        fixed = sorted(set(changed) - set(_RESUME_ADJUSTABLE))
+        if fixed or self.config.on_config_change == "error":
+            hint = ("these cannot change in the middle of a run" if fixed else
+                    "restore them, or set on_config_change: warn to continue with the new values")
+            raise ResumeError(f"cannot resume from {path}: the settings differ ({described}); {hint}, "
+                              "or use a new checkpoint_dir")
+        warnings.warn(f"resuming from {path} with changed settings ({described}); the new values apply from "
+                      f"epoch {int(state['epoch']) + 1} on", RuntimeWarning, stacklevel=4)
+        return lambda: self._apply_new_hyperparameters(saved)
+
+    def _apply_new_hyperparameters(self, saved: Mapping[str, Any]) -> None:
+        """After loading a checkpoint made with other lr / momentum / weight decay / epochs:
+        keep the schedule's progress, at the new values."""
+        c = self.config
+        old_lr = float(saved.get("lr", c.lr))
+        for group in self.optimizer.param_groups:
+            group["lr"] = group["lr"] * c.lr / old_lr if old_lr > 0 else c.lr
+            group["initial_lr"] = c.lr
+            group["weight_decay"] = c.weight_decay
+            if "momentum" in group:
+                group["momentum"] = c.momentum
+        if isinstance(self.scheduler, torch.optim.lr_scheduler.CosineAnnealingLR):
+            self.scheduler.base_lrs = [c.lr for _ in self.scheduler.base_lrs]
+            self.scheduler.T_max = c.epochs
+        elif isinstance(self.scheduler, torch.optim.lr_scheduler.MultiStepLR):
+            from collections import Counter
+
+            self.scheduler.base_lrs = [c.lr for _ in self.scheduler.base_lrs]
+            self.scheduler.milestones = Counter([max(1, c.epochs // 2), max(1, (3 * c.epochs) // 4)])
 
     # -- loop ---------------------------------------------------------------------------------
     def fit(self, max_epochs: int | None = None) -> list[dict[str, float]]:
@@ -224,8 +302,10 @@ class Trainer:
             batches = 0
             loader = self._loader(self.epoch)
             iterator = tqdm(loader, desc=f"epoch {self.epoch + 1}/{self.config.epochs}", leave=False) if show else loader
-            for images, labels in iterator:
+            steps = max(len(loader), 1)
+            for index, (images, labels) in enumerate(iterator):
                 images, labels = images.to(self.device), labels.to(self.device)
+                self.loss.set_progress((self.epoch + index / steps) / self.config.epochs)
                 total, terms, _ = self.loss(images, labels)
                 if not torch.isfinite(total):
                     raise FloatingPointError(f"non-finite loss {total.item()} at epoch {self.epoch + 1} (terms {terms})")
@@ -255,6 +335,131 @@ class Trainer:
         return self.history
 
 
+class ResumeError(ValueError):
+    """A checkpoint directory the Trainer cannot (or must not) resume from (a ``ValueError``, so
+    ``multiexplain distill`` reports it as one line)."""
+
+
+#: Settings a resumed run must share with its checkpoint (the others are where files go and how
+#: much is printed); the adjustable ones may change with ``on_config_change="warn"``.
+_RESUME_CHECKED = ("epochs", "batch_size", "lr", "optimizer", "momentum", "weight_decay", "schedule", "seed")
+_RESUME_ADJUSTABLE = ("lr", "momentum", "weight_decay", "epochs")
+_EPOCH_FILE = re.compile(r"^epoch_(\d+)\.pt$")
+
+
+def _plain(value: Any) -> Any:
+    """``value`` with every leaf a number, string, bool or None (others by their ``repr``), so a
+    loss config can be stored in a weights-only checkpoint and compared."""
+    if isinstance(value, Mapping):
+        return {str(key): _plain(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(item) for item in value]
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value
+    return repr(value)
+
+
+def _rng_state() -> dict[str, Any]:
+    import numpy as np
+
+    kind, keys, position, has_gauss, cached = np.random.get_state()
+    return {
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+        "python": random.getstate(),
+        "numpy": {"kind": str(kind), "keys": torch.from_numpy(keys.astype("int64")), "position": int(position),
+                  "has_gauss": int(has_gauss), "cached_gaussian": float(cached)},
+    }
+
+
+def _set_rng_state(state: Any) -> None:
+    import numpy as np
+
+    if isinstance(state, torch.Tensor):  # checkpoints of multiexplain 0.2 kept the torch state only
+        torch.set_rng_state(state)
+        return
+    torch.set_rng_state(state["torch"])
+    if state.get("cuda") and torch.cuda.is_available() and len(state["cuda"]) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all(state["cuda"])
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    n = state["numpy"]
+    np.random.set_state((n["kind"], n["keys"].numpy().astype("uint32"), n["position"], n["has_gauss"], n["cached_gaussian"]))
+
+
+def _save_atomic(state: Mapping[str, Any], path: Path) -> None:
+    temporary = path.with_name(path.name + ".tmp")
+    with open(temporary, "wb") as handle:
+        torch.save(dict(state), handle)
+        handle.flush()
+        os.fsync(handle.fileno())
+    os.replace(temporary, path)
+
+
+def _read_state(path: Path) -> tuple[dict[str, Any] | None, str]:
+    """A Trainer checkpoint read with ``weights_only=True``, or ``None`` and why it does not load.
+
+    A file that needs code to load (pickled objects other than tensors and plain containers) is
+    refused with :class:`ResumeError`, never skipped in silence: it was not written by this
+    Trainer, and loading it would run its code.
+    """
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:  # noqa: BLE001 - truncated, empty, not a torch file, or unsafe
+        message = str(error)
+        if "Weights only load failed" in message or "weights_only" in message:
+            detail = next((line.strip() for line in message.splitlines() if "GLOBAL" in line or "Unsupported" in line), "")
+            raise ResumeError(
+                f"refusing to resume from {path}: it holds pickled objects that would run code when loaded "
+                f"({detail[:200] or 'not allowed with weights_only=True'}); a Trainer checkpoint holds tensors and "
+                "plain values only. Delete the file if you did not write it, or use a new checkpoint_dir"
+            ) from None
+        first = message.splitlines()[0][:160] if message else "no details"
+        return None, f"{'empty file' if path.stat().st_size == 0 else 'unreadable'}: {type(error).__name__}: {first}"
+    if not isinstance(state, dict) or state.get("format") != RESUME_FORMAT or "epoch" not in state or "student" not in state:
+        found = state.get("format") if isinstance(state, dict) else type(state).__name__
+        return None, f"not a {RESUME_FORMAT} checkpoint (format {found!r})"
+    return state, ""
+
+
+def find_resume_state(directory: str | os.PathLike) -> tuple[Path, dict[str, Any], list[tuple[str, str]]] | None:
+    """The newest Trainer checkpoint in ``directory`` that loads: ``(path, state, skipped)``.
+
+    Candidates are ``last.pt`` and every ``epoch_NNN.pt``; the one with the highest epoch that
+    loads wins (``last.pt`` on a tie). ``skipped`` names each newer file that did not load and
+    why (truncated, empty, another format). ``None`` when the directory has no candidate at all;
+    :class:`ResumeError` when candidates exist but none loads, or one holds code.
+    """
+    directory = Path(directory)
+    if not directory.is_dir():
+        return None
+    numbered = sorted(((int(m.group(1)), path) for path in directory.iterdir() if (m := _EPOCH_FILE.match(path.name))), reverse=True)
+    last = directory / "last.pt"
+    if not numbered and not last.exists():
+        return None
+    skipped: list[tuple[str, str]] = []
+    best: tuple[Path, dict[str, Any]] | None = None
+    if last.exists():
+        state, reason = _read_state(last)
+        if state is None:
+            skipped.append((last.name, reason))
+        else:
+            best = (last, state)
+    for epoch, path in numbered:
+        if best is not None and int(best[1]["epoch"]) >= epoch:
+            break
+        state, reason = _read_state(path)
+        if state is None:
+            skipped.append((path.name, reason))
+            continue
+        best = (path, state)
+        break
+    if best is None:
+        raise ResumeError(f"no checkpoint in {directory} loads: " + "; ".join(f"{name} ({reason})" for name, reason in skipped)
+                          + "; remove them or set resume: false to start over")
+    return best[0], best[1], skipped
+
+
 @torch.no_grad()
 def evaluate_student(model: nn.Module, dataset: torch.utils.data.Dataset, batch_size: int = 256, device: torch.device | str | None = None) -> float:
     """Top-1 error % of ``model`` (in eval mode; its train/eval mode is restored) on ``(image, label)`` pairs."""
@@ -281,10 +486,16 @@ def _model_from_config(spec: Mapping[str, Any] | None, role: str) -> nn.Module |
         return load_shipped(f"distill-{role}").model
     if checkpoint is not None:
         return load_checkpoint(checkpoint).model
-    unknown = sorted(set(spec) - {"depth", "widen_factor", "num_classes"})
+    arch = spec.pop("arch", "wide_resnet")
+    classes = int(spec.pop("num_classes", len(DISTILL_CLASSES)))
+    if arch == "mobilenet_v2":
+        return mobilenet_v2(classes, **spec)
+    if arch != "wide_resnet":
+        raise ValueError(f"unknown {role} arch {arch!r}; choose 'wide_resnet' or 'mobilenet_v2'")
+    unknown = sorted(set(spec) - {"depth", "widen_factor"})
     if unknown:
-        raise ValueError(f"unknown {role} option(s) {unknown}; use depth, widen_factor, num_classes, checkpoint")
-    return wide_resnet(int(spec.get("depth", 16)), int(spec.get("widen_factor", 2)), int(spec.get("num_classes", len(DISTILL_CLASSES))))
+        raise ValueError(f"unknown {role} option(s) {unknown}; use arch, depth, widen_factor, num_classes, checkpoint")
+    return wide_resnet(int(spec.get("depth", 16)), int(spec.get("widen_factor", 2)), classes)
 
 
 def train_from_config(config: Mapping[str, Any]) -> dict[str, Any]:
@@ -297,7 +508,8 @@ def train_from_config(config: Mapping[str, Any]) -> dict[str, Any]:
       ``seed + 1``), ``fraction`` (1.0; a class-balanced subset of the training set).
     - ``teacher``: ``{"checkpoint": "shipped" | PATH}`` or ``{"depth": 16, "widen_factor": 2}``;
       omit for plain training.
-    - ``student``: same form, e.g. ``{"depth": 10, "widen_factor": 1}``.
+    - ``student``: same form, e.g. ``{"depth": 10, "widen_factor": 1}``, or
+      ``{"arch": "mobilenet_v2"}`` (the MobileNetV2-style student).
     - ``losses``: for :func:`build_loss` (default ``{"ce": 1.0}``).
     - ``train``: :class:`TrainConfig` fields (``epochs``, ``batch_size``, ``lr``, ``optimizer``,
       ``schedule``, ``checkpoint_dir``, ``resume``, ``progress``, ``device``); ``seed`` defaults

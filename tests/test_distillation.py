@@ -81,7 +81,7 @@ def test_explanation_loss_matches_an_independent_float64_reference_and_aligns_re
     x = torch.rand(4, 3, 32, 32, dtype=torch.float64)
     y = torch.tensor([0, 1, 2, 3])
     # student explained at block2 (16x16) against the teacher's final layer (8x8)
-    loss = ExplanationLoss(teacher, student, student_layer="block2", weight=0.5)
+    loss = ExplanationLoss(teacher, student, student_layer="block2", weight=0.5, normalize="none")
     student_ref = _reference_gradcampp(student, student.block2, x, y)
     teacher_ref = _reference_gradcampp(teacher, teacher.relu, x, y).detach()
     assert student_ref.shape == (4, 16, 16) and teacher_ref.shape == (4, 8, 8)
@@ -340,3 +340,137 @@ def test_config_files_in_json_yaml_and_toml_load_to_the_same_dict(tmp_path):
     (tmp_path / "c.ini").write_text("")
     with pytest.raises(ValueError, match="config format"):
         train.load_config_file(tmp_path / "c.ini")
+
+
+# -- presets, schedules, the teacher cache, the cross-family student ------------------------------
+def test_the_default_explanation_term_and_the_papers_preset():
+    teacher, student = _pair()
+    default = losses.build_loss({"expl": {}}, student, teacher).terms["expl"]
+    assert (default.weight, default.normalize, default.method) == (8.0, "l2", "gradcam++")
+    bare = ExplanationLoss(teacher, student)  # the class's own defaults are the same term
+    assert (bare.weight, bare.normalize, bare.method) == (default.weight, default.normalize, default.method)
+    paper = losses.build_loss({"expl": {"preset": "paper"}}, student, teacher).terms["expl"]
+    assert (paper.weight, paper.normalize, paper.method) == (0.01, "none", "gradcam++")
+    tuned = losses.build_loss({"expl": {"preset": "paper", "method": "gradcam"}}, student, teacher).terms["expl"]
+    assert (tuned.weight, tuned.normalize, tuned.method) == (0.01, "none", "gradcam")
+    assert losses.build_loss({"expl": 2.0}, student, teacher).terms["expl"].weight == 2.0  # a number: the weight
+    with pytest.raises(ValueError, match="unknown explanation preset 'cifar'"):
+        losses.build_loss({"expl": {"preset": "cifar"}}, student, teacher)
+
+
+def test_weight_schedules_follow_training_progress():
+    assert losses.schedule_factor("constant", 0.7) == 1.0
+    assert losses.schedule_factor("linear", 0.25) == pytest.approx(0.75)
+    assert losses.schedule_factor("cosine", 0.5) == pytest.approx(0.5) and losses.schedule_factor("cosine", 1.0) == pytest.approx(0.0)
+    assert losses.schedule_factor("constant", 0.05, warmup=0.2) == pytest.approx(0.25)
+    with pytest.raises(ValueError, match="schedule"):
+        losses.schedule_factor("exp", 0.5)
+    teacher, student = _pair()
+    loss = losses.build_loss({"ce": 1.0, "expl": {"weight": 4.0, "schedule": "cosine"}}, student, teacher)
+    x, y = torch.rand(2, 3, 32, 32), torch.tensor([0, 1])
+    loss.set_progress(0.5)
+    assert loss.weights() == {"ce": 1.0, "expl": pytest.approx(2.0)}
+    total, terms, _ = loss(x, y)
+    torch.testing.assert_close(total, terms["ce"] + 2.0 * terms["expl"])
+    loss.set_progress(1.0)
+    total, terms, _ = loss(x, y)
+    torch.testing.assert_close(total, terms["ce"])
+
+
+@pytest.mark.parametrize("config", [{"ce": 1, "kd": 1, "expl": {}}, {"ce": 1, "at": 500}, {"ce": 1, "kd": 1, "expl": {"preset": "paper"}, "at": 500}])
+def test_the_teacher_cache_gives_the_same_loss_and_gradients_without_running_the_teacher(config, one_torch_thread):
+    teacher, student = _pair(seed=3)
+    data = make_distill_dataset(8, seed=0)
+    x, y = data.images, data.labels
+    plain = losses.build_loss(config, student, teacher)
+    cached = losses.build_loss(config, student, teacher, cache_teacher=True)
+    cached(x, y)  # fills the cache
+    calls = []
+    handle = teacher.register_forward_hook(lambda *args: calls.append(1))
+    try:
+        results = []
+        for loss in (plain, cached):
+            student.zero_grad(set_to_none=True)
+            total, terms, _ = loss(x, y)
+            total.backward()
+            results.append((total.detach(), [p.grad.clone() for p in student.parameters()]))
+    finally:
+        handle.remove()
+    assert len(calls) == 1  # the plain loss ran the teacher, the cached one did not
+    torch.testing.assert_close(results[0][0], results[1][0], rtol=1e-6, atol=1e-7)
+    for a, b in zip(results[0][1], results[1][1]):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
+    assert len(cached.cache) == 8
+    # another batch (or another label for the same image) is a miss: the teacher runs again
+    cached(x[:4], (y[:4] + 1) % 6)
+    assert len(cached.cache) == 12
+
+
+def test_the_mobilenet_student_explains_distils_and_checkpoints(tmp_path, one_torch_thread):
+    teacher = models.wide_resnet(10, 2).eval()
+    torch.manual_seed(0)
+    student = models.mobilenet_v2()
+    assert sum(p.numel() for p in student.parameters()) < 60_000
+    x, y = torch.rand(4, 3, 32, 32), torch.tensor([0, 1, 2, 3])
+    assert student(x).shape == (4, 6)
+    loss = losses.build_loss({"ce": 1, "kd": 1, "at": 500, "expl": {}}, student, teacher)
+    assert loss.student_feature_layers == ("stage1", "stage2", "stage3") and loss.teacher_feature_layers == ("block1", "block2", "block3")
+    step = loss.compute_step(x, y)
+    assert step.student_maps.shape == step.teacher_maps.shape == (4, 8, 8)  # the "auto" layer: its relu, 8x8
+    assert [f.shape[-1] for f in step.student_features] == [16, 8, 8]
+    total, terms, _ = loss(x, y)
+    total.backward()
+    assert all(p.grad is not None for p in student.parameters()) and all(torch.isfinite(v) for v in terms.values())
+    models.save_checkpoint(tmp_path / "mb.pt", student)
+    loaded = models.load_checkpoint(tmp_path / "mb.pt").model
+    student.eval()
+    torch.testing.assert_close(loaded(x), student(x))
+    with pytest.raises(ValueError, match="widths"):
+        models.MobileNetV2(widths=(8, 16))
+    assert isinstance(train._model_from_config({"arch": "mobilenet_v2"}, "student"), models.MobileNetV2)
+    with pytest.raises(ValueError, match="unknown student arch 'vgg'"):
+        train._model_from_config({"arch": "vgg"}, "student")
+
+
+# -- the quality benchmark's bookkeeping (no training) -----------------------------------------
+
+def _quality_benchmark():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("quality_distillation", REPO / "benchmarks" / "quality_distillation.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    return bench
+
+
+def _fake_run(pair, row, regime, seed, error):
+    return {"stage": "table", "pair": pair, "row": row, "regime": regime, "seed": seed, "error": error,
+            "train_error": 0.0, "map_correlation": 0.5, "energy_in_mask": 0.2}
+
+
+def test_quality_benchmark_judges_the_target_as_written_and_names_missing_cells(tmp_path):
+    bench = _quality_benchmark()
+    pair = next(iter(bench.PAIRS))
+    errors = {  # equal means pass with all the data (<=) and fail with 10% (<, "better than")
+        ("all", "CE"): [10, 12, 14], ("all", "CE+expl"): [12, 12, 12], ("all", "CE+KD"): [8, 8, 8], ("all", "CE+KD+expl"): [8, 8],
+        ("10%", "CE"): [50, 50, 50], ("10%", "CE+expl"): [40, 40, 40], ("10%", "CE+KD"): [45, 45, 45], ("10%", "CE+KD+expl"): [44, 46, 45],
+    }
+    runs = [_fake_run(pair, row, regime, seed, e) for (regime, row), values in errors.items() for seed, e in enumerate(values)]
+    preset = {**bench.PRESETS["smoke"], "seeds": 3, "regimes": {"all": {}, "10%": {}}}
+    table = bench.summarise(runs, list(preset["regimes"]))
+    checks = {condition: met for p, condition, met, _ in bench.target_checks(table, 3) if p == pair}
+    assert checks == {"all: CE+expl <= CE": True, "all: CE+KD+expl <= CE+KD": None,  # 2 of 3 seeds: not judged
+                      "10%: CE+expl < CE": True, "10%: CE+KD+expl < CE+KD": False,
+                      "10%: CE+expl < CE+KD (stricter reading)": True}
+    payload = {"preset_settings": preset, "runs": runs}
+    short = bench.incomplete_cells(payload)
+    assert (pair, "CE+KD+expl", "all", 2) in short and (pair, "CE+AT", "10%", 0) in short
+    assert not any(cell[:3] == (pair, "CE", "all") for cell in short)
+
+    path = tmp_path / "distillation.json"
+    path.write_text(json.dumps({"preset": "smoke", "preset_settings": bench.PRESETS["smoke"], "candidates": bench.CANDIDATES,
+                                "study_seed": bench.STUDY_SEED, "device": "CPU (test)", "runs": runs, "wall_seconds": 1.0}))
+    assert bench.resumed_payload(path, "smoke", bench.PRESETS["smoke"], "CPU (test)")["sessions"] == 2
+    with pytest.raises(SystemExit, match="preset settings"):
+        bench.resumed_payload(path, "smoke", {**bench.PRESETS["smoke"], "seeds": 5}, "CPU (test)")
+    assert bench.job_key(runs[0]) == ("table", pair, "CE", "all", 0)

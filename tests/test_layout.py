@@ -2,7 +2,7 @@
 
 Groups, lowest first (a module may import its own group and the groups listed for it):
 core -> explain -> data -> models -> metrics, viz -> adapters -> io, sources, store, report, zoo, losses,
-train, evaluation, dataset_run -> demo, cli. Lazy (function-level) imports count too.
+train, torchdistill_losses, evaluation, dataset_run -> demo, cli. Lazy (function-level) imports count too.
 """
 
 from __future__ import annotations
@@ -31,6 +31,7 @@ ALLOWED: dict[str, set[str]] = {
     "zoo": {"explain", "models", "data", "sources"},
     "losses": {"core", "explain", "adapters", "models"},
     "train": {"explain", "losses", "models", "data"},
+    "torchdistill_losses": {"core", "explain", "adapters", "losses"},
     "evaluation": {"core", "explain", "metrics", "adapters", "data", "train"},
     "demo": {"core", "explain", "metrics", "adapters", "data", "models", "evaluation", "io", "report", "viz"},
     "dataset_run": {"metrics", "sources", "store", "zoo", "io", "adapters", "explain", "report"},

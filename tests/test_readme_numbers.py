@@ -84,7 +84,7 @@ def _visible_text(markdown: str) -> str:
 
 def _citations(block: str) -> set[str]:
     """Results-file stems a raw block (code spans and links included) names."""
-    cited = set(re.findall(r"benchmarks/results/([\w-]+)\.(?:md|json)", block))
+    cited = set(re.findall(r"benchmarks/results/([\w.-]+?)\.(?:md|json)", block))
     for script in re.findall(r"benchmarks/([\w-]+)\.py", block):
         cited |= set(_script_results(script))
     if "tests/test_matrix.py" in block:

@@ -36,11 +36,13 @@ CHECKPOINT_DIR = Path(__file__).resolve().parent.parent / "checkpoints"
 def architectures() -> dict[str, Callable[..., nn.Module]]:
     """Architecture names a checkpoint may carry -> the class built from its ``config``."""
     from .conv3d import C3D
+    from .mobilenet import MobileNetV2
     from .scene_cnn import SceneCNN
     from .show_attend_tell import ShowAttendTell
     from .wrn import WideResNet
 
-    return {"scene_cnn": SceneCNN, "show_attend_tell": ShowAttendTell, "c3d": C3D, "wide_resnet": WideResNet}
+    return {"scene_cnn": SceneCNN, "show_attend_tell": ShowAttendTell, "c3d": C3D, "wide_resnet": WideResNet,
+            "mobilenet_v2": MobileNetV2}
 
 
 #: The shipped models: name -> (file in CHECKPOINT_DIR, task, the script that makes it).
