@@ -110,10 +110,17 @@ def explained_pairs(model: torch.nn.Module, scenes: Scenes, every_label: bool = 
     return keep.nonzero().flatten(), best[keep]
 
 
-def explain_pairs(model: torch.nn.Module, images: torch.Tensor, classes: torch.Tensor, batch_size: int) -> dict[str, torch.Tensor]:
-    """Both methods' maps ``{method: (M, H, W)}``, from one forward pass per batch."""
+def explain_pairs(model: torch.nn.Module, images: torch.Tensor, classes: torch.Tensor, batch_size: int,
+                  shape: dict[str, dict[str, float]] | None = None) -> dict[str, torch.Tensor]:
+    """Both methods' maps ``{method: (M, H, W)}``, from one forward pass per batch. ``shape``, when
+    given, receives why the maps differ: the share of layer-resolution cells a map is > 0 on and of
+    negative channel weights, per method."""
     batches = [explain_images(model, images[s : s + batch_size], methods=METHODS, targets=classes[s : s + batch_size].tolist())
                for s in range(0, images.shape[0], batch_size)]
+    if shape is not None and batches:
+        for m in METHODS:
+            shape[m] = {"map_positive_%": 100 * _mean(torch.cat([(b[m].raw > 0).flatten() for b in batches]).double()),
+                        "negative_weights_%": 100 * _mean(torch.cat([(b[m].weights < 0).flatten() for b in batches]).double())}
     return {m: torch.cat([b[m].maps for b in batches]) if batches else torch.zeros(0, *images.shape[2:]) for m in METHODS}
 
 
@@ -155,7 +162,8 @@ def evaluate(
     masks = scenes.class_masks[index, classes]
     instances = scenes[index].instances_of(classes)
     per_method: dict[str, dict[str, torch.Tensor]] = {}
-    all_maps = explain_pairs(model, images, classes, batch_size)
+    shape: dict[str, dict[str, float]] = {}
+    all_maps = explain_pairs(model, images, classes, batch_size, shape)
     road_count = min(road_pairs, images.shape[0])
     road, road_curves = road_values(model, images[:road_count], {m: v[:road_count] for m, v in all_maps.items()},
                                     classes[:road_count], batch_size=64)
@@ -184,10 +192,6 @@ def evaluate(
             **road[method],
             **sanity[method],
         }
-    # Why the maps differ: the share of layer-resolution cells a map is > 0 on and of negative channel weights.
-    shape = {method: {"map_positive_%": 100 * _mean(torch.cat([(b[method].raw > 0).flatten() for b in batches]).double()),
-                      "negative_weights_%": 100 * _mean(torch.cat([(b[method].weights < 0).flatten() for b in batches]).double())}
-             for method in METHODS}
     with torch.no_grad():
         predicted = model(scenes.images).sigmoid() >= 0.5
     accuracy = 100 * float((predicted == scenes.labels.bool()).double().mean())

@@ -66,7 +66,7 @@ PENDING: dict[str, dict[str, str]] = {
 }
 
 #: Benchmark scripts whose results files cannot be read off their source.
-SCRIPT_RESULTS = {"quality_distillation": ("distillation", "distillation_cpu")}
+SCRIPT_RESULTS = {"quality_distillation": ("distillation",)}
 
 NUMBER = re.compile(
     r"(?<![\w.])(?<![A-Za-z]-)(?P<value>\d[\d,]*(?:\.\d+)?)"
