@@ -359,13 +359,17 @@ class ProtocolCaptioner(Captioner):
         return str(self.tokenizer.decode(ids))
 
     def prepare(self, image: Tensor, prompt: str | None) -> Prepared:
+        """The image as the model's input: resized (bilinear, antialiased) to ``model.image_size``
+        when the model declares one and the image has another size; the maps are drawn back on it."""
+        size = tuple(int(s) for s in image.shape[1:])
         side = getattr(self.model, "image_size", None)
-        if isinstance(side, int) and tuple(image.shape[1:]) != (side, side):
-            raise ValueError(f"this {type(self.model).__name__} takes {side}x{side} images, got {image.shape[1]}x{image.shape[2]}")
         pixels = image.unsqueeze(0).to(self.device, _floating_dtype(self.model))
+        identity = not isinstance(side, int) or size == (side, side)
+        if not identity:
+            pixels = F.interpolate(pixels, size=(side, side), mode="bilinear", align_corners=False, antialias=True)
         context = [self.start_id] + (self.content_ids(prompt) if prompt else [])
-        size = tuple(image.shape[1:])
-        return Prepared({"images": pixels}, context, [View.full(*size)], size, image.clamp(0, 1), identity=True)
+        return Prepared({"images": pixels}, context, [View.full(*size)], tuple(pixels.shape[2:]), image.clamp(0, 1),
+                        identity=identity)
 
     def generate(self, prepared: Prepared, num_beams: int = 1, max_new_tokens: int | None = None,
                  max_length: int | None = None, **kwargs: Any) -> list[int]:

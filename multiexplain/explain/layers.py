@@ -673,7 +673,8 @@ def _with_gradient(runner: nn.Module, names: dict, call: Callable, score: Callab
 
     for entry in group:
         entry.tensor = None
-    handles = [module.register_forward_hook(record) for module in runner.modules()]
+    # Prepended: hooks of the model's own that record outputs must record the replaced tensor.
+    handles = [module.register_forward_hook(record, prepend=True) for module in runner.modules()]
     try:
         torch.set_grad_enabled(False)
         output = call(runner)
