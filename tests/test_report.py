@@ -179,3 +179,26 @@ def test_demo_degrades_gracefully_without_a_checkpoint(tmp_path, monkeypatch):
     assert cli.main(["demo", "--out", str(tmp_path / "cli"), "--tasks", "classification", "--device", "cpu"]) == 0
     assert cli.main(["demo", "--out", str(tmp_path / "cli"), "--tasks", "distillation", "--device", "cpu"]) == 1
     assert cli.main(["demo", "--out", str(tmp_path / "cli"), "--tasks", "nope", "--device", "cpu"]) == 2
+
+
+def test_word_views_are_buttons_over_one_picture(tmp_path):
+    """An interactive word view: one <img>, a button per word holding its picture's relative path,
+    one inline script for the whole page, unique ids, labels escaped, the same content in report.json."""
+    root, outside = tmp_path / "out", tmp_path / "elsewhere"
+    root.mkdir()
+    outside.mkdir()
+    pictures = [_figure(root / "w0.png", 0), _figure(outside / "w1.png", 1)]
+    report = rp.Report("words")
+    section = report.section("captioning", "Captioning")
+    section.add_word_maps([rp.WordMaps([("<red>", pictures[0]), ("circle", pictures[1])], "a <red> circle"),
+                           rp.WordMaps([("a", "w0.png")])], "Words")
+    page = rp.write_report(report, root).read_text()
+    assert page.count("<script>") == 1 and 'id="wm-0"' in page and 'id="wm-1"' in page
+    assert page.count('<img class="wm-image"') == 2 and page.count('class="wm-word') == 3
+    assert 'data-src="w0.png">&lt;red&gt;</button>' in page and 'data-src="assets/000_w1.png">circle</button>' in page
+    assert "a &lt;red&gt; circle" in page and not re.search(r"(https?:)?//[a-z]", page.replace("<!DOCTYPE", ""))
+    data = json.loads((root / "report.json").read_text())
+    block = data["sections"][0]["blocks"][0]
+    assert block["kind"] == "word_maps" and block["content"][0]["words"][1] == {"word": "circle", "path": "assets/000_w1.png"}
+    with pytest.raises(ValueError, match="at least one"):
+        section.add_word_maps([rp.WordMaps([])])

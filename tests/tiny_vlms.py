@@ -56,6 +56,7 @@ def bert_tokenizer(directory: Path):
 
     words = ("[PAD] [UNK] [CLS] [SEP] [MASK] a two three four and red green blue yellow purple white circle square tri "
              "##angle ##s cross ##es ring diamond what is in the image ? describe scene").split()
+    directory.mkdir(parents=True, exist_ok=True)
     path = directory / "vocab.txt"
     path.write_text("\n".join(words) + "\n")
     return BertTokenizer(str(path))
