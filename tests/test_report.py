@@ -194,7 +194,7 @@ def test_word_views_are_buttons_over_one_picture(tmp_path):
                            rp.WordMaps([("a", "w0.png")])], "Words")
     page = rp.write_report(report, root).read_text()
     assert page.count("<script>") == 1 and 'id="wm-0"' in page and 'id="wm-1"' in page
-    assert page.count('<img class="wm-image"') == 2 and page.count('class="wm-word') == 3
+    assert page.count('<img class="wm-image"') == 2 and page.count('<button type="button" class="wm-word') == 3
     assert 'data-src="w0.png">&lt;red&gt;</button>' in page and 'data-src="assets/000_w1.png">circle</button>' in page
     assert "a &lt;red&gt; circle" in page and not re.search(r"(https?:)?//[a-z]", page.replace("<!DOCTYPE", ""))
     data = json.loads((root / "report.json").read_text())
