@@ -150,6 +150,16 @@ def test_demo_report_renders_with_all_sections(tmp_path):
     for task in result.status:
         block = page.split(f'<section id="{task}">', 1)[1].split("</section>", 1)[0]
         assert "<img " in block and "<table>" in block and "Grad-CAM++" in block
+    # The captioning section has the interactive word view: one button per word of the generated
+    # caption plus the whole caption, each pointing at a picture that exists.
+    block = page.split('<section id="captioning">', 1)[1].split("</section>", 1)[0]
+    views = re.findall(r'<div class="wordmaps".*?</figcaption></div>', block)
+    assert len(views) == 2, "one word view per method for the one scene shown"
+    for view in views:
+        labels = re.findall(r'<button[^>]*>([^<]*)</button>', view)
+        sources = re.findall(r'data-src="([^"]+)"', view)
+        assert labels[-1] == "whole caption" and len(labels) >= 2 and all(labels)
+        assert len(set(sources)) == len(labels) and all((settings.out / s).is_file() for s in sources)
     with Image.open(shot) as image:
         assert image.size == (1300, 1600) and np.asarray(image.convert("L")).std() > 5
     metrics_json = json.loads((settings.out / "metrics.json").read_text())
