@@ -291,8 +291,14 @@ def main() -> None:
         print(f"{name}: {rows[-1]}  ({time.perf_counter() - began:.0f}s)", flush=True)
     where = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU, {args.threads} thread(s)"
     speed = load_results().get("speed", {"devices": {}})
+    # Rows without a "kind" come from the benchmark before it compared decoder-only models with
+    # forward + K backward (older code): dropped rather than shown beside the new ones.
+    devices = {device_name: [r for r in old if "kind" in r] for device_name, old in speed["devices"].items()}
+    # The models not run this time keep their rows (the benchmark can run in parts, --models).
+    kept = [r for r in devices.get(where, []) if r["model"] not in {row["model"] for row in rows}]
+    devices[where] = kept + rows
+    speed["devices"] = {device_name: r for device_name, r in devices.items() if r}
     speed["repeats"] = args.repeats
-    speed["devices"][where] = rows
     write({"speed": speed})
 
 
