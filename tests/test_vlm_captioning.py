@@ -298,3 +298,39 @@ def test_place_on_image_resamples_each_view_into_its_box():
     torch.testing.assert_close(tiles, torch.ones(1, 6, 8))
     with pytest.raises(ValueError, match="2 tiles in the layer's maps for 1 views"):
         caption_models.place_on_image(torch.ones(1, 2, 2, 2), [caption_models.View.full(6, 8)], (6, 8))
+
+
+@pytest.mark.slow
+def test_the_shipped_vlm_answers_and_its_word_maps_land_on_the_scene(one_torch_thread):
+    """The shipped LLaVA-architecture model (scripts/train_llava_scenes.py) loads through the
+    transformers classes, answers the prompt with caption words, and its word maps are on the
+    64 x 64 scene. Its localisation is weak (benchmarks/results/captioning.md: ~27% of shape words
+    at 2 px against the issue's 85%); here only a floor well above a random peak (~5%)."""
+    from pathlib import Path
+
+    from transformers import AutoProcessor, LlavaForConditionalGeneration
+
+    import multiexplain
+    from multiexplain import metrics
+    from multiexplain.data.captioned_scenes import CAPTION_VOCABULARY, make_captioned_scenes
+
+    directory = Path(multiexplain.__file__).parent / "checkpoints" / "llava_scenes"
+    model = LlavaForConditionalGeneration.from_pretrained(directory).eval()
+    processor = AutoProcessor.from_pretrained(directory)
+    scenes = make_captioned_scenes(24, seed=2, start=200)  # validation scenes, not the benchmark's
+    answer = explain_caption(model, scenes.images[0], prompt="describe the scene", processor=processor, max_new_tokens=20)
+    assert answer.generated and answer.words and set(answer.words) <= set(CAPTION_VOCABULARY), answer.words
+    assert answer.maps.shape == (len(answer.words), 64, 64) and torch.isfinite(answer.maps).all()
+    hits, varied = [], []
+    for i in range(len(scenes)):
+        scene = scenes[i]
+        explained = explain_caption(model, scene.image, scene.caption, prompt="describe the scene", processor=processor)
+        assert explained.words == scene.words and explained.maps.shape == (len(scene.words), 64, 64)
+        assert torch.isfinite(explained.maps).all() and explained.maps.min() >= 0 and explained.maps.max() <= 1
+        # A Grad-CAM++ map is all zero where the ReLU of its weighted sum is: rare, not the rule.
+        varied += (explained.maps.flatten(1).std(dim=1) > 0).tolist()
+        for j, kind in enumerate(scene.word_kinds):
+            if kind == "shape":
+                hits.append(bool(metrics.pointing_game(explained.maps[j][None], scene.word_masks[j][None], tolerance=2)))
+    assert sum(varied) >= 0.8 * len(varied), (sum(varied), len(varied))
+    assert len(hits) >= 40 and sum(hits) / len(hits) >= 0.12, (sum(hits), len(hits))
