@@ -316,7 +316,7 @@ def recipe_lines(report: dict) -> list[str]:
         f"(the vision-language model answers \"{VLM_PROMPT}\"; its prompt tokens are not explained). Seed 0 is the shipped "
         "model. Pointing game within 2 px and exactly (0 px), Grad-CAM++ / Grad-CAM; energy-in-mask Grad-CAM++.",
         "",
-        "| recipe | seed | model (sha256) | held-out exact captions | shape 2 px GC++ / GC | shape 0 px GC++ / GC | colour 2 px GC++ | count 2 px GC++ | shape energy GC++ |",
+        "| recipe | seed | model (sha256) | exact captions on validation scenes (training script) | shape 2 px GC++ / GC | shape 0 px GC++ / GC | colour 2 px GC++ | count 2 px GC++ | shape energy GC++ |",
         "|---|---|---|---|---|---|---|---|---|",
     ]
     for recipe, entry in report["recipes"].items():
