@@ -1,16 +1,26 @@
 """Per-word map quality of the captioning adapter on held-out synthetic captioned scenes.
 
-    python benchmarks/quality_captioning.py [--scenes 300]
+    python benchmarks/quality_captioning.py [--scenes 300] [--seeds 0,1,2] [--train-missing]
 
-For the shipped Show-Attend-Tell model and ``--scenes`` held-out scenes (seed 3; training used
-seed 1), every word of the ground-truth caption is explained (one teacher-forced forward per
-image; Grad-CAM comes from the same gradients). Reported for Grad-CAM++ and Grad-CAM side by side:
+Two captioners trained on the scenes by repo scripts: the shipped Show-Attend-Tell
+(``scripts/train_show_and_tell.py``) and the shipped small vision-language model, a transformers
+``LlavaForConditionalGeneration`` answering "describe the scene" (``scripts/train_llava_scenes.py``).
+Seed 0 of each recipe is the shipped model; the other seeds of the recipe are read from
+``--seeds-dir`` (``show_and_tell_s{S}.pt``, ``llava_scenes_s{S}/``; ``--train-missing`` trains the
+missing ones with the scripts, one thread each, a few minutes to an hour on a shared machine).
+
+On ``--scenes`` held-out scenes (seed 3; training used seed 1, validation seed 2) every word of the
+ground-truth caption is explained (one teacher-forced forward per image; Grad-CAM comes from the
+same gradients). Reported for Grad-CAM++ and Grad-CAM side by side:
 
 * per-word pointing game (the map's peak inside the union of the masks of the objects the word
-  names) and energy-in-mask (energy-based pointing game), for colour, shape and count words;
-* whole-caption Average Drop % / % Increase in Confidence / Win % (paper eq. 25 with the
-  confidence ``Y`` = the caption's probability ``exp(log p(caption | image))`` on the full image
-  and ``O`` = the same on ``E = map * image``);
+  names), exactly (0 px) and within 2 px, and energy-in-mask, for colour, shape and count words,
+  for every seed of both recipes, and the issue's target: the MEAN over the seeds of shape-word
+  pointing at 2 px (>= 90% Show-Attend-Tell, >= 85% the vision-language model);
+* for the shipped Show-Attend-Tell, other layers / scores and the look-alike cases, and
+  whole-caption Average Drop % / % Increase in Confidence / Win % (paper eq. 25 with the
+  confidence ``Y`` = the caption's probability on the full image and ``O`` = the same on
+  ``E = map * image``);
 * a reference: the pointing accuracy a uniformly random peak would get (mean mask area share).
 
 Metrics come from :mod:`multiexplain.metrics`. Results: ``benchmarks/results/captioning.md`` and
@@ -20,16 +30,20 @@ Metrics come from :mod:`multiexplain.metrics`. Results: ``benchmarks/results/cap
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
+import subprocess
+import sys
 import time
+from pathlib import Path
 
 import torch
 
 from multiexplain import metrics
 from multiexplain.adapters.captioning import caption_scores, explain_caption
 from multiexplain.data.captioned_scenes import PLURALS, make_captioned_scenes
-from multiexplain.models import load_show_and_tell
+from multiexplain.models import CaptionVocabulary, load_checkpoint, load_show_and_tell
 
 SINGULAR = {plural: singular for singular, plural in PLURALS.items()}
 
@@ -39,6 +53,12 @@ KINDS = ("colour", "shape", "count")
 # default log-probability score, the same with pre-softmax logits, and an earlier layer (32x32).
 CONFIGS = (("encoder", "encoder", "logprob"), ("encoder, score=logit", "encoder", "logit"), ("encoder.3", "encoder.3", "logprob"))
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
+ROOT = Path(__file__).resolve().parents[1]
+SHIPPED = {"show-attend-tell": ROOT / "multiexplain" / "checkpoints" / "show_and_tell.pt",
+           "llava": ROOT / "multiexplain" / "checkpoints" / "llava_scenes"}
+SCRIPTS = {"show-attend-tell": ROOT / "scripts" / "train_show_and_tell.py", "llava": ROOT / "scripts" / "train_llava_scenes.py"}
+TARGETS = {"show-attend-tell": 0.90, "llava": 0.85}  # the issue's: mean over the seeds, shape words, 2 px
+VLM_PROMPT = "describe the scene"
 
 
 def caption_probability(model, vocabulary, images: torch.Tensor, captions: list[str]) -> torch.Tensor:
@@ -65,38 +85,130 @@ def main() -> None:
     parser.add_argument("--scenes", type=int, default=300)
     parser.add_argument("--batch", type=int, default=25)
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--seeds", default="0,1,2", help="training seeds of each recipe (0: the shipped model)")
+    parser.add_argument("--seeds-dir", default=str(ROOT / "benchmarks" / "seeds"), help="where the other seeds' models are")
+    parser.add_argument("--train-missing", action="store_true", help="train the seeds that are missing with the repo scripts")
+    parser.add_argument("--only", choices=("show-attend-tell", "llava"), help="one recipe only (the other's results are kept)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     began = time.time()
-
-    model, vocabulary = load_show_and_tell()
     scenes = make_captioned_scenes(args.scenes, seed=3)
-    accuracy = caption_accuracy(model, vocabulary, scenes.images, scenes.captions)
+    seeds = [int(s) for s in args.seeds.split(",")]
+    previous = load_results()
+    report: dict = {"scenes": len(scenes), "seed": 3, "recipes": previous.get("recipes", {})}
+    if args.only in (None, "show-attend-tell"):
+        report.update(shipped_show_and_tell(scenes, args.batch))
+    for recipe in ("show-attend-tell", "llava"):
+        if args.only not in (None, recipe):
+            continue
+        rows = {}
+        for seed in seeds:
+            location = model_location(recipe, seed, Path(args.seeds_dir), args.train_missing)
+            if location is None:
+                print(f"{recipe} seed {seed}: missing; train it with: {training_command(recipe, seed, Path(args.seeds_dir))}", flush=True)
+                continue
+            rows[str(seed)] = seed_row(recipe, location, scenes, args.batch)
+            print(f"{recipe} seed {seed}: shape words 2 px {100 * rows[str(seed)]['shape']['gradcam++']['pointing_tol2']:.1f}%  "
+                  f"{time.time() - began:.0f}s", flush=True)
+        report["recipes"][recipe] = summary(recipe, rows, seeds)
+    report["seconds"] = round(time.time() - began, 1)
+    write(report)
 
-    report: dict = {"scenes": len(scenes), "seed": 3, "model": "show_and_tell.pt", "caption_accuracy": accuracy, "words": {}, "caption": {}}
+
+def training_command(recipe: str, seed: int, folder: Path) -> list[str]:
+    out = folder / (f"show_and_tell_s{seed}.pt" if recipe == "show-attend-tell" else f"llava_scenes_s{seed}")
+    return [sys.executable, str(SCRIPTS[recipe]), "--seed", str(seed), "--out", str(out)]
+
+
+def model_location(recipe: str, seed: int, folder: Path, train_missing: bool) -> Path | None:
+    """The model of ``recipe`` trained with ``seed`` (seed 0: the shipped one), trained now if asked."""
+    if seed == 0:
+        return SHIPPED[recipe]
+    command = training_command(recipe, seed, folder)
+    location = Path(command[-1])
+    if not location.exists() and train_missing:
+        folder.mkdir(parents=True, exist_ok=True)
+        subprocess.run(command, check=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    return location if location.exists() else None
+
+
+def fingerprint(location: Path) -> str:
+    """sha256 (first 12 hex digits) of a checkpoint file or of a model directory's weights."""
+    path = location if location.is_file() else location / "model.safetensors"
+    return hashlib.sha256(path.read_bytes()).hexdigest()[:12]
+
+
+def seed_row(recipe: str, location: Path, scenes, batch: int) -> dict:
+    """Per-word localisation of one trained model (default layer and score)."""
+    words: list[dict] = []
+    if recipe == "show-attend-tell":
+        checkpoint = load_checkpoint(location)
+        model, vocabulary = checkpoint.model, CaptionVocabulary(checkpoint.vocabulary or [])
+        training = checkpoint.meta
+        for start in range(0, len(scenes), batch):
+            stop = min(start + batch, len(scenes))
+            both = explain_caption(model, scenes.images[start:stop], scenes.captions[start:stop], tokenizer=vocabulary, methods=METHODS)
+            for offset in range(stop - start):
+                words += word_entries(scenes[start + offset], {m: both[m][offset] for m in METHODS})
+    else:
+        from transformers import AutoProcessor, LlavaForConditionalGeneration
+
+        model = LlavaForConditionalGeneration.from_pretrained(location).eval()
+        processor = AutoProcessor.from_pretrained(location)
+        training = json.loads((location / "training.json").read_text()) if (location / "training.json").exists() else {}
+        for index in range(len(scenes)):
+            scene = scenes[index]
+            both = explain_caption(model, scene.image, scene.caption, prompt=VLM_PROMPT, processor=processor, methods=METHODS)
+            words += word_entries(scene, both)
+    row = {kind: localisation_row([w for w in words if w["kind"] == kind]) for kind in KINDS}
+    row["model"] = {"path": str(location.relative_to(ROOT) if location.is_relative_to(ROOT) else location),
+                    "sha256": fingerprint(location), "held_out": training.get("held_out")}
+    return row
+
+
+def word_entries(scene, explained: dict) -> list[dict]:
+    """The content words of a scene with their masks and each method's map."""
+    first = explained[METHODS[0]]
+    assert first.words == scene.words, (first.words, scene.words)
+    return [{"kind": kind, "look_alike": has_look_alike(scene, j), "mask": scene.word_masks[j],
+             "objects": scene.object_masks.any(dim=0), **{m: explained[m].maps[j] for m in METHODS}}
+            for j, kind in enumerate(scene.word_kinds) if kind in KINDS]
+
+
+def summary(recipe: str, rows: dict, seeds: list[int]) -> dict:
+    """Each seed's rows and the target: mean over the seeds of shape-word pointing at 2 px."""
+    shape = [rows[s]["shape"]["gradcam++"] for s in rows]
+    mean_2px = sum(r["pointing_tol2"] for r in shape) / len(shape) if shape else float("nan")
+    mean_0px = sum(r["pointing"] for r in shape) / len(shape) if shape else float("nan")
+    return {"seeds": rows, "seeds_asked": seeds, "complete": len(rows) == len(seeds), "target": TARGETS[recipe],
+            "mean_shape_pointing_tol2": mean_2px, "mean_shape_pointing": mean_0px,
+            "met": bool(len(rows) == len(seeds) and mean_2px >= TARGETS[recipe])}
+
+
+def shipped_show_and_tell(scenes, batch: int) -> dict:
+    """The shipped Show-Attend-Tell in detail: layers / scores, look-alikes, attention, whole-caption drop."""
+    model, vocabulary = load_show_and_tell()
+    report: dict = {"model": "show_and_tell.pt", "caption_accuracy": caption_accuracy(model, vocabulary, scenes.images, scenes.captions),
+                    "words": {}, "caption": {}}
     attention = attention_maps(model, vocabulary, scenes)
     caption_maps: dict[str, list] = {}
     for label, layer, score in CONFIGS:
         words: list[dict] = []
-        for start in range(0, len(scenes), args.batch):
-            stop = min(start + args.batch, len(scenes))
+        for start in range(0, len(scenes), batch):
+            stop = min(start + batch, len(scenes))
             # Grad-CAM++ and Grad-CAM from the same forward pass and gradients.
             both = explain_caption(model, scenes.images[start:stop], scenes.captions[start:stop], tokenizer=vocabulary,
                                    target_layer=layer, score=score, methods=METHODS)
             for offset, result in enumerate(both[METHODS[0]]):
                 scene = scenes[start + offset]
-                assert result.words == scene.words
-                for j, kind in enumerate(scene.word_kinds):
-                    if kind in KINDS:
-                        words.append({
-                            "kind": kind, "look_alike": has_look_alike(scene, j), "mask": scene.word_masks[j],
-                            "objects": scene.object_masks.any(dim=0), "attention": attention[start + offset][j],
-                            **{method: both[method][offset].maps[j] for method in METHODS},
-                        })
+                entries = word_entries(scene, {m: both[m][offset] for m in METHODS})
+                content = [j for j, kind in enumerate(scene.word_kinds) if kind in KINDS]
+                for entry, j in zip(entries, content):
+                    entry["attention"] = attention[start + offset][j]
+                words += entries
                 if label == CONFIGS[0][0]:
                     for method in METHODS:
                         caption_maps.setdefault(method, []).append(both[method][offset].caption_map)
-            print(f"{label}: explained {stop}/{len(scenes)} scenes  {time.time() - began:.0f}s", flush=True)
         report["words"][label] = {}
         for kind in KINDS:
             report["words"][label][kind] = localisation_row([w for w in words if w["kind"] == kind])
@@ -115,8 +227,7 @@ def main() -> None:
         }
     report["caption"]["gradcam++"]["win"] = metrics.win_percent(drops["gradcam++"], drops["gradcam"])
     report["caption"]["gradcam"]["win"] = metrics.win_percent(drops["gradcam"], drops["gradcam++"])
-    report["seconds"] = round(time.time() - began, 1)
-    write(report)
+    return report
 
 
 def attention_maps(model, vocabulary, scenes) -> list[torch.Tensor]:
@@ -147,15 +258,13 @@ def has_look_alike(scene, j: int) -> bool:
 
 
 def localisation_row(words: list[dict]) -> dict:
-    """Pointing / energy metrics of both methods (and the attention's pointing) over ``words``."""
+    """Pointing / energy metrics of both methods (and the attention's pointing, when recorded) over ``words``."""
     mask, objects = torch.stack([w["mask"] for w in words]), torch.stack([w["objects"] for w in words])
-    attention = torch.stack([w["attention"] for w in words])
-    row = {
-        "count": len(words),
-        "random_peak_pointing": float(mask.float().mean()),
-        "attention_pointing": float(metrics.pointing_game(attention, mask).float().mean()),
-        "attention_pointing_tol2": float(metrics.pointing_game(attention, mask, tolerance=2).float().mean()),
-    }
+    row = {"count": len(words), "random_peak_pointing": float(mask.float().mean())}
+    if all("attention" in w for w in words):
+        attention = torch.stack([w["attention"] for w in words])
+        row["attention_pointing"] = float(metrics.pointing_game(attention, mask).float().mean())
+        row["attention_pointing_tol2"] = float(metrics.pointing_game(attention, mask, tolerance=2).float().mean())
     for method in METHODS:
         stacked = torch.stack([w[method] for w in words])
         row[method] = {
@@ -183,6 +292,8 @@ def write(update: dict) -> None:
     with open(os.path.join(RESULTS, "captioning.json"), "w") as handle:
         json.dump(report, handle, indent=2)
     lines = ["# Captioning: per-word Grad-CAM++ vs Grad-CAM", ""]
+    if report.get("recipes"):
+        lines += recipe_lines(report)
     if "words" in report:
         lines += quality_lines(report)
     if "speed" in report:
@@ -192,15 +303,50 @@ def write(update: dict) -> None:
     print("\n".join(lines))
 
 
+RECIPE_NAMES = {"show-attend-tell": "Show-Attend-Tell (CNN + LSTM with attention)",
+                "llava": "LLaVA (transformers LlavaForConditionalGeneration: CLIP vision tower + Llama)"}
+
+
+def recipe_lines(report: dict) -> list[str]:
+    """The targets: each training seed of each recipe, and the mean over the seeds."""
+    lines = [
+        "## Trained captioners, every training seed (the issue's target: mean over 3 seeds, shape words, 2 px)",
+        "",
+        f"{report['scenes']} held-out scenes (seed {report['seed']}); the ground-truth caption is explained word by word "
+        f"(the vision-language model answers \"{VLM_PROMPT}\"; its prompt tokens are not explained). Seed 0 is the shipped "
+        "model. Pointing game within 2 px and exactly (0 px), Grad-CAM++ / Grad-CAM; energy-in-mask Grad-CAM++.",
+        "",
+        "| recipe | seed | model (sha256) | exact captions on validation scenes (training script) | shape 2 px GC++ / GC | shape 0 px GC++ / GC | colour 2 px GC++ | count 2 px GC++ | shape energy GC++ |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for recipe, entry in report["recipes"].items():
+        for seed, row in entry["seeds"].items():
+            shape, plain = row["shape"]["gradcam++"], row["shape"]["gradcam"]
+            held = (row["model"].get("held_out") or {}).get("exact_caption_accuracy")
+            lines.append(
+                f"| {RECIPE_NAMES[recipe]} | {seed} | `{row['model']['sha256']}` | {'' if held is None else f'{100 * held:.1f}%'} | "
+                f"{100 * shape['pointing_tol2']:.1f}% / {100 * plain['pointing_tol2']:.1f}% | "
+                f"{100 * shape['pointing']:.1f}% / {100 * plain['pointing']:.1f}% | "
+                f"{100 * row['colour']['gradcam++']['pointing_tol2']:.1f}% | {100 * row['count']['gradcam++']['pointing_tol2']:.1f}% | "
+                f"{shape['energy_in_mask']:.3f} |")
+        verdict = "met" if entry["met"] else ("MISSED" if entry["complete"] else "incomplete: seeds missing")
+        lines.append(
+            f"| **{RECIPE_NAMES[recipe]}** | **mean of {len(entry['seeds'])}** | | | **{100 * entry['mean_shape_pointing_tol2']:.1f}%** | "
+            f"{100 * entry['mean_shape_pointing']:.1f}% | | | target >= {100 * entry['target']:.0f}% at 2 px: **{verdict}** |")
+    return lines + [""]
+
+
 def quality_lines(report: dict) -> list[str]:
     words, caption, accuracy = report["words"], report["caption"], report["caption_accuracy"]
     lines = [
+        "## The shipped Show-Attend-Tell in detail",
+        "",
         f"Shipped Show-Attend-Tell model, {report['scenes']} held-out synthetic scenes (seed {report['seed']}); the "
         "ground-truth caption is explained word by word (one teacher-forced forward per image; Grad-CAM shares its gradients). "
         f"Model: exact caption {100 * accuracy['exact_caption']:.1f}% (greedy), per-word {100 * accuracy['word']:.1f}% "
-        f"(teacher forced). `benchmarks/quality_captioning.py`, {report['seconds']:.0f}s.",
+        f"(teacher forced). `benchmarks/quality_captioning.py`, {report['seconds']:.0f}s (one thread, shared machine).",
         "",
-        "## Per-word localisation (word map vs the masks of the objects the word names)",
+        "### Per-word localisation (word map vs the masks of the objects the word names)",
         "",
         "Pointing game: the map's peak inside the named objects, exactly (0 px) and within 2 px (Zhang et al.'s 15 px",
         "tolerance is 2-4% of a 375-640 px VOC/COCO image side; 2 px is 3% of ours). Energy: share of the map's",
@@ -225,7 +371,7 @@ def quality_lines(report: dict) -> list[str]:
             )
     lines += [
         "",
-        "## Whole caption (confidence = caption probability; explanation input E = map * image, paper eq. 25)",
+        "### Whole caption (confidence = caption probability; explanation input E = map * image, paper eq. 25)",
         "",
         "| method | Average Drop % (lower better) | % Increase in Confidence | Win % |",
         "|---|---|---|---|",
@@ -237,23 +383,40 @@ def quality_lines(report: dict) -> list[str]:
     return lines
 
 
+SPEED_TARGETS = {"encoder-decoder": 6.0, "decoder-only": 1.1}
+
+
 def speed_lines(speed: dict) -> list[str]:
     lines = [
         "## Speed: per-word maps, one forward + batched VJPs vs a loop of single-word explanations",
         "",
-        "`benchmarks/speed_captioning.py`. Ours: one teacher-forced forward, then the W word maps and the whole-caption "
-        "map from batched vector-Jacobian products (`token_maps=False`; with the sub-word token maps too in brackets). "
-        "Loop: W single-word Grad-CAM++ calls (one forward and one backward each); its maps equal ours (checked). "
-        "Median of " + f"{speed['repeats']} turns after a warm-up; ours and the loop take turns, each running twice per turn with the second call timed "
-        "(the first call after the other one ran pays to re-fetch memory the allocator gave back: ours 0.035 s instead of 0.019 s).",
+        "`benchmarks/speed_captioning.py` (random weights; sizes scaled down from hub models with their proportions). Ours: one "
+        "teacher-forced forward, then the W word maps and the whole-caption map from batched vector-Jacobian products "
+        "(`token_maps=False`). Loop: W single-word Grad-CAM++ calls (one forward and one backward each); its maps equal ours "
+        "(checked). Forward + K backward: ours with `max_batch=1` (the K products one after another), measured in the same run. "
+        f"Median of {speed['repeats']} turns after a warm-up; the variants take turns, each running twice per turn with the "
+        "second call timed. Targets (the issue's): encoder-decoder >= 6x the loop; decoder-only at most 1.1x forward + K "
+        "backward and faster than the loop. A shared, loaded machine: single noisy runs.",
         "",
-        "| device | model | words | tokens | ours (s) | loop of W explanations (s) | speed-up |",
-        "|---|---|---|---|---|---|---|",
+        "| device | model | kind | words | tokens | ours (s) | loop (s) | speed-up | forward + K backward (s) | ours / (forward + K backward) | target |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for device, rows in speed["devices"].items():
         for row in rows:
-            tokens = f" ({row['ours_with_token_maps_s']:.3f} with token maps)" if "ours_with_token_maps_s" in row else ""
-            lines.append(f"| {device} | {row['model']} | {row['words']} | {row['tokens']} | {row['ours_s']:.3f}{tokens} | {row['loop_s']:.3f} | {row['speedup']:.1f}x |")
+            kind = row.get("kind", "")
+            sequential = row.get("forward_plus_k_backward_s")
+            ratio = row.get("ours_over_forward_plus_k_backward")
+            if kind == "encoder-decoder":
+                verdict = f"{'met' if row['speedup'] >= SPEED_TARGETS[kind] else 'MISSED'} (>= 6x)"
+            elif kind == "decoder-only" and ratio is not None:
+                met = ratio <= SPEED_TARGETS[kind] and row["speedup"] > 1
+                verdict = f"{'met' if met else 'MISSED'} (<= 1.1, > 1x loop)"
+            else:
+                verdict = ""
+            lines.append(
+                f"| {device} | {row['model']} | {kind} | {row['words']} | {row['tokens']} | {row['ours_s']:.3f} | {row['loop_s']:.3f} | "
+                f"{row['speedup']:.1f}x | {'' if sequential is None else f'{sequential:.3f}'} | "
+                f"{'' if ratio is None else f'{ratio:.2f}'} | {verdict} |")
     return lines + [""]
 
 

@@ -26,6 +26,8 @@ from .explain import (
     GradCAM,
     GradCAMPlusPlus,
     LayerChoice,
+    MergedPatches,
+    TileTokens,
     TokenReshape,
     call_model,
     explain_request,
@@ -39,7 +41,7 @@ __version__ = "0.2.0"
 
 __all__ = [
     "BaseCAM", "ChannelsLast", "ExplainRequest", "Explanation", "GradCAM", "GradCAMPlusPlus", "LayerChoice",
-    "METHODS", "TokenReshape", "call_model", "class_activation_map", "explain_request", "grad_cam_plus_plus_alpha",
+    "METHODS", "MergedPatches", "TileTokens", "TokenReshape", "call_model", "class_activation_map", "explain_request", "grad_cam_plus_plus_alpha",
     "grad_cam_plus_plus_weights", "grad_cam_weights", "model_logits", "normalize_maps", "primary_input",
     "register_method", "resolve_layer", "scale_maps", "upsample_maps", "weighted_activation_map", "__version__",
 ]

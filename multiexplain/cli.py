@@ -4,7 +4,8 @@ Subcommands (each has ``--help``)::
 
     multiexplain demo     [--out DIR]                                  all four tasks, shipped models, index.html
     multiexplain classify IMAGE... --model SPEC [--layer NAME] [--target CLASS | --topk K]
-    multiexplain caption  IMAGE... [--model SPEC] [--caption TEXT]   per-word maps
+    multiexplain caption  IMAGE... [--model SPEC] [--caption TEXT | --prompt TEXT] [--layer L] [--num-beams N]
+                          [--max-new-tokens N] [--min-new-tokens N]     per-word maps
     multiexplain video    FILE.mp4 [--model SPEC] [--frames T] [--class C]   GIF + MP4 + strip
     multiexplain evaluate --task TASK [--model SPEC] [--data DIR|synthetic] [--road-samples K]
                           [--pointing-tolerance PX]                  metrics table + JSON
@@ -67,15 +68,17 @@ def error_line(command: str, message: Any, item: str | None = None) -> str:
     return f"multiexplain {command}: error: " + (f"{item}: " if item else "") + cap_message(text)
 
 
-def each_input(command: str, items: Sequence[Any], work: Any, *, debug: bool = False, name: Any = str) -> tuple[list, list]:
+def each_input(command: str, items: Sequence[Any], work: Any, *, debug: bool = False, name: Any = str,
+               fatal: Any = None) -> tuple[list, list]:
     """Run ``work(item)`` for every item; a user error on one is reported as one line and the others
-    still run. Returns ``(results, [(item, message)])``."""
+    still run. ``fatal(error) -> bool`` marks errors that would fail every item alike (a bad option):
+    those stop the command with one line instead. Returns ``(results, [(item, message)])``."""
     results, failed = [], []
     for item in items:
         try:
             results.append(work(item))
         except USER_ERRORS as error:
-            if debug:
+            if debug or (fatal is not None and fatal(error)):
                 raise
             _log(error_line(command, error, name(item)))
             failed.append((item, cap_message(str(error))))
@@ -297,57 +300,87 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return EXIT_FAILED if "failed" in result.status.values() else EXIT_OK
 
 
+def _generation_arguments(args: argparse.Namespace) -> dict[str, int]:
+    """``num_beams`` / ``max_new_tokens`` / ``min_new_tokens`` the user set (only for generated captions)."""
+    given = {name: getattr(args, name) for name in ("num_beams", "max_new_tokens", "min_new_tokens") if getattr(args, name) is not None}
+    for name, value in given.items():
+        if value < (0 if name == "min_new_tokens" else 1):
+            raise CommandError(f"--{name.replace('_', '-')} must be at least {0 if name == 'min_new_tokens' else 1}, got {value}")
+    if args.caption is not None:
+        if given:
+            raise CommandError(f"--{next(iter(given)).replace('_', '-')} applies to generated captions; drop it or drop --caption")
+        if not args.caption.strip():
+            raise CommandError(f"--caption {args.caption!r} is empty; give the text to explain, or omit --caption to "
+                               "explain the caption the model generates")
+    if args.max_batch is not None and args.max_batch < 1:
+        raise CommandError(f"--max-batch must be at least 1, got {args.max_batch}")
+    if given.get("min_new_tokens", 0) > given.get("max_new_tokens", 10**9):
+        raise CommandError("--min-new-tokens is larger than --max-new-tokens")
+    return given
+
+
 def cmd_caption(args: argparse.Namespace) -> int:
     from .adapters.captioning import explain_caption
-    from .report import Figure, Report
+    from .report import Figure, Report, WordMaps
 
-    if args.caption is not None and not args.caption.strip():
-        raise CommandError(f"--caption {args.caption!r} is empty; give the text to explain, or omit --caption to "
-                           "explain the caption the model generates")
+    generation = _generation_arguments(args)
     loaded = _load(args.model, args.arch, "captioning", args.device)
-    images, failed = read_images(args.images)
+    images, unreadable = read_images(args.images)
     if not images:
         _log("multiexplain: no readable image")
         return EXIT_USAGE
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     processor, tokenizer = loaded.extra.get("processor"), loaded.extra.get("tokenizer")
-    side = getattr(loaded.model, "image_size", None)
-    report = Report("multiexplain caption", intro=f"Model {args.model}: one Grad-CAM++ (and Grad-CAM) map per word.")
-    section = report.section("captioning", "Captioning")
-    figures, results = [], []
-    for index, (path, image) in enumerate(_progress(images, len(images), "caption", "image")):
-        if processor is None and isinstance(side, int):
-            image = image.resize((side, side))  # the shipped captioner takes side x side inputs
-        try:
-            both = explain_caption(loaded.model, image, args.caption, processor=processor, tokenizer=tokenizer,
-                                   methods=("gradcam++", "gradcam"))
-        except USER_ERRORS as error:
-            # A --caption the tokenizer cannot take fails every image alike: one line for the option.
-            if args.debug or (args.caption is not None and repr(args.caption) in str(error)):
-                raise
-            _log(error_line("caption", error, path))  # this image only (e.g. only special tokens generated)
-            failed.append((path, cap_message(str(error))))
-            continue
+    layer = args.layer or loaded.layer
+    method_titles = {"gradcam++": "Grad-CAM++", "gradcam": "Grad-CAM"}
+    figures: list = []
+    views: list = []
+
+    def explain_one(item: tuple[int, tuple[str, Any]]) -> dict[str, Any]:
+        index, (path, image) = item
+        both = explain_caption(loaded.model, image, args.caption, prompt=args.prompt, processor=processor, tokenizer=tokenizer,
+                               methods=tuple(method_titles), target_layer=layer, max_batch=args.max_batch, **generation)
         explanation = both["gradcam++"]
-        entry = {"image": path, "caption": explanation.caption, "generated": explanation.generated,
-                 "words": explanation.words, "word_log_probabilities": [float(v) for v in explanation.scores],
-                 "caption_log_probability": float(explanation.caption_score), "figures": {}}
-        for method, name in (("gradcam++", "Grad-CAM++"), ("gradcam", "Grad-CAM")):
-            figure = out / f"{_stem(path, index)}_{method.replace('+', 'p')}.png"
+        entry = {"image": path, "prompt": args.prompt, "caption": explanation.caption, "generated": explanation.generated,
+                 "layer": explanation.layer, "words": explanation.words, "tokens": explanation.tokens,
+                 "word_log_probabilities": [float(v) for v in explanation.scores],
+                 "caption_log_probability": float(explanation.caption_score), "figures": {}, "word_maps": {}}
+        stem = _stem(path, index)
+        said = f"{args.prompt!r} -> " if args.prompt else ""
+        for method, name in method_titles.items():
+            figure = out / f"{stem}_{method.replace('+', 'p')}.png"
             both[method].save_figure(str(figure), alpha=args.alpha, colormap=args.colormap)
             entry["figures"][method] = figure.name
-            figures.append(Figure(figure.name, f"{Path(path).name}, {name}: \"{explanation.caption}\""))
-        results.append(entry)
+            figures.append(Figure(figure.name, f"{Path(path).name}, {name}: {said}\"{explanation.caption}\""))
+            folder = out / "words"
+            overlays = both[method].save_word_overlays(str(folder), f"{stem}_{method.replace('+', 'p')}",
+                                                       alpha=args.alpha, colormap=args.colormap)
+            entry["word_maps"][method] = [str(Path(p).relative_to(out)) for _, p in overlays]
+            views.append(WordMaps([(label, Path(p).relative_to(out)) for label, p in overlays],
+                                  f"{Path(path).name}, {name}: select a word to see its map", width=320))
         print(f"{path}: {explanation.caption}")
+        return entry
+
+    items = list(enumerate(images))
+    # A --caption the tokenizer cannot take fails every image alike: one line for the option.
+    bad_caption = (lambda error: repr(args.caption) in str(error)) if args.caption is not None else None
+    results, failed = each_input("caption", items, explain_one, debug=args.debug, name=lambda item: item[1][0],
+                                 fatal=bad_caption)
+    if not results:
+        return EXIT_FAILED
+    report = Report("multiexplain caption", intro=f"Model {args.model}: one Grad-CAM++ (and Grad-CAM) map per word.")
+    section = report.section("captioning", "Captioning")
+    section.add_word_maps(views, "Select a word: its map over the image")
     section.add_figures(figures, "Per-word maps")
-    if failed:
-        section.add_note("Skipped files: " + "; ".join(f"{p} ({r})" for p, r in failed))
-    settings = {"model": args.model, "caption": args.caption or "generated (greedy)", "device": args.device,
-                "colormap": args.colormap, "alpha": args.alpha}
+    skipped = [(p, r) for p, r in unreadable] + [(item[1][0], reason) for item, reason in failed]
+    if skipped:
+        section.add_note("Skipped: " + "; ".join(f"{p} ({r})" for p, r in skipped))
+    settings = {"model": args.model, "prompt": args.prompt, "caption": args.caption or "generated", "layer": results[0]["layer"],
+                "device": args.device, "colormap": args.colormap, "alpha": args.alpha, **generation}
     section.add_settings(settings)
     (out / "captions.json").write_text(json.dumps({"settings": settings, "results": results,
-                                                   "skipped": [p for p, _ in failed]}, indent=2))
+                                                   "skipped": [p for p, _ in skipped]}, indent=2))
     _finish(report, out)
     return EXIT_OK if results else EXIT_FAILED
 
@@ -980,6 +1013,13 @@ def build_parser() -> argparse.ArgumentParser:
     caption.add_argument("images", nargs="+", metavar="IMAGE")
     _model(caption, DEFAULT_MODELS["captioning"])
     caption.add_argument("--caption", metavar="TEXT", help="explain this caption instead of the generated one")
+    caption.add_argument("--prompt", metavar="TEXT", help="a question or instruction for a vision-language model "
+                         "(put in its chat template); its own words are not explained")
+    caption.add_argument("--layer", help="dotted layer name to explain (default: the family's vision tokens, or auto)")
+    caption.add_argument("--num-beams", type=int, metavar="N", help="beam search with N beams for the generated caption (default greedy)")
+    caption.add_argument("--max-new-tokens", type=int, metavar="N", help="at most N generated tokens (default 20)")
+    caption.add_argument("--min-new-tokens", type=int, metavar="N", help="at least N generated tokens (e.g. when a model ends at once)")
+    caption.add_argument("--max-batch", type=int, metavar="K", help="at most K words' gradients per backward pass (bounds memory)")
     _common(caption, "multiexplain-caption")
     caption.set_defaults(handler=cmd_caption)
 

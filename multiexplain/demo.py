@@ -43,7 +43,7 @@ from .evaluation import (
 )
 from .explain import ExplainRequest, explain_request
 from .io import write_gif, write_mp4
-from .report import Figure, Report, Section, write_report
+from .report import Figure, Report, Section, WordMaps, write_report
 from .viz import DEFAULT_ALPHA, DEFAULT_COLORMAP, save_overlay_grid, write_strip
 
 __all__ = ["DATA_SEED_OFFSET", "DemoResult", "DemoSettings", "TASKS", "run_demo"]
@@ -224,7 +224,7 @@ def _captioning(settings: DemoSettings, section: Section) -> dict[str, Any]:
     out = settings.out / "captioning"
     out.mkdir(parents=True, exist_ok=True)
     scenes = data.make_captioned_scenes(settings.show["captioning"], settings.data_seed)
-    figures = []
+    figures, views = [], []
     for i in _progress(range(len(scenes)), settings, "captions"):
         both = explain_caption(model, scenes.images[i], tokenizer=vocabulary, methods=METHODS_COMPARED)
         for method, explanation in both.items():
@@ -233,6 +233,11 @@ def _captioning(settings: DemoSettings, section: Section) -> dict[str, Any]:
             figures.append(Figure(path.relative_to(settings.out),
                                   f"Scene {i}, {METHOD_NAMES[method]}: generated \"{explanation.caption}\" "
                                   f"(ground truth \"{scenes.captions[i]}\")"))
+            overlays = explanation.save_word_overlays(str(out / "words"), f"scene_{i}_{method.replace('+', 'p')}",
+                                                      alpha=settings.alpha, colormap=settings.colormap)
+            views.append(WordMaps([(label, Path(p).relative_to(settings.out)) for label, p in overlays],
+                                  f"Scene {i}, {METHOD_NAMES[method]}: select a word", width=256))
+    section.add_word_maps(views, "Select a word of a caption: its map over the scene")
     section.add_figures(figures, "Per-word maps of generated captions (Grad-CAM++ and Grad-CAM)")
 
     n = settings.eval_size["captioning"]

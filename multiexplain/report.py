@@ -1,9 +1,11 @@
 """A static HTML report: ``index.html`` plus the figures it shows, all in one folder.
 
-The page is self-contained: inline CSS, no scripts, no external URLs, and every image is
-referenced by a path relative to the report folder, so the folder can be zipped, moved and opened
-from disk. A report is a list of :class:`Section` s; a section is an ordered list of blocks
-(text, figure groups, tables, settings, notes) added with its ``add_*`` methods.
+The page is self-contained: inline CSS, no external URLs, and every image is referenced by a path
+relative to the report folder, so the folder can be zipped, moved and opened from disk. The only
+script is a small inline one, present when the page has an interactive word view
+(:class:`WordMaps`: click a word of a caption, its map is shown over the image). A report is a
+list of :class:`Section` s; a section is an ordered list of blocks (text, figure groups, word
+views, tables, settings, notes) added with its ``add_*`` methods.
 
 Example::
 
@@ -25,7 +27,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence, Union
 
-__all__ = ["Figure", "Table", "Section", "Report", "write_report", "find_chromium", "render_in_chromium"]
+__all__ = ["Figure", "Table", "Section", "Report", "WordMaps", "write_report", "find_chromium", "render_in_chromium"]
 
 
 @dataclass
@@ -59,8 +61,25 @@ class Table:
 
 
 @dataclass
+class WordMaps:
+    """An interactive view of one caption: the words as buttons; selecting one shows its map over
+    the image (one picture at a time, the first word's at first).
+
+    Attributes:
+        words: ``(label, picture)`` per word (and e.g. ``("whole caption", picture)``); pictures
+            as for :class:`Figure` (relative to the report folder, or copied in).
+        caption: text under the view.
+        width: display width in CSS pixels of the picture (``None``: its own width).
+    """
+
+    words: Sequence[tuple[str, Union[str, os.PathLike]]]
+    caption: str = ""
+    width: int | None = None
+
+
+@dataclass
 class _Block:
-    kind: str  # "text" | "figures" | "table" | "settings" | "note"
+    kind: str  # "text" | "figures" | "word_maps" | "table" | "settings" | "note"
     payload: Any
     title: str = ""
 
@@ -82,6 +101,14 @@ class Section:
     def add_figures(self, figures: Sequence[Figure], title: str = "") -> "Section":
         """A gallery of figures under an optional heading."""
         self.blocks.append(_Block("figures", list(figures), title))
+        return self
+
+    def add_word_maps(self, views: Sequence[WordMaps], title: str = "") -> "Section":
+        """Interactive word views (click a word, its map is shown) under an optional heading."""
+        for view in views:
+            if not view.words:
+                raise ValueError("a word view needs at least one (word, picture)")
+        self.blocks.append(_Block("word_maps", list(views), title))
         return self
 
     def add_table(self, headers: Sequence[str] | Table, rows: Sequence[Sequence[Any]] = (), caption: str = "", **kw: Any) -> "Section":
@@ -149,6 +176,10 @@ caption { caption-side:bottom; text-align:left; font-size:13px; color:var(--mute
 dl.settings { display:grid; grid-template-columns:max-content auto; gap:2px 14px; font-size:13px; }
 dl.settings dt { color:var(--muted); }
 dl.settings dd { margin:0; font-family:ui-monospace,"DejaVu Sans Mono",monospace; overflow-wrap:anywhere; }
+.wordmaps { display:flex; flex-direction:column; gap:6px; max-width:640px; }
+.wm-words { display:flex; flex-wrap:wrap; gap:4px; }
+.wm-word { font:inherit; font-size:14px; padding:2px 8px; border:1px solid var(--line); border-radius:4px; background:#fff; cursor:pointer; }
+.wm-word.active { background:#1d232b; color:#fff; border-color:#1d232b; }
 .note { border-left:4px solid var(--accent); background:#fff4f2; padding:8px 12px; margin:10px 0; }
 footer { color:var(--muted); font-size:12px; padding:0 28px 24px; }
 """
@@ -174,6 +205,7 @@ class _Writer:
     def __init__(self, root: Path):
         self.root = root
         self.copied: dict[Path, str] = {}
+        self.views = 0  # interactive word views written so far (their ids: wm-0, wm-1, ...)
 
     def relative(self, path: Union[str, os.PathLike]) -> str:
         candidate = Path(path)
@@ -207,6 +239,23 @@ class _Writer:
         caption = html.escape(figure.caption)
         return f'<figure><img src="{src}" alt="{alt}"{attrs}><figcaption>{caption} {links}</figcaption></figure>'
 
+    def word_maps(self, view: WordMaps) -> str:
+        self.views += 1
+        sources = [html.escape(self.relative(path), quote=True) for _, path in view.words]
+        size = self._size(self.root / self.relative(view.words[0][1]))
+        width = view.width or (size[0] if size else None)
+        attrs = f' width="{width}"' if width else ""
+        if width and size:
+            attrs += f' height="{round(size[1] * width / size[0])}"'
+        first = html.escape(view.words[0][0], quote=True)
+        buttons = "".join(
+            f'<button type="button" class="wm-word{" active" if i == 0 else ""}" aria-pressed="{"true" if i == 0 else "false"}" '
+            f'data-src="{src}">{html.escape(label)}</button>'
+            for i, ((label, _), src) in enumerate(zip(view.words, sources))
+        )
+        return (f'<div class="wordmaps" id="wm-{self.views - 1}"><img class="wm-image" src="{sources[0]}" alt="{first}"{attrs}>'
+                f'<div class="wm-words">{buttons}</div><figcaption>{html.escape(view.caption)}</figcaption></div>')
+
     @staticmethod
     def _size(path: Path) -> tuple[int, int] | None:
         from .io import image_size
@@ -221,6 +270,8 @@ class _Writer:
             return f'<div class="note">{html.escape(str(block.payload))}</div>'
         if block.kind == "figures":
             return title + '<div class="gallery">' + "".join(self.figure(f) for f in block.payload) + "</div>"
+        if block.kind == "word_maps":
+            return title + '<div class="gallery">' + "".join(self.word_maps(v) for v in block.payload) + "</div>"
         if block.kind == "settings":
             items = "".join(
                 f"<dt>{html.escape(str(k))}</dt><dd>{html.escape(f'{v:g}' if isinstance(v, float) else _format(v, 4))}</dd>"
@@ -254,11 +305,31 @@ class _Writer:
         return f"<table>{caption}<thead><tr>{head}</tr></thead><tbody>{''.join(body)}</tbody></table>"
 
 
+# Selecting a word shows its picture; "#wm-V:W" in the address selects word W of view V on load
+# (links to one word's map, screenshots). Plain DOM calls, no external code.
+_WORD_MAPS_SCRIPT = """<script>(function () {
+  function show(view, button) {
+    var image = view.querySelector('img.wm-image');
+    image.src = button.getAttribute('data-src'); image.alt = button.textContent;
+    Array.prototype.forEach.call(view.querySelectorAll('button.wm-word'), function (other) {
+      other.classList.toggle('active', other === button); other.setAttribute('aria-pressed', other === button ? 'true' : 'false'); });
+  }
+  Array.prototype.forEach.call(document.querySelectorAll('.wordmaps'), function (view) {
+    Array.prototype.forEach.call(view.querySelectorAll('button.wm-word'), function (button) {
+      button.addEventListener('click', function () { show(view, button); }); });
+  });
+  var chosen = /^#(wm-[0-9]+):([0-9]+)$/.exec(window.location.hash);
+  if (chosen) { var view = document.getElementById(chosen[1]);
+    var button = view && view.querySelectorAll('button.wm-word')[Number(chosen[2])]; if (button) { show(view, button); } }
+})();</script>"""
+
+
 def write_report(report: Report, out_dir: Union[str, os.PathLike], filename: str = "index.html") -> Path:
     """Write ``out_dir/index.html`` (and ``report.json``, the same content as data) and return its path.
 
     Figures must exist; those outside ``out_dir`` are copied into ``out_dir/assets``. The HTML has
-    no scripts and no external URLs, so it renders from disk in any browser.
+    no external URLs, and no script unless it has a word view (then one small inline script), so it
+    renders from disk in any browser.
     """
     root = Path(out_dir).resolve()
     root.mkdir(parents=True, exist_ok=True)
@@ -280,7 +351,7 @@ def write_report(report: Report, out_dir: Union[str, os.PathLike], filename: str
         f"<header><h1>{html.escape(report.title)}</h1>{intro}</header><nav>{nav}</nav>"
         f"<main>{''.join(sections)}{settings}</main>"
         f"<footer>Generated by multiexplain on {stamp}. Static page: open it from disk, no server needed.</footer>"
-        "</body></html>\n"
+        f"{_WORD_MAPS_SCRIPT if writer.views else ''}</body></html>\n"
     )
     path = root / filename
     path.write_text(page, encoding="utf-8")
@@ -296,6 +367,9 @@ def _as_data(report: Report, writer: _Writer) -> dict[str, Any]:
         for block in section.blocks:
             if block.kind == "figures":
                 payload: Any = [{"path": writer.relative(f.path), "caption": f.caption} for f in block.payload]
+            elif block.kind == "word_maps":
+                payload = [{"caption": v.caption, "words": [{"word": w, "path": writer.relative(p)} for w, p in v.words]}
+                           for v in block.payload]
             elif block.kind == "table":
                 table = block.payload
                 payload = {"headers": list(table.headers), "rows": [list(r) for r in table.rows], "caption": table.caption}
@@ -313,15 +387,20 @@ CHROMIUM_FLAGS = (
     "--hide-scrollbars", "--mute-audio",
 )
 
-# Injected into a copy of the page: once everything has loaded, record every <img> (its src,
-# whether it finished and its decoded width) and every section id into a <pre> the DOM dump shows.
+# Injected into a copy of the page: once everything has loaded, run the caller's actions (a
+# function body that may return a Promise), then record every <img> (its src, whether it finished
+# and its decoded width), every section id and the actions' result into a <pre> the DOM dump shows.
 _PROBE = """<script>window.addEventListener('load', function () {
-  var images = Array.prototype.map.call(document.images, function (i) {
-    return {src: i.getAttribute('src'), complete: i.complete, naturalWidth: i.naturalWidth}; });
-  var sections = Array.prototype.map.call(document.querySelectorAll('section[id]'), function (s) { return s.id; });
-  var out = document.createElement('pre'); out.id = 'multiexplain-probe';
-  out.textContent = JSON.stringify({images: images, sections: sections});
-  document.body.appendChild(out); });</script>"""
+  function record(result) {
+    var images = Array.prototype.map.call(document.images, function (i) {
+      return {src: i.getAttribute('src'), complete: i.complete, naturalWidth: i.naturalWidth}; });
+    var sections = Array.prototype.map.call(document.querySelectorAll('section[id]'), function (s) { return s.id; });
+    var out = document.createElement('pre'); out.id = 'multiexplain-probe';
+    out.textContent = JSON.stringify({images: images, sections: sections, actions: result});
+    document.body.appendChild(out); }
+  var actions = window.multiexplainActions;
+  if (!actions) { record(null); return; }
+  Promise.resolve().then(actions).then(record, function (error) { record({error: String(error)}); }); });</script>"""
 
 
 def find_chromium() -> str | None:
@@ -338,13 +417,19 @@ def render_in_chromium(
     screenshot: Union[str, os.PathLike, None] = None,
     window: tuple[int, int] = (1400, 1000),
     timeout: float = 60.0,
+    actions: str | None = None,
+    fragment: str = "",
 ) -> dict[str, Any]:
     """Open a report in headless Chromium and say what loaded.
 
-    Returns ``{"images": [{"src", "complete", "naturalWidth"}, ...], "sections": [ids]}`` read
-    from the rendered DOM (a probe script runs on a temporary copy of the page next to the
-    original, so relative paths resolve the same way); writes a PNG screenshot of the original
-    page when ``screenshot`` is given. Each run uses a fresh profile directory.
+    Returns ``{"images": [{"src", "complete", "naturalWidth"}, ...], "sections": [ids],
+    "actions": ...}`` read from the rendered DOM (a probe script runs on a temporary copy of the
+    page next to the original, so relative paths resolve the same way). ``actions`` is the body of
+    a JavaScript function run after the page loaded (clicking words, say); what it returns (or the
+    value its Promise resolves to) comes back under ``"actions"``, and the images are recorded after
+    it. ``fragment`` (``"#wm-0:2"``) is appended to the page's address. A PNG screenshot of the
+    original page (with ``fragment``) is written when ``screenshot`` is given. Each run uses a fresh
+    profile directory.
     """
     import re
     import subprocess
@@ -355,16 +440,17 @@ def render_in_chromium(
         raise RuntimeError("no chromium binary found (Debian: apt-get install chromium chromium-driver)")
     index = Path(index).resolve()
     probe_page = index.with_name(f".probe_{os.getpid()}_{index.name}")
-    probe_page.write_text(index.read_text(encoding="utf-8").replace("</body>", _PROBE + "</body>"), encoding="utf-8")
+    injected = (f"<script>window.multiexplainActions = function () {{ {actions} }};</script>" if actions else "") + _PROBE
+    probe_page.write_text(index.read_text(encoding="utf-8").replace("</body>", injected + "</body>"), encoding="utf-8")
     try:
         with tempfile.TemporaryDirectory(prefix="multiexplain-chromium-") as profile:
             command = [binary, *CHROMIUM_FLAGS, f"--user-data-dir={profile}", "--virtual-time-budget=10000",
                        f"--window-size={window[0]},{window[1]}"]
-            dom = subprocess.run([*command, "--dump-dom", probe_page.as_uri()], capture_output=True, text=True,
+            dom = subprocess.run([*command, "--dump-dom", probe_page.as_uri() + fragment], capture_output=True, text=True,
                                  timeout=timeout, check=False).stdout
             if screenshot is not None:
                 Path(screenshot).parent.mkdir(parents=True, exist_ok=True)
-                subprocess.run([*command, f"--screenshot={Path(screenshot).resolve()}", index.as_uri()],
+                subprocess.run([*command, f"--screenshot={Path(screenshot).resolve()}", index.as_uri() + fragment],
                                capture_output=True, text=True, timeout=timeout, check=False)
     finally:
         probe_page.unlink(missing_ok=True)

@@ -15,7 +15,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
-__all__ = ["DEFAULT_ALPHA", "DEFAULT_COLORMAP", "clip_and_maps", "colorize", "overlay", "save_overlay_grid", "to_rgb_array", "write_strip"]
+__all__ = ["DEFAULT_ALPHA", "DEFAULT_COLORMAP", "clip_and_maps", "colorize", "overlay", "save_overlay", "save_overlay_grid",
+           "to_rgb_array", "write_strip"]
 
 DEFAULT_ALPHA = 0.5
 DEFAULT_COLORMAP = "jet"
@@ -73,6 +74,24 @@ def overlay(image, heatmap, alpha: float = DEFAULT_ALPHA, colormap: str = DEFAUL
         values = torch.nn.functional.interpolate(values[None, None], size=(height, width), mode="bilinear", align_corners=False)[0, 0]
     heat = colorize(values, colormap).astype(np.float32)
     return ((1 - alpha) * rgb.astype(np.float32) + alpha * heat).round().clip(0, 255).astype(np.uint8)
+
+
+def save_overlay(path: str | os.PathLike, image, heatmap, *, alpha: float = DEFAULT_ALPHA, colormap: str = DEFAULT_COLORMAP,
+                 min_side: int = 256) -> str:
+    """Write one overlay as a PNG at the image's own resolution, enlarged by a whole factor
+    (nearest neighbour, so pixels stay sharp) until its shorter side is at least ``min_side``."""
+    import matplotlib
+
+    matplotlib.use("Agg", force=False)
+    import matplotlib.pyplot as plt
+
+    picture = overlay(image, heatmap, alpha, colormap)
+    factor = max(1, -(-min_side // max(1, min(picture.shape[:2]))))
+    if factor > 1:
+        picture = picture.repeat(factor, axis=0).repeat(factor, axis=1)
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    plt.imsave(path, picture)
+    return str(path)
 
 
 def save_overlay_grid(

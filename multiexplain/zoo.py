@@ -608,44 +608,58 @@ def read_labels(path: str | os.PathLike) -> list[str]:
     return labels
 
 
+#: Captioning families the captioning adapter explains (by ``config.model_type``); BLIP and
+#: VisionEncoderDecoder have their own classes, the others load through AutoModelForImageTextToText.
+HF_CAPTIONERS = ("vision-encoder-decoder", "blip", "git", "blip-2", "instructblip", "llava", "llava_next", "paligemma",
+                 "qwen2_vl", "idefics3", "smolvlm")
+
+
 def _load_hf_captioner(parsed: ModelSpec, source: str, local_only: bool, offline: bool) -> LoadedModel:
-    """A Hugging Face captioner: BLIP (``model_type == "blip"``) or a VisionEncoderDecoderModel,
-    with its processor (image processor + tokenizer) when the directory / Hub repo has one."""
+    """A Hugging Face captioner or vision-language model (:data:`HF_CAPTIONERS`), with its
+    processor (image processor + tokenizer) when the directory / Hub repo has one."""
     import transformers
 
     try:
         config = transformers.AutoConfig.from_pretrained(source, local_files_only=local_only)
+        if config.model_type not in HF_CAPTIONERS:
+            raise SpecError(f"hf:{parsed.name} is a {config.model_type!r} model; captioning supports {', '.join(HF_CAPTIONERS)}")
         if config.model_type == "blip":
-            model = transformers.BlipForConditionalGeneration.from_pretrained(source, local_files_only=local_only)
+            factory: Any = transformers.BlipForConditionalGeneration
         elif config.model_type == "vision-encoder-decoder":
-            model = transformers.VisionEncoderDecoderModel.from_pretrained(source, local_files_only=local_only)
+            factory = transformers.VisionEncoderDecoderModel
         else:
-            raise SpecError(f"hf:{parsed.name} is a {config.model_type!r} model; captioning supports BLIP and "
-                            "VisionEncoderDecoder models")
+            factory = transformers.AutoModelForImageTextToText
+        model = factory.from_pretrained(source, local_files_only=local_only)
     except OSError as error:
         if offline:
             raise OfflineError(_offline_message(
                 parsed, "the model files",
-                f"on a machine with internet save the model, its processor and tokenizer with "
-                f"save_pretrained('DIR') (e.g. VisionEncoderDecoderModel.from_pretrained('{parsed.name}')), "
+                f"on a machine with internet save the model and its processor with save_pretrained('DIR') "
+                f"(e.g. AutoModelForImageTextToText.from_pretrained('{parsed.name}') and AutoProcessor), "
                 "copy DIR here and pass --model hf:DIR",
             )) from None
         raise SpecError(f"cannot load hf:{parsed.name}: {error}") from None
+    return LoadedModel(model, parsed, "captioning", extra=_hf_caption_processor(source, local_only))
+
+
+def _hf_caption_processor(source: str, local_only: bool) -> dict[str, Any]:
+    """``{"processor": ..., "tokenizer": ...}`` of a captioner's directory / Hub repo (what exists)."""
+    import transformers
+
     def attempt(factory: Any) -> Any:
         try:
             return factory.from_pretrained(source, local_files_only=local_only)
-        except (OSError, ValueError, KeyError, TypeError):
+        except (OSError, ValueError, KeyError, TypeError, ImportError):
             return None
 
-    # AutoProcessor returns a combined processor (BLIP) when there is one, but falls back to the
-    # bare tokenizer when a directory has a tokenizer and an image processor saved separately.
+    # AutoProcessor returns a combined processor when there is one, but falls back to the bare
+    # tokenizer when a directory has a tokenizer and an image processor saved separately (VED).
     processor = attempt(transformers.AutoProcessor)
     if processor is not None and not hasattr(processor, "image_processor") and not hasattr(processor, "image_mean"):
         processor = None
     processor = processor or attempt(transformers.AutoImageProcessor)
     tokenizer = getattr(processor, "tokenizer", None) or attempt(transformers.AutoTokenizer)
-    extra = {key: value for key, value in (("processor", processor), ("tokenizer", tokenizer)) if value is not None}
-    return LoadedModel(model, parsed, "captioning", extra=extra)
+    return {key: value for key, value in (("processor", processor), ("tokenizer", tokenizer)) if value is not None}
 
 
 def _hf_preprocess(processor: Any, size: int, mean: tuple[float, ...], std: tuple[float, ...]) -> Callable[[Any], Tensor]:

@@ -60,13 +60,14 @@ def main() -> None:
     parser.add_argument("--receptive-field", type=int, default=17, choices=(13, 17, 25), help="the encoder cells' receptive field in pixels")
     parser.add_argument("--label-smoothing", type=float, default=0.05)
     parser.add_argument("--no-normalize-cells", dest="normalize_cells", action="store_false", help="keep the raw feature lengths (the earlier shipped model)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the initialisation, batch order and flips (the shipped model: 0)")
     parser.add_argument("--threads", type=int, default=1, help="1: on a shared 2-core machine 2 threads stalled behind other jobs")
     parser.add_argument("--device", default="cpu", help="cpu (the default, a few minutes) or cuda")
     parser.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "..", "multiexplain", "checkpoints", "show_and_tell.pt"))
     args = parser.parse_args()
 
     torch.set_num_threads(args.threads)
-    torch.manual_seed(0)
+    torch.manual_seed(args.seed)
     began = time.time()
     train = make_captioned_scenes(args.train_scenes, seed=TRAIN_SEED)
     held_out = make_captioned_scenes(args.held_out, seed=HELD_OUT_SEED)
@@ -80,7 +81,7 @@ def main() -> None:
     model = ShowAttendTell(len(vocabulary), receptive_field=args.receptive_field, normalize_cells=args.normalize_cells).to(device)
     optimizer = torch.optim.Adam(model.parameters(), lr=args.lr)
     schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=args.lr, total_steps=args.steps, pct_start=0.1)
-    gen = torch.Generator().manual_seed(0)
+    gen = torch.Generator().manual_seed(args.seed)
     model.train()
     for step in range(1, args.steps + 1):
         index = torch.randint(len(train), (args.batch,), generator=gen).to(device)
@@ -112,7 +113,7 @@ def main() -> None:
 
     metrics = evaluate(model, vocabulary, held_out)
     print(f"held-out ({len(held_out)} scenes): {metrics}; total {time.time() - began:.0f}s", flush=True)
-    train = {"scenes": args.train_scenes, "steps": args.steps, "batch": args.batch, "seed": TRAIN_SEED, "entropy": args.entropy,
+    train = {"scenes": args.train_scenes, "seed_recipe": args.seed, "steps": args.steps, "batch": args.batch, "seed": TRAIN_SEED, "entropy": args.entropy,
              "label_smoothing": args.label_smoothing, "normalize_cells": args.normalize_cells, "device": str(device),
              "seconds": round(time.time() - began)}
     save_checkpoint(args.out, model.cpu(), vocabulary=vocabulary.itos, meta={"held_out": metrics, "train": train})

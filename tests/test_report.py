@@ -162,6 +162,16 @@ def test_demo_report_renders_with_all_sections(tmp_path):
     for task in result.status:
         block = page.split(f'<section id="{task}">', 1)[1].split("</section>", 1)[0]
         assert "<img " in block and "<table>" in block and "Grad-CAM++" in block
+    # The captioning section has the interactive word view: one button per word of the generated
+    # caption plus the whole caption, each pointing at a picture that exists.
+    block = page.split('<section id="captioning">', 1)[1].split("</section>", 1)[0]
+    views = re.findall(r'<div class="wordmaps".*?</figcaption></div>', block)
+    assert len(views) == 2, "one word view per method for the one scene shown"
+    for view in views:
+        labels = re.findall(r'<button[^>]*>([^<]*)</button>', view)
+        sources = re.findall(r'data-src="([^"]+)"', view)
+        assert labels[-1] == "whole caption" and len(labels) >= 2 and all(labels)
+        assert len(set(sources)) == len(labels) and all((settings.out / s).is_file() for s in sources)
     with Image.open(shot) as image:
         assert image.size == (1300, 1600) and np.asarray(image.convert("L")).std() > 5
     metrics_json = json.loads((settings.out / "metrics.json").read_text())
@@ -191,3 +201,26 @@ def test_demo_degrades_gracefully_without_a_checkpoint(tmp_path, monkeypatch):
     assert cli.main(["demo", "--out", str(tmp_path / "cli"), "--tasks", "classification", "--device", "cpu"]) == 0
     assert cli.main(["demo", "--out", str(tmp_path / "cli"), "--tasks", "distillation", "--device", "cpu"]) == 1
     assert cli.main(["demo", "--out", str(tmp_path / "cli"), "--tasks", "nope", "--device", "cpu"]) == 2
+
+
+def test_word_views_are_buttons_over_one_picture(tmp_path):
+    """An interactive word view: one <img>, a button per word holding its picture's relative path,
+    one inline script for the whole page, unique ids, labels escaped, the same content in report.json."""
+    root, outside = tmp_path / "out", tmp_path / "elsewhere"
+    root.mkdir()
+    outside.mkdir()
+    pictures = [_figure(root / "w0.png", 0), _figure(outside / "w1.png", 1)]
+    report = rp.Report("words")
+    section = report.section("captioning", "Captioning")
+    section.add_word_maps([rp.WordMaps([("<red>", pictures[0]), ("circle", pictures[1])], "a <red> circle"),
+                           rp.WordMaps([("a", "w0.png")])], "Words")
+    page = rp.write_report(report, root).read_text()
+    assert page.count("<script>") == 1 and 'id="wm-0"' in page and 'id="wm-1"' in page
+    assert page.count('<img class="wm-image"') == 2 and page.count('<button type="button" class="wm-word') == 3
+    assert 'data-src="w0.png">&lt;red&gt;</button>' in page and 'data-src="assets/000_w1.png">circle</button>' in page
+    assert "a &lt;red&gt; circle" in page and not re.search(r"(https?:)?//[a-z]", page.replace("<!DOCTYPE", ""))
+    data = json.loads((root / "report.json").read_text())
+    block = data["sections"][0]["blocks"][0]
+    assert block["kind"] == "word_maps" and block["content"][0]["words"][1] == {"word": "circle", "path": "assets/000_w1.png"}
+    with pytest.raises(ValueError, match="at least one"):
+        section.add_word_maps([rp.WordMaps([])])

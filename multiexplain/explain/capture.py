@@ -146,7 +146,9 @@ class LayerCapture:
         """Register the hook for the duration of the block (removed even when the forward raises)."""
         self.thread = threading.get_ident()
         self.calls, self.activation = 0, None
-        handle = self.layer.register_forward_hook(self._hook)
+        # First among the layer's hooks: a hook that records outputs (transformers' hidden-state
+        # capture, which LLaVA reads its features from) must record the tensor the graph continues from.
+        handle = self.layer.register_forward_hook(self._hook, prepend=True)
         try:
             yield self
         finally:

@@ -25,7 +25,8 @@ from .. import core
 from .capture import Element, LayerCapture, bypassed
 from .checks import check_finite_inputs, non_finite_samples, warn_if_alpha_unbounded, warn_if_probabilities, warn_non_finite
 from .families import final_activations, input_spatial_size
-from .layers import ChannelsLast, LayerChoice, LayerSpec, Reshape, TokenReshape, _geometry_misfit, read_layout, resolve_layer
+from .layers import (ChannelsLast, LayerChoice, LayerSpec, MergedPatches, Reshape, TileTokens, TokenReshape, _geometry_misfit,
+                     read_layout, resolve_layer)
 from .targets import Inputs, Targets, call_model, model_logits, primary_input, target_scores
 
 __all__ = [
@@ -131,6 +132,11 @@ class BaseCAM:
         pool_axes: spatial axes the channel weights are pooled over (default all; ``(1, 2)`` on
             ``T, H, W`` gives per-time-slice weights).
         create_graph: differentiable mode (maps carry gradients to the model's parameters).
+        max_batch: at most this many of the ``K`` targets' vector-Jacobian products run as one
+            batched backward pass (``None``: all ``K`` at once). A batched backward holds one
+            set of intermediate gradients per target, so for ``K`` targets on a large model
+            (every word of a long answer) memory grows ``K``-fold; ``max_batch`` bounds it. The
+            maps are the same whatever the chunking.
 
     Scores are pre-softmax logits: a head that ends in a softmax (pytorchvideo's, see
     :data:`~multiexplain.explain.families.SOFTMAX_HEADS`) is explained before its activation, in
@@ -153,9 +159,13 @@ class BaseCAM:
         logits: Callable[[Any], Tensor] | None = None,
         pool_axes: Sequence[int] | None = None,
         create_graph: bool = False,
+        max_batch: int | None = None,
     ) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+        if max_batch is not None and (isinstance(max_batch, bool) or not isinstance(max_batch, int) or max_batch < 1):
+            raise ValueError(f"max_batch must be a positive int (targets per batched backward pass) or None, got {max_batch!r}")
+        self.max_batch = max_batch
         self.model = model
         self.target_layer = target_layer
         self._options = {"reshape": reshape, "layer_call": layer_call, "element": element, "branch": branch}
@@ -201,14 +211,15 @@ class BaseCAM:
         """What ``"auto"`` chose (``None`` for a named layer, or before the first call)."""
         return self.choice if self.target_layer == "auto" else None
 
-    def resolve(self, inputs: Inputs, targets: Targets = None, input_size: Sequence[int] | None = None) -> LayerChoice:
+    def resolve(self, inputs: Inputs, targets: Targets = None, input_size: Sequence[int] | None = None,
+                batch_size: int | None = None) -> LayerChoice:
         """The layer choice, made on the first call (a probe runs only for models that declare no
         layer and match no family rule; its result is cached per model and input shape)."""
         if self.choice is None:
             with self._lock:
                 if self.choice is None:
                     reference = primary_input(inputs)
-                    n = reference.shape[0]
+                    n = batch_size or reference.shape[0]
                     spatial = tuple(input_size) if input_size is not None else input_spatial_size(self.model, reference)
                     self.choice = resolve_layer(
                         self.model, "auto", **self._options,
@@ -220,7 +231,7 @@ class BaseCAM:
 
     # -- explaining ---------------------------------------------------------------------------
     def __call__(self, inputs: Inputs, targets: Targets = None, *, input_size: Sequence[int] | None = None,
-                 create_graph: bool | None = None) -> Explanation:
+                 create_graph: bool | None = None, batch_size: int | None = None) -> Explanation:
         """Explain ``inputs`` for ``targets``.
 
         Args:
@@ -232,14 +243,16 @@ class BaseCAM:
             input_size: spatial size to upsample maps to; default the primary input's ``shape[2:]``
                 (``(T, H, W)`` for a frames-first video model's ``(N, T, C, H, W)`` pixel values).
             create_graph: override the differentiable mode for this call.
+            batch_size: the number of samples, when the primary input's first axis is not it
+                (Qwen2-VL takes every image's patches flattened into one ``(patches, dim)`` tensor).
         """
-        return self.explain(inputs, targets, input_size=input_size, create_graph=create_graph)
+        return self.explain(inputs, targets, input_size=input_size, create_graph=create_graph, batch_size=batch_size)
 
     def explain(self, inputs: Inputs, targets: Targets = None, *, input_size: Sequence[int] | None = None,
-                create_graph: bool | None = None) -> Explanation:
+                create_graph: bool | None = None, batch_size: int | None = None) -> Explanation:
         """Same as calling the explainer."""
         explained = self.explain_methods(inputs, targets, methods=(self.method,), input_size=input_size,
-                                         create_graph=create_graph)
+                                         create_graph=create_graph, batch_size=batch_size)
         return explained[self.method]
 
     def explain_methods(
@@ -250,10 +263,11 @@ class BaseCAM:
         methods: Sequence[str],
         input_size: Sequence[int] | None = None,
         create_graph: bool | None = None,
+        batch_size: int | None = None,
     ) -> dict[str, Explanation]:
         """Maps of several methods (names in :data:`METHODS`, e.g. ``("gradcam++", "gradcam")``)
         from ONE forward pass and one set of gradients: methods differ only in their channel
-        weights. Returns ``{method: Explanation}`` in the order given."""
+        weights. Returns ``{method: Explanation}`` in the order given (arguments as for ``__call__``)."""
         unknown = [name for name in methods if name != self.method and name not in METHODS]
         if unknown or not methods:
             raise ValueError(f"unknown method(s) {unknown}; choose from {sorted(METHODS)}" if unknown else "no methods given")
@@ -269,8 +283,9 @@ class BaseCAM:
                 f"expected a batched channels-first input (N, C, *spatial), got shape {tuple(reference.shape)}; "
                 "add the batch axis (x.unsqueeze(0)) or pass input_size="
             )
-        check_finite_inputs(inputs, reference.shape[0])
-        choice = self.resolve(inputs, targets, input_size)
+        n = batch_size or reference.shape[0]
+        check_finite_inputs(inputs, n)
+        choice = self.resolve(inputs, targets, input_size, batch_size)
         capture = LayerCapture(choice.module, choice.name, call_index=choice.layer_call, element=choice.element,
                                detach_below=not differentiable)
         grad_mode = torch.is_grad_enabled()
@@ -280,24 +295,28 @@ class BaseCAM:
             with capture.attached(), bypassed(final_activations(self.model)):
                 output = call_model(self.model, inputs)
             activation = capture.require()
-            scores, indices, multi = target_scores(output, targets, reference.shape[0], self.logits)
+            scores, indices, multi = target_scores(output, targets, n, self.logits)
             if not callable(targets) or isinstance(targets, Tensor):
                 warn_if_probabilities(self.logits(output))
-            gradients = _gradients(scores, activation, differentiable)
+            gradients = _gradients(scores, activation, differentiable, self.max_batch)
         finally:
             torch.set_grad_enabled(grad_mode)
         size = tuple(input_size) if input_size is not None else input_spatial_size(self.model, reference)
         reshape = choice.reshape if choice.reshape is not None else _read_named_layer(activation, size)
+        bind = getattr(reshape, "bind", None)
+        if callable(bind):  # a reading that depends on the call's inputs (Qwen2-VL's image_grid_thw)
+            reshape = bind(inputs)
         activation, gradients = _channels_first(activation, gradients, reshape, choice.name)
         non_finite, indices = _flag_non_finite(activation, gradients, scores, indices, targets is None, choice.name)
         if self.choice is not None and self.choice.grid is None:
-            layout = {type(None): "channels_first", TokenReshape: "tokens", ChannelsLast: "channels_last"}.get(type(reshape), "custom")
+            layout = {type(None): "channels_first", TokenReshape: "tokens", TileTokens: "tokens", MergedPatches: "tokens",
+                      ChannelsLast: "channels_last"}.get(type(reshape), "custom")
             self.choice = replace(self.choice, layout=self.choice.layout or layout, grid=tuple(activation.shape[2:]))
         explanations = {}
         for name in methods:
             method = self if name == self.method else METHODS[name](
                 self.model, choice.module, reshape=reshape, layer_call=choice.layer_call, element=choice.element,
-                logits=self.logits, pool_axes=self.pool_axes, create_graph=self.create_graph,
+                logits=self.logits, pool_axes=self.pool_axes, create_graph=self.create_graph, max_batch=self.max_batch,
             )
             explanations[name] = method._maps(choice.name, activation, gradients, scores, indices, multi, size,
                                               differentiable, non_finite)
@@ -362,26 +381,28 @@ def _read_named_layer(activation: Tensor, size: tuple[int, ...]) -> Reshape | No
 
 
 def _channels_first(activation: Tensor, gradients: Tensor, reshape: Reshape | None, layer: str) -> tuple[Tensor, Tensor]:
-    """Activations ``(N, C, *spatial)`` and gradients ``(N, K, C, *spatial)`` through ``reshape``."""
+    """Activations ``(N, C, *spatial)`` and gradients ``(N, K, C, *spatial)`` from the captured
+    activation and its target-first gradients ``(K, *activation.shape)`` through ``reshape``.
+
+    Each target's gradient goes through ``reshape`` on its own, exactly as the activation does, so
+    a reshape may also read an output without a batch axis (Qwen2-VL's flattened patches)."""
     if reshape is not None:
-        # Target-major rows, so a reshape that regroups the batch axis (TimeSformer's frames in the
-        # batch: N * T' rows -> N) sees each target's rows in the order of the activation's.
-        k = gradients.shape[1]
         activation = reshape(activation)
-        gradients = reshape(gradients.transpose(0, 1).flatten(0, 1)).unflatten(0, (k, activation.shape[0])).transpose(0, 1)
+        gradients = torch.stack([reshape(gradient) for gradient in gradients])
     if activation.ndim < 3:
         raise ValueError(
             f"layer {layer!r} outputs shape {tuple(activation.shape)}, which has no spatial axes; "
             "choose a convolutional layer, or give reshape= (TokenReshape for (N, L, D) tokens)"
         )
-    return activation, gradients
+    return activation, gradients.transpose(0, 1)
 
 
-def _gradients(scores: Tensor, activation: Tensor, create_graph: bool) -> Tensor:
-    """``dS[:, k] / dA`` for every target: ``(N, K, *activation.shape[1:])``.
+def _gradients(scores: Tensor, activation: Tensor, create_graph: bool, max_batch: int | None = None) -> Tensor:
+    """``dS[:, k] / dA`` for every target, target first: ``(K, *activation.shape)``.
 
-    One vector-Jacobian product per target column, batched with ``is_grads_batched``; the
-    per-target loop is only the fallback for ops that vmap cannot batch.
+    The vector-Jacobian products of the ``K`` targets run as batched backward passes
+    (``is_grads_batched``) of at most ``max_batch`` targets each (all at once for ``None``); one
+    pass per target is only the fallback for ops that vmap cannot batch.
     """
     if not scores.requires_grad:
         raise RuntimeError(
@@ -396,19 +417,24 @@ def _gradients(scores: Tensor, activation: Tensor, create_graph: bool) -> Tensor
             allow_unused=True, is_grads_batched=batched,
         )
         if grad is None:  # the scores do not depend on this layer at all
-            shape = (k, *activation.shape) if batched else activation.shape
+            shape = (grad_outputs.shape[0], *activation.shape) if batched else activation.shape
             grad = torch.zeros(shape, dtype=activation.dtype, device=activation.device)
         return grad
 
-    if k == 1:
-        return vjp(torch.ones_like(scores), False).unsqueeze(1)
     eye = torch.eye(k, dtype=scores.dtype, device=scores.device)
-    try:
-        batched = vjp(eye.unsqueeze(1).expand(k, n, k), True)
-    except RuntimeError as error:
-        warnings.warn(f"batched gradients failed ({error}); falling back to one pass per target", RuntimeWarning)
-        batched = torch.stack([vjp(eye[j].expand(n, k), False) for j in range(k)])
-    return batched.transpose(0, 1)
+    chunk = k if max_batch is None else max_batch
+    parts = []
+    for start in range(0, k, chunk):
+        rows = eye[start : start + chunk]
+        if rows.shape[0] == 1:
+            parts.append(vjp(rows[0].expand(n, k), False).unsqueeze(0))
+            continue
+        try:
+            parts.append(vjp(rows.unsqueeze(1).expand(rows.shape[0], n, k), True))
+        except RuntimeError as error:
+            warnings.warn(f"batched gradients failed ({error}); falling back to one pass per target", RuntimeWarning)
+            parts.append(torch.stack([vjp(row.expand(n, k), False) for row in rows]))
+    return parts[0] if len(parts) == 1 else torch.cat(parts)
 
 
 @register_method
@@ -444,7 +470,8 @@ class ExplainRequest:
         targets: class indices or a score callable ``model_output -> (N,) | (N, K)``.
         layer, reshape, layer_call, element, branch: the layer (``"auto"``: the one resolver).
         input_size: spatial size the maps are upsampled to (default the primary input's).
-        pool_axes, logits, create_graph: as for :class:`BaseCAM`.
+        pool_axes, logits, create_graph, max_batch: as for :class:`BaseCAM`.
+        batch_size: the number of samples when the primary input's first axis is not it.
     """
 
     inputs: Inputs
@@ -458,6 +485,8 @@ class ExplainRequest:
     pool_axes: Sequence[int] | None = None
     logits: Callable[[Any], Tensor] | None = None
     create_graph: bool = False
+    max_batch: int | None = None
+    batch_size: int | None = None
 
 
 def explain_request(model: nn.Module, request: ExplainRequest, methods: Sequence[str] = ("gradcam++",)) -> dict[str, Explanation]:
@@ -466,5 +495,7 @@ def explain_request(model: nn.Module, request: ExplainRequest, methods: Sequence
     explainer = METHODS[names[0]](
         model, request.layer, reshape=request.reshape, layer_call=request.layer_call, element=request.element,
         branch=request.branch, logits=request.logits, pool_axes=request.pool_axes, create_graph=request.create_graph,
+        max_batch=request.max_batch,
     )
-    return explainer.explain_methods(request.inputs, request.targets, methods=names, input_size=request.input_size)
+    return explainer.explain_methods(request.inputs, request.targets, methods=names, input_size=request.input_size,
+                                     batch_size=request.batch_size)

@@ -20,11 +20,12 @@ from typing import Any, Callable, Sequence
 from torch import nn
 
 from .capture import Element
-from .layers import ChannelsLast, Reshape, TokenReshape, VideoTokens, find_module
+from .layers import ChannelsLast, MergedPatches, Reshape, TileTokens, TokenReshape, VideoTokens, find_module
 
 __all__ = [
-    "FAMILY_RULES", "FRAMES_FIRST", "HF_VIDEO_TYPES", "FamilyRule", "HasModules", "IsInstance", "ModelType", "SOFTMAX_HEADS",
-    "clip_frames", "final_activations", "frames_first", "input_spatial_size", "pathway_alpha",
+    "FAMILY_RULES", "FRAMES_FIRST", "HF_VIDEO_TYPES", "FamilyRule", "HasModules", "IsInstance", "ModelType", "Named",
+    "SOFTMAX_HEADS", "VisionFeatureLayer", "clip_frames", "final_activations", "frames_first", "input_spatial_size",
+    "pathway_alpha",
 ]
 
 Located = tuple[nn.Module, Reshape | None, int | None, Element]
@@ -106,6 +107,46 @@ class LastBlockNorm:
         return None
 
 
+@dataclass(frozen=True)
+class Named:
+    """The first submodule whose dotted name is ``suffix`` or ends with ``"." + suffix``: the
+    same module whether a wrapper nests it (``model.vision_tower`` in transformers 5.x,
+    ``vision_tower`` in 4.x)."""
+
+    suffix: str
+
+    def __call__(self, model: nn.Module, branch: int | None) -> nn.Module | None:
+        for name, module in model.named_modules():
+            if name == self.suffix or name.endswith("." + self.suffix):
+                return module
+        return None
+
+
+@dataclass(frozen=True)
+class VisionFeatureLayer:
+    """The vision-tower layer whose output a LLaVA-style model feeds its projector:
+    ``hidden_states[config.vision_feature_layer]`` of the tower, i.e. the output of encoder layer
+    ``k`` for ``k < 0`` and of layer ``k - 1`` for ``k > 0``. For several feature layers
+    (concatenated features) the shallowest: every selected layer's features depend on it."""
+
+    tower: str = "vision_tower"
+
+    def __call__(self, model: nn.Module, branch: int | None) -> nn.Module | None:
+        tower = Named(self.tower)(model, branch)
+        selected = getattr(getattr(model, "config", None), "vision_feature_layer", None)
+        if tower is None or selected is None:
+            return None
+        layers = next((m for m in tower.modules() if isinstance(m, nn.ModuleList) and len(m) > 0), None)
+        if layers is None:
+            return None
+        indices = [selected] if isinstance(selected, int) else list(selected)
+        positions = [index if index < 0 else index - 1 for index in indices]  # hidden_states[0] is the embeddings
+        positions = [p % len(layers) if p < 0 else p for p in positions]
+        if not positions or any(p < 0 or p >= len(layers) for p in positions) or 0 in indices:
+            return None  # the embeddings themselves, or out of range: left to the probe
+        return layers[min(positions)]
+
+
 _PYTORCHVIDEO_HEADS = (
     "pytorchvideo.models.head.ResNetBasicHead", "pytorchvideo.models.head.ResNetRoIHead",
     "pytorchvideo.models.head.SequencePool", "pytorchvideo.models.head.VisionTransformerBasicHead",
@@ -147,6 +188,11 @@ def _hf_prefix_tokens(model: nn.Module) -> Reshape:
     prefix = 2 if getattr(embeddings, "distillation_token", None) is not None else 1
     prefix += int(getattr(model.config, "num_register_tokens", 0) or 0)
     return TokenReshape(num_prefix_tokens=prefix)
+
+
+def _merged_patches(model: nn.Module) -> Reshape:
+    vision = getattr(getattr(model, "config", None), "vision_config", None)
+    return MergedPatches(merge=int(getattr(vision, "spatial_merge_size", 2) or 2))
 
 
 def _timm_prefix_tokens(model: nn.Module) -> Reshape:
@@ -241,6 +287,26 @@ FAMILY_RULES: Sequence[FamilyRule] = (
                _constant(TokenReshape(num_prefix_tokens=0))),
     FamilyRule("timm XCiT", IsInstance("timm.models.xcit.Xcit"), At("blocks.-1"),
                _constant(TokenReshape(num_prefix_tokens=0))),
+    # Vision-language models: the vision tower's tokens where they leave for the language model
+    # (through a projector, a Q-Former or a connector); class tokens are inferred (0-2).
+    FamilyRule("Hugging Face GIT", ModelType(frozenset({"git"})), Named("image_encoder.vision_model.post_layernorm"),
+               _constant(TokenReshape(num_prefix_tokens=None))),
+    # BLIP-2 / InstructBLIP: post_layernorm runs on all tokens, then on the pooled one.
+    FamilyRule("Hugging Face BLIP-2 / InstructBLIP", ModelType(frozenset({"blip-2", "instructblip"})),
+               Named("vision_model.post_layernorm"), _constant(TokenReshape(num_prefix_tokens=None)), layer_call=0),
+    # LLaVA: hidden_states[vision_feature_layer] of the tower (the CLS token dropped or not).
+    FamilyRule("Hugging Face LLaVA", ModelType(frozenset({"llava"})), VisionFeatureLayer(),
+               _constant(TokenReshape(num_prefix_tokens=None))),
+    # LLaVA-NeXT: the same layer, run on the base image and the high-resolution tiles at once.
+    FamilyRule("Hugging Face LLaVA-NeXT", ModelType(frozenset({"llava_next"})), VisionFeatureLayer(),
+               _constant(TileTokens(num_prefix_tokens=None))),
+    FamilyRule("Hugging Face PaliGemma", ModelType(frozenset({"paligemma"})), Named("vision_tower.post_layernorm"),
+               _constant(TokenReshape(num_prefix_tokens=None))),
+    # Qwen2-VL: the merger's output, 2x2 patches merged, each image at its own (non-square) grid.
+    FamilyRule("Hugging Face Qwen2-VL", ModelType(frozenset({"qwen2_vl"})), Named("visual.merger"), _merged_patches),
+    # Idefics3 / SmolVLM: every crop and the global image through the vision model at once.
+    FamilyRule("Hugging Face Idefics3 / SmolVLM", ModelType(frozenset({"idefics3", "smolvlm"})),
+               Named("vision_model.post_layernorm"), _constant(TileTokens(num_prefix_tokens=0))),
     # timm ViTs (and DeiT, EVA, ...): blocks plus a count of prefix tokens.
     FamilyRule("timm ViT", HasModules(("blocks", "num_prefix_tokens", "patch_embed")),
                At("blocks.-1.norm1"), _timm_prefix_tokens),

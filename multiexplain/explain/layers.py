@@ -43,7 +43,9 @@ from .capture import Element, feature_element, replace_element
 __all__ = [
     "ChannelsLast",
     "LayerChoice",
+    "MergedPatches",
     "Reshape",
+    "TileTokens",
     "TokenReshape",
     "VideoTokens",
     "find_module",
@@ -52,6 +54,9 @@ __all__ = [
     "resolve_layer",
 ]
 
+#: Turns a layer's output into channels-first ``(N, C, *spatial)``. A reshape that needs the call's
+#: inputs (Qwen2-VL's patch grids) also has ``bind(inputs) -> Reshape``; the explainer binds it
+#: before reading the layer.
 Reshape = Callable[[Tensor], Tensor]
 LayerSpec = Union[nn.Module, str]
 
@@ -107,6 +112,92 @@ class TokenReshape:
             f"{'0-2' if self.num_prefix_tokens is None else self.num_prefix_tokens} prefix token(s): "
             "give TokenReshape(grid=(h, w), num_prefix_tokens=...)"
         )
+
+
+def _tokens_of(inputs: Any, key: str) -> Any:
+    """``inputs[key]`` from a mapping of call inputs (``None`` when absent)."""
+    return inputs.get(key) if hasattr(inputs, "get") else None
+
+
+def _batch_of(inputs: Any) -> int | None:
+    """The number of sequences in a vision-language model's call inputs (their ``input_ids``)."""
+    ids = _tokens_of(inputs, "input_ids")
+    return int(ids.shape[0]) if isinstance(ids, Tensor) and ids.ndim == 2 else None
+
+
+@dataclass(frozen=True)
+class TileTokens:
+    """Tokens of image tiles batched along the first axis, ``(N * P, L, D)`` -> ``(N, D, P, h, w)``.
+
+    Vision-language models that split an image into tiles (LLaVA-NeXT's base image + high-resolution
+    crops, Idefics3 / SmolVLM's crops + global image) run their vision tower on every tile of every
+    image as one batch. The tile axis ``P`` becomes a spatial axis in front of each tile's square
+    patch grid, so channel weights pool over all of an image's tiles, as over one feature map.
+
+    Args:
+        num_prefix_tokens: leading special tokens of each tile (``None``: inferred, 0-2).
+        images: ``N``; :meth:`bind` reads it from the call's ``input_ids`` (1 when unknown).
+    """
+
+    num_prefix_tokens: int | None = None
+    images: int | None = None
+
+    def bind(self, inputs: Any) -> "TileTokens":
+        """This reading for one call: ``images`` from the call's ``input_ids``."""
+        return replace(self, images=_batch_of(inputs) or self.images)
+
+    def __call__(self, tokens: Tensor) -> Tensor:
+        if tokens.ndim != 3:
+            raise ValueError(f"TileTokens expects (tiles, L, D) tokens, got shape {tuple(tokens.shape)}")
+        images = self.images or 1
+        tiles, length, dim = tokens.shape
+        if tiles % images:
+            raise ValueError(
+                f"{tiles} tiles cannot be split evenly among {images} images (the images were cut into different "
+                "numbers of tiles); explain one image at a time"
+            )
+        grid, prefix = TokenReshape(None, self.num_prefix_tokens).layout(length)
+        cells = tokens[:, prefix:, :].transpose(1, 2).reshape(images, tiles // images, dim, *grid)
+        return cells.transpose(1, 2)
+
+
+@dataclass(frozen=True)
+class MergedPatches:
+    """Qwen2-VL's merged patch tokens -> ``(N, D, h, w)``.
+
+    Qwen2-VL's vision tower takes every image at its own resolution and returns the tokens of all
+    images concatenated, without a batch axis: ``(sum_i t_i * h_i * w_i / merge**2, D)``, each
+    image's tokens in raster order of its merged grid ``(h_i / merge, w_i / merge)`` (non-square).
+    :meth:`bind` reads the patch grids from the call's ``image_grid_thw``.
+
+    Args:
+        merge: the spatial merge size (``config.vision_config.spatial_merge_size``).
+        grids: ``(t, h, w)`` patch grid of each image (before merging).
+    """
+
+    merge: int = 2
+    grids: tuple[tuple[int, int, int], ...] | None = None
+
+    def bind(self, inputs: Any) -> "MergedPatches":
+        grids = _tokens_of(inputs, "image_grid_thw")
+        if not isinstance(grids, Tensor):
+            return self
+        return replace(self, grids=tuple(tuple(int(v) for v in row) for row in grids.tolist()))
+
+    def __call__(self, tokens: Tensor) -> Tensor:
+        if self.grids is None:
+            raise ValueError("MergedPatches needs the images' patch grids: call with image_grid_thw in the inputs, "
+                             "or give MergedPatches(merge, grids=((t, h, w), ...))")
+        if tokens.ndim != 2:
+            raise ValueError(f"MergedPatches expects (tokens, D) merged patches, got shape {tuple(tokens.shape)}")
+        merged = [(t, h // self.merge, w // self.merge) for t, h, w in self.grids]
+        counts = [math.prod(grid) for grid in merged]
+        if sum(counts) != tokens.shape[0]:
+            raise ValueError(f"{tokens.shape[0]} merged patches do not fill the grids {merged} ({sum(counts)} cells)")
+        if any(t != 1 for t, _, _ in merged) or len({grid for grid in merged}) > 1:
+            raise ValueError(f"merged patch grids {merged} are not one image each of one size; explain one image at a time")
+        _, h, w = merged[0]
+        return tokens.reshape(len(merged), h, w, tokens.shape[1]).permute(0, 3, 1, 2)
 
 
 @dataclass(frozen=True)
@@ -635,7 +726,8 @@ def _with_gradient(runner: nn.Module, names: dict, call: Callable, score: Callab
 
     for entry in group:
         entry.tensor = None
-    handles = [module.register_forward_hook(record) for module in runner.modules()]
+    # Prepended: hooks of the model's own that record outputs must record the replaced tensor.
+    handles = [module.register_forward_hook(record, prepend=True) for module in runner.modules()]
     try:
         torch.set_grad_enabled(False)
         output = call(runner)

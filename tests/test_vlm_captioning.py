@@ -1,0 +1,336 @@
+"""Per-word maps for the Hugging Face captioners and vision-language models: every family is built
+from a tiny random config, saved with its processor to a directory and loaded back (tests/tiny_vlms.py).
+
+Checked for each: words (sub-words merged, no empty words), maps ``(W, H, W)`` on the ORIGINAL
+image's size (a non-square image the processors resize, crop, pad or tile), finite and not
+constant, equal to a loop of single-word Grad-CAM++ explanations (1e-5), the prompt's tokens
+excluded (scores equal an independent forward), the processor's geometry undone (a coordinate
+ramp through the processor), and the layer each family rule picks.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import tiny_vlms
+from multiexplain import GradCAMPlusPlus
+from multiexplain.adapters import caption_models
+from multiexplain.adapters.captioning import SUPPORTED_FAMILIES, explain_caption
+from multiexplain.core import normalize_maps
+from multiexplain.explain import resolve_layer
+
+# A non-square image: CLIP crops its sides, LLaVA-NeXT pads and tiles it, Qwen2-VL keeps its aspect
+# ratio (a 4 x 7 merged grid), Idefics3 resizes and cuts it into 2 x 2 crops plus a global view.
+HEIGHT, WIDTH = 40, 60
+ANSWER = "two red circles and  a blue square"  # a double space; "circles" is two BPE tokens
+WORDS = ANSWER.split()
+PROMPT = "what is in the image?"
+FAMILIES = ["ved-swin", "git", "blip-2", "instructblip", "llava", "llava-next", "paligemma", "qwen2-vl", "idefics3", "smolvlm"]
+PROMPTED = {name for name in FAMILIES if name != "ved-swin"}
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory):
+    """Every family saved to its own directory (built once; each test loads what it needs)."""
+    return {name: tiny_vlms.BUILDERS[name](tmp_path_factory.mktemp(name)) for name in FAMILIES}
+
+
+@pytest.fixture(scope="module")
+def image():
+    generator = torch.Generator().manual_seed(0)
+    return torch.rand(3, HEIGHT, WIDTH, generator=generator)
+
+
+def _load(built, name):
+    model, processor = tiny_vlms.load(built[name])
+    if isinstance(processor, tuple):  # VisionEncoderDecoder: image processor and tokenizer
+        return model, {"processor": processor[0], "tokenizer": processor[1]}
+    return model, {"processor": processor}
+
+
+def _explain(model, kwargs, name, image, **extra):
+    prompt = PROMPT if name in PROMPTED else None
+    return explain_caption(model, image, extra.pop("caption", ANSWER), prompt=extra.pop("prompt", prompt), **kwargs, **extra)
+
+
+def _reference_inputs(model, kwargs, name, image, answer_ids):
+    """The teacher-forced inputs for context + answer, and the context length (via the family's
+    own preparation: what the processor makes of the image and the prompt)."""
+    captioner = caption_models.captioner_for(model, kwargs.get("processor"), kwargs.get("tokenizer"))
+    prepared = captioner.prepare(image, PROMPT if name in PROMPTED else None)
+    ids = torch.tensor([prepared.context + answer_ids])
+    inputs = captioner.forward_inputs([prepared], ids, torch.ones_like(ids))
+    inputs.pop("logits_to_keep", None)
+    return captioner, prepared, ids, inputs
+
+
+def _answer_log_probs(model, inputs, ids):
+    """log p(answer token | everything before it) from the full logits of one forward."""
+    logits = model(**inputs).logits.double().log_softmax(-1)
+    logits = logits[:, -(ids.shape[1] - 1):]  # GIT prepends its image tokens to the text
+    return logits.gather(-1, ids[:, 1:, None])[0, :, 0]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", FAMILIES)
+def test_words_maps_and_a_loop_of_single_word_explanations(built, image, name, one_torch_thread):
+    model, kwargs = _load(built, name)
+    explanation = _explain(model, kwargs, name, image)
+    # Words: sub-words merged, the double space gives no empty word.
+    assert explanation.words == WORDS and all(explanation.words)
+    assert any(len(members) > 1 for members in explanation.word_tokens), "some word is several tokens"
+    # Maps on the original image grid, finite, in [0, 1], not constant.
+    maps = explanation.maps
+    assert maps.shape == (len(WORDS), HEIGHT, WIDTH) and explanation.caption_map.shape == (HEIGHT, WIDTH)
+    assert torch.isfinite(maps).all() and maps.min() >= 0 and maps.max() <= 1
+    assert (maps.flatten(1).std(dim=1) > 0.01).all(), "every word's map varies over the image"
+    assert explanation.image.shape == (3, HEIGHT, WIDTH)
+
+    # The same maps from one Grad-CAM++ call per word: its own forward and one backward each.
+    captioner, prepared, ids, inputs = _reference_inputs(model, kwargs, name, image, captioner_answer(model, kwargs, name))
+    context = len(prepared.context)
+    choice = resolve_layer(model, "auto")
+    explainer = GradCAMPlusPlus(model, choice.module, reshape=choice.reshape, layer_call=choice.layer_call)
+    for j, members in enumerate(explanation.word_tokens):
+        # Answer token t of the word is predicted at position context - 1 + t.
+        positions = [context - 1 + t for t in members]
+
+        def word_score(output, positions=positions):
+            logits = output.logits[:, -(ids.shape[1] - 1):].log_softmax(-1)
+            return logits.gather(-1, ids[:, 1:, None])[:, positions, 0].sum(dim=1)
+
+        single = explainer(inputs, word_score, input_size=prepared.input_size, batch_size=1)
+        torch.testing.assert_close(explanation.raw[j], single.raw[0], atol=1e-5, rtol=1e-4)
+        torch.testing.assert_close(explanation.scores[j], single.scores[0], atol=1e-5, rtol=1e-5)
+        on_image = normalize_maps(caption_models.place_on_image(single.raw[0][None], prepared.views, (HEIGHT, WIDTH)), 2)[0]
+        torch.testing.assert_close(maps[j], on_image, atol=1e-5, rtol=0)
+
+
+def captioner_answer(model, kwargs, name):
+    """The answer's token ids straight from the tokenizer (content, then the end token)."""
+    captioner = caption_models.captioner_for(model, kwargs.get("processor"), kwargs.get("tokenizer"))
+    ids = captioner.tokenizer(ANSWER, add_special_tokens=False)["input_ids"]
+    return list(ids) + [captioner.end_id]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", sorted(PROMPTED))
+def test_the_prompt_is_read_not_explained(built, image, name, one_torch_thread):
+    model, kwargs = _load(built, name)
+    explanation = _explain(model, kwargs, name, image)
+    answer = captioner_answer(model, kwargs, name)
+    # The explained tokens are the answer's, none of the prompt's.
+    assert explanation.token_ids.tolist() == answer[:-1] and explanation.prompt == PROMPT
+    # Their scores are the answer's log-probabilities given image and prompt, from an independent forward.
+    _, prepared, ids, inputs = _reference_inputs(model, kwargs, name, image, answer)
+    with torch.no_grad():
+        log_probs = _answer_log_probs(model, inputs, ids)[len(prepared.context) - 1:]
+    torch.testing.assert_close(explanation.token_scores.double(), log_probs[:-1], atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(explanation.caption_score.double(), log_probs.sum(), atol=1e-4, rtol=1e-4)
+    # The prompt conditions the answer: another prompt, other scores.
+    other = _explain(model, kwargs, name, image, prompt="describe the scene.")
+    assert other.words == WORDS and not torch.allclose(other.scores, explanation.scores)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["git", "blip-2", "llava", "qwen2-vl", "idefics3"])
+def test_generated_answers(built, image, name, one_torch_thread):
+    model, kwargs = _load(built, name)
+    explanation = _explain(model, kwargs, name, image, caption=None, max_new_tokens=4, min_new_tokens=3)
+    assert explanation.generated and 1 <= len(explanation.token_ids) <= 4
+    assert explanation.maps.shape == (len(explanation.words), HEIGHT, WIDTH) and all(w.strip() for w in explanation.words)
+    # The explained answer is what the model generates for the prompt (greedy).
+    captioner = caption_models.captioner_for(model, kwargs.get("processor"), kwargs.get("tokenizer"))
+    prepared = captioner.prepare(image, PROMPT)
+    with torch.no_grad():
+        written = captioner.generate(prepared, max_new_tokens=4, min_new_tokens=3)
+    assert [t for t in written if t not in captioner.special_ids] == explanation.token_ids.tolist()
+    beams = _explain(model, kwargs, name, image, caption=None, max_new_tokens=3, num_beams=2)
+    assert beams.generated and beams.maps.shape[1:] == (HEIGHT, WIDTH)
+
+
+def _ramp(height: int, width: int) -> torch.Tensor:
+    """x in the red channel, y in the green channel (pixel centres, as fractions of the side)."""
+    ys = (torch.arange(height) + 0.5) / height
+    xs = (torch.arange(width) + 0.5) / width
+    return torch.stack([xs[None, :].expand(height, -1), ys[:, None].expand(-1, width), torch.full((height, width), 0.5)])
+
+
+def _views_pixels(name, prepared, image_processor):
+    """Each view's processed picture back in [0, 1]: ``[(view, (3, h, w))]``."""
+    pixels = prepared.inputs["pixel_values"].float()
+    mean = torch.tensor(image_processor.image_mean).view(3, 1, 1)
+    std = torch.tensor(image_processor.image_std).view(3, 1, 1)
+    if name == "qwen2-vl":  # flattened patches: (t, h/m, w/m, m, m) x (C, T, p, p)
+        _, gh, gw = prepared.inputs["image_grid_thw"][0].tolist()
+        m, p = image_processor.merge_size, image_processor.patch_size
+        patches = pixels.reshape(gh // m, gw // m, m, m, 3, image_processor.temporal_patch_size, p, p)[:, :, :, :, :, 0]
+        tiles = [patches.permute(4, 0, 2, 5, 1, 3, 6).reshape(3, gh * p, gw * p)]
+    else:
+        tiles = list(pixels.reshape(-1, 3, *pixels.shape[-2:]))
+    return [(view, tile * std + mean) for view, tile in zip(prepared.views, tiles)]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["git", "blip-2", "llava-next", "paligemma", "qwen2-vl", "idefics3", "ved-swin"])
+def test_views_undo_the_processor_geometry(built, name, one_torch_thread):
+    """A coordinate ramp through the processor: each processed pixel shows the original pixel its
+    view's box says (within a pixel; crops and tiles included, padding excluded)."""
+    model, kwargs = _load(built, name)
+    captioner = caption_models.captioner_for(model, kwargs.get("processor"), kwargs.get("tokenizer"))
+    ramp = _ramp(HEIGHT, WIDTH)
+    prepared = captioner.prepare(ramp, PROMPT if name in PROMPTED else None)
+    checked = 0
+    for view, picture in _views_pixels(name, prepared, captioner.image_processor):
+        h, w = picture.shape[1:]
+        ys = view.top + (torch.arange(h) + 0.5) / h * (view.bottom - view.top)
+        xs = view.left + (torch.arange(w) + 0.5) / w * (view.right - view.left)
+        # Away from the image's border and the view's edges (interpolation there mixes in padding).
+        rows = ((ys > 1.5) & (ys < HEIGHT - 1.5)).nonzero()[1:-1, 0]
+        columns = ((xs > 1.5) & (xs < WIDTH - 1.5)).nonzero()[1:-1, 0]
+        got_x = picture[0][rows][:, columns] * WIDTH
+        got_y = picture[1][rows][:, columns] * HEIGHT
+        torch.testing.assert_close(got_x, xs[columns][None].expand_as(got_x), atol=1.0, rtol=0)
+        torch.testing.assert_close(got_y, ys[rows][:, None].expand_as(got_y), atol=1.0, rtol=0)
+        checked += rows.numel() * columns.numel()
+    assert checked > 500
+    if name == "git":  # CLIP: shortest edge to 32, centre crop: the image's sides are not seen
+        assert prepared.views[0].left > 5 and prepared.views[0].right < WIDTH - 5
+    if name == "llava-next":  # base image + 2 x 2 tiles of a padded 64 x 64 copy
+        assert len(prepared.views) == 5 and prepared.input_size == (5, 32, 32)
+    if name == "idefics3":  # 2 x 2 crops + the global image
+        assert len(prepared.views) == 5 and prepared.views[-1] == caption_models.View.full(HEIGHT, WIDTH)
+
+
+@pytest.mark.slow
+def test_family_layers(built, one_torch_thread):
+    """What the family rules pick: the vision tokens where they leave for the language model."""
+    expected = {
+        "git": ("git.image_encoder.vision_model.post_layernorm", None), "blip-2": ("vision_model.post_layernorm", 0),
+        "instructblip": ("vision_model.post_layernorm", 0), "llava": ("model.vision_tower.encoder.layers.1", None),
+        "llava-next": ("model.vision_tower.encoder.layers.1", None), "paligemma": ("model.vision_tower.post_layernorm", None),
+        "qwen2-vl": ("model.visual.merger", None), "idefics3": ("model.vision_model.post_layernorm", None),
+        "smolvlm": ("model.vision_model.post_layernorm", None), "ved-swin": ("encoder.layernorm", None),
+    }
+    for name, (layer, call) in expected.items():
+        model, _ = _load(built, name)
+        choice = resolve_layer(model, "auto")
+        assert (choice.name, choice.layer_call) == (layer, call), name
+        assert choice.source.startswith("family"), name
+    # LLaVA's vision_feature_layer decides: -2 is the second-to-last layer; of several, the shallowest.
+    model, _ = _load(built, "llava")
+    model.config.vision_feature_layer = [-1, -3]
+    assert resolve_layer(model, "auto").name == "model.vision_tower.encoder.layers.0"
+    model.config.vision_feature_layer = 2
+    assert resolve_layer(model, "auto").name == "model.vision_tower.encoder.layers.1"
+
+
+@pytest.mark.slow
+def test_a_subclass_is_recognised_and_max_batch_chunks_the_gradients(built, image, monkeypatch, one_torch_thread):
+    import transformers
+
+    class MyLlava(transformers.LlavaForConditionalGeneration):
+        """A user's subclass: the family is recognised by architecture, not by class name."""
+
+    model = MyLlava.from_pretrained(built["llava"]).eval()
+    processor = transformers.AutoProcessor.from_pretrained(built["llava"])
+    whole = explain_caption(model, image, ANSWER, prompt=PROMPT, processor=processor)
+    # A second call sees transformers' hidden-state hooks installed by the first (LLaVA reads its
+    # features through them): the capture still comes first, the maps are the same and not zero.
+    again = explain_caption(model, image, ANSWER, prompt=PROMPT, processor=processor)
+    assert not whole.zero_gradient.any() and whole.raw.abs().amax() > 0
+    torch.testing.assert_close(again.raw, whole.raw)
+    batches = []
+    grad = torch.autograd.grad
+
+    def recording(outputs, inputs, grad_outputs=None, **kwargs):
+        if kwargs.get("is_grads_batched"):
+            batches.append(grad_outputs.shape[0])
+        return grad(outputs, inputs, grad_outputs, **kwargs)
+
+    monkeypatch.setattr(torch.autograd, "grad", recording)
+    chunked = explain_caption(model, image, ANSWER, prompt=PROMPT, processor=processor, max_batch=3)
+    monkeypatch.undo()
+    k = len(whole.tokens) + sum(len(m) > 1 for m in whole.word_tokens) + 1  # tokens, multi-token words, the answer
+    assert batches and max(batches) <= 3 and sum(batches) >= k - 1
+    torch.testing.assert_close(chunked.raw, whole.raw, atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(chunked.maps, whole.maps, atol=1e-6, rtol=0)
+    with pytest.raises(ValueError, match="max_batch must be a positive int"):
+        explain_caption(model, image, ANSWER, prompt=PROMPT, processor=processor, max_batch=0)
+
+
+@pytest.mark.slow
+def test_unsupported_models_say_what_to_pass(built, image):
+    from transformers import CLIPVisionConfig, CLIPVisionModel
+
+    with pytest.raises(TypeError, match=r"model_type 'clip_vision_model'.*target_layer=.*reshape="):
+        explain_caption(CLIPVisionModel(CLIPVisionConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                                                         intermediate_size=32, image_size=32, patch_size=8)), image, "a red circle")
+    model, kwargs = _load(built, "llava")
+    with pytest.raises(TypeError, match="needs processor="):
+        explain_caption(model, image, ANSWER, tokenizer=kwargs["processor"].tokenizer)
+    with pytest.raises(ValueError, match="empty"):
+        explain_caption(model, image, "  ", prompt=PROMPT, **kwargs)
+    with pytest.raises(ValueError, match="2 prompts for 1 images"):
+        explain_caption(model, [image], ANSWER, prompt=["a", "b"], **kwargs)
+
+
+def test_the_zoo_loads_every_family_the_adapter_explains():
+    from multiexplain import zoo
+
+    assert set(zoo.HF_CAPTIONERS) == set(SUPPORTED_FAMILIES)
+
+
+def test_place_on_image_resamples_each_view_into_its_box():
+    raw = torch.arange(4.0).reshape(1, 2, 2)
+    # One view over the whole image equals a bilinear resize (align_corners=False).
+    whole = caption_models.place_on_image(raw, [caption_models.View.full(6, 8)], (6, 8))
+    expected = torch.nn.functional.interpolate(raw[None], size=(6, 8), mode="bilinear", align_corners=False)[0]
+    torch.testing.assert_close(whole, expected)
+    # A crop's view covers only its box; a padded view's box reaches past the image.
+    crop = caption_models.place_on_image(raw, [caption_models.View(0, 2, 6, 6)], (6, 8))
+    assert (crop[:, :, :2] == 0).all() and (crop[:, :, 6:] == 0).all() and (crop[:, :, 2:6] > 0).any()
+    padded = caption_models.place_on_image(torch.ones(1, 2, 2), [caption_models.View(-3, 0, 9, 8)], (6, 8))
+    torch.testing.assert_close(padded, torch.ones(1, 6, 8))
+    # Tiles add up: two side-by-side views of ones cover the image once each.
+    tiles = caption_models.place_on_image(torch.ones(1, 2, 2, 2), [caption_models.View(0, 0, 6, 4), caption_models.View(0, 4, 6, 8)], (6, 8))
+    torch.testing.assert_close(tiles, torch.ones(1, 6, 8))
+    with pytest.raises(ValueError, match="2 tiles in the layer's maps for 1 views"):
+        caption_models.place_on_image(torch.ones(1, 2, 2, 2), [caption_models.View.full(6, 8)], (6, 8))
+
+
+@pytest.mark.slow
+def test_the_shipped_vlm_answers_and_its_word_maps_land_on_the_scene(one_torch_thread):
+    """The shipped LLaVA-architecture model (scripts/train_llava_scenes.py) loads through the
+    transformers classes, answers the prompt with caption words, and its word maps are on the
+    64 x 64 scene. Its localisation is weak (benchmarks/results/captioning.md: ~27% of shape words
+    at 2 px against the issue's 85%); here only a floor well above a random peak (~5%)."""
+    from pathlib import Path
+
+    from transformers import AutoProcessor, LlavaForConditionalGeneration
+
+    import multiexplain
+    from multiexplain import metrics
+    from multiexplain.data.captioned_scenes import CAPTION_VOCABULARY, make_captioned_scenes
+
+    directory = Path(multiexplain.__file__).parent / "checkpoints" / "llava_scenes"
+    model = LlavaForConditionalGeneration.from_pretrained(directory).eval()
+    processor = AutoProcessor.from_pretrained(directory)
+    scenes = make_captioned_scenes(24, seed=2, start=200)  # validation scenes, not the benchmark's
+    answer = explain_caption(model, scenes.images[0], prompt="describe the scene", processor=processor, max_new_tokens=20)
+    assert answer.generated and answer.words and set(answer.words) <= set(CAPTION_VOCABULARY), answer.words
+    assert answer.maps.shape == (len(answer.words), 64, 64) and torch.isfinite(answer.maps).all()
+    hits, varied = [], []
+    for i in range(len(scenes)):
+        scene = scenes[i]
+        explained = explain_caption(model, scene.image, scene.caption, prompt="describe the scene", processor=processor)
+        assert explained.words == scene.words and explained.maps.shape == (len(scene.words), 64, 64)
+        assert torch.isfinite(explained.maps).all() and explained.maps.min() >= 0 and explained.maps.max() <= 1
+        # A Grad-CAM++ map is all zero where the ReLU of its weighted sum is: rare, not the rule.
+        varied += (explained.maps.flatten(1).std(dim=1) > 0).tolist()
+        for j, kind in enumerate(scene.word_kinds):
+            if kind == "shape":
+                hits.append(bool(metrics.pointing_game(explained.maps[j][None], scene.word_masks[j][None], tolerance=2)))
+    assert sum(varied) >= 0.8 * len(varied), (sum(varied), len(varied))
+    assert len(hits) >= 40 and sum(hits) / len(hits) >= 0.12, (sum(hits), len(hits))
