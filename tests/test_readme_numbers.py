@@ -59,10 +59,6 @@ PARAMETERS = {
 #: Numbers of sections being rewritten by other issues, not yet backed by a results file the block cites:
 #: {section heading: {number as written: owner}}.
 PENDING: dict[str, dict[str, str]] = {
-    "Captioning: a Grad-CAM++ map for every word of a caption": {
-        # The training-recipe ablations and the seed spread of the captioner: no results file yet.
-        "28%": "#17", "80.8%": "#17", "91.3%": "#17", "88.2%": "#17", "87.1%": "#17",
-    },
 }
 
 #: Benchmark scripts whose results files cannot be read off their source.
