@@ -266,7 +266,7 @@ def test_video_frames_below_what_a_model_takes_and_a_directory_are_one_line(tmp_
     video = _write_mp4(tmp_path / "clip.mp4")
     for frames in ("0", "-3"):
         code, _, err = run(capsys, "video", video, "--frames", frames, "--out", str(tmp_path / "o"), "--device", "cpu")
-        assert code == 2 and f"--frames must be at least 1" in one_error_line(err, "video")
+        assert code == 2 and f"--frames must be a positive number of frames, got {frames}" in one_error_line(err, "video")
     code, _, err = run(capsys, "video", video, "--frames", "1", "--out", str(tmp_path / "o"), "--device", "cpu")
     assert code == 2 and "1 frames but this model needs at least 2" in one_error_line(err, "video")
     folder = tmp_path / "clips"
