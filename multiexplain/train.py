@@ -403,19 +403,18 @@ def _read_state(path: Path) -> tuple[dict[str, Any] | None, str]:
     refused with :class:`ResumeError`, never skipped in silence: it was not written by this
     Trainer, and loading it would run its code.
     """
+    from .models.checkpoints import CheckpointCodeError, CheckpointReadError, read_weights_only
+
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as error:  # noqa: BLE001 - truncated, empty, not a torch file, or unsafe
-        message = str(error)
-        if "Weights only load failed" in message or "weights_only" in message:
-            detail = next((line.strip() for line in message.splitlines() if "GLOBAL" in line or "Unsupported" in line), "")
-            raise ResumeError(
-                f"refusing to resume from {path}: it holds pickled objects that would run code when loaded "
-                f"({detail[:200] or 'not allowed with weights_only=True'}); a Trainer checkpoint holds tensors and "
-                "plain values only. Delete the file if you did not write it, or use a new checkpoint_dir"
-            ) from None
-        first = message.splitlines()[0][:160] if message else "no details"
-        return None, f"{'empty file' if path.stat().st_size == 0 else 'unreadable'}: {type(error).__name__}: {first}"
+        state = read_weights_only(path)
+    except CheckpointCodeError as error:
+        raise ResumeError(
+            f"refusing to resume from {path}: it holds pickled objects that would run code when loaded "
+            f"({error}); a Trainer checkpoint holds tensors and plain values only. Delete the file if you did not "
+            "write it, or use a new checkpoint_dir"
+        ) from None
+    except CheckpointReadError as error:
+        return None, f"{'empty file' if path.stat().st_size == 0 else 'unreadable'}: {error}"
     if not isinstance(state, dict) or state.get("format") != RESUME_FORMAT or "epoch" not in state or "student" not in state:
         found = state.get("format") if isinstance(state, dict) else type(state).__name__
         return None, f"not a {RESUME_FORMAT} checkpoint (format {found!r})"

@@ -28,7 +28,6 @@ checkpoint folder first; only a missing file is downloaded.
 from __future__ import annotations
 
 import os
-import pickle
 import socket
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -400,7 +399,15 @@ def _read_weights(path: Path) -> Mapping[str, Tensor]:
         from safetensors.torch import load_file
 
         return load_file(str(path))
-    state = _state_dict(torch.load(path, map_location="cpu", weights_only=True))
+    from .models.checkpoints import CheckpointCodeError, CheckpointReadError, read_weights_only
+
+    try:
+        state = _state_dict(read_weights_only(path))
+    except CheckpointCodeError as error:
+        raise SpecError(f"{path} holds pickled objects that only load by running code ({error}), which multiexplain "
+                        "never does; save the weights with torch.save(model.state_dict(), path)") from None
+    except CheckpointReadError as error:
+        raise SpecError(f"{path} is not a readable weights file ({error})") from None
     if state is None:
         raise SpecError(f"{path} holds no state dict")
     return state
@@ -764,17 +771,19 @@ def _load_file(parsed: ModelSpec, arch: str | None, task: str | None) -> LoadedM
         raise SpecError("--arch must be a model SPEC (torchvision:, timm:, hf:, pytorchvideo:, builtin:), not another file")
     if arch_spec.source in ("torchvision", "timm", "pytorchvideo") and arch_spec.weights is None:
         arch_spec = ModelSpec(arch_spec.source, arch_spec.name, "none")  # the file supplies the weights
+    from .models.checkpoints import CheckpointCodeError, CheckpointReadError, read_weights_only
+
     try:
-        payload = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError:
+        payload = read_weights_only(path)
+    except CheckpointCodeError:
         raise SpecError(
             f"{parsed.name} is not a plain state dict: it holds pickled Python objects (a whole model saved with "
             "torch.save(model)?) that only load by running code, which multiexplain never does; save the weights "
             "with torch.save(model.state_dict(), path)"
         ) from None
-    except Exception as error:  # noqa: BLE001 - truncated, empty, not a torch file
+    except CheckpointReadError as error:
         raise SpecError(
-            f"{parsed.name} is not a plain state dict ({type(error).__name__}); save it with "
+            f"{parsed.name} is not a plain state dict ({str(error).split(':')[0]}); save it with "
             "torch.save(model.state_dict(), path)"
         ) from None
     state = _state_dict(payload)

@@ -274,3 +274,34 @@ def test_video_frames_below_what_a_model_takes_and_a_directory_are_one_line(tmp_
     code, _, err = run(capsys, "video", str(folder), "--out", str(tmp_path / "o"), "--device", "cpu")
     assert code == 2 and "Traceback" not in err
     assert f"{folder} is a directory, not a video file; give the video files in it" in err and "not found" not in err
+
+
+class _RunsCodeWhenLoaded:
+    """Unpickling this object would call print: a stand-in for a file that runs code."""
+
+    def __reduce__(self):
+        return (print, ("this must never run",))
+
+
+def test_every_torch_file_reader_refuses_code_and_names_unreadable_files(tmp_path, capsys):
+    """The one weights-only reader: a file that would run code and a truncated file are told apart,
+    and each entry point (checkpoints, C3D weights) turns them into a ValueError naming the file."""
+    import torch
+
+    from multiexplain.models import load_checkpoint
+    from multiexplain.models.checkpoints import CheckpointCodeError, CheckpointReadError, read_weights_only
+    from multiexplain.models.conv3d import c3d
+
+    unsafe, truncated = tmp_path / "unsafe.pt", tmp_path / "truncated.pt"
+    torch.save({"weights": torch.zeros(3), "payload": _RunsCodeWhenLoaded()}, unsafe)
+    torch.save({"weights": torch.zeros(1000)}, truncated)
+    truncated.write_bytes(truncated.read_bytes()[:200])
+    with pytest.raises(CheckpointCodeError):
+        read_weights_only(unsafe)
+    with pytest.raises(CheckpointReadError):
+        read_weights_only(truncated)
+    for path in (unsafe, truncated):
+        for load in (load_checkpoint, lambda p: c3d(weights=p)):
+            with pytest.raises(ValueError, match=str(path)):
+                load(path)
+    assert "this must never run" not in capsys.readouterr().out

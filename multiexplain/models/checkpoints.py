@@ -13,7 +13,6 @@ checkpoint under the final name.
 from __future__ import annotations
 
 import os
-import pickle
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -99,22 +98,47 @@ def save_checkpoint(
     return path
 
 
+class CheckpointCodeError(ValueError):
+    """A file that only loads by running code (pickled objects other than tensors and plain containers)."""
+
+
+class CheckpointReadError(ValueError):
+    """A file ``torch.load`` cannot read at all (truncated, empty, not written by ``torch.save``)."""
+
+
+def read_weights_only(path: str | os.PathLike) -> Any:
+    """``torch.load(path, weights_only=True)`` on the CPU: the one way multiexplain reads a torch file.
+
+    Raises :class:`CheckpointCodeError` when the file holds objects that would run code when loaded
+    (its message: the first offending global), :class:`CheckpointReadError` when it cannot be read
+    (its message: the error's first line). Callers turn these into advice for their own file kind.
+    """
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:  # noqa: BLE001 - truncated, empty, not a torch file, or unsafe
+        message = str(error)
+        if "Weights only load failed" in message or "weights_only" in message:
+            detail = next((line.strip() for line in message.splitlines() if "GLOBAL" in line or "Unsupported" in line), "")
+            raise CheckpointCodeError(detail[:200] or "not allowed with weights_only=True") from None
+        first = message.splitlines()[0][:200] if message else "no details"
+        raise CheckpointReadError(f"{type(error).__name__}: {first}") from None
+
+
 def load_checkpoint(path: str | os.PathLike, device: str | torch.device = "cpu") -> Checkpoint:
     """Read a checkpoint written by :func:`save_checkpoint` (``weights_only=True``: no code runs)."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint {path} does not exist")
     try:
-        payload = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError:
+        payload = read_weights_only(path)
+    except CheckpointCodeError:
         raise ValueError(
             f"{path} is not a multiexplain checkpoint: it holds pickled Python objects (a whole model or a training "
             "state?) that only load by running code, which multiexplain never does (weights_only=True); write "
             "checkpoints with multiexplain.models.save_checkpoint or `multiexplain distill`"
         ) from None
-    except Exception as error:  # noqa: BLE001 - truncated, empty, not a torch file
-        detail = str(error).splitlines()[0][:200] if str(error) else "no details"
-        raise ValueError(f"{path} is not a readable multiexplain checkpoint ({type(error).__name__}: {detail}); "
+    except CheckpointReadError as error:
+        raise ValueError(f"{path} is not a readable multiexplain checkpoint ({error}); "
                          "is it truncated, or not written by torch.save?") from None
     if not isinstance(payload, Mapping) or payload.get("format") != CHECKPOINT_FORMAT:
         found = payload.get("format") if isinstance(payload, Mapping) else type(payload).__name__

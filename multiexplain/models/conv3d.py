@@ -197,7 +197,15 @@ def load_c3d_weights(model: C3D, weights: str | os.PathLike | Mapping[str, Tenso
     if isinstance(weights, (str, os.PathLike)):
         if not os.path.isfile(weights):
             raise FileNotFoundError(f"C3D weights file not found: {weights}")
-        weights = torch.load(weights, map_location="cpu", weights_only=True)
+        from .checkpoints import CheckpointCodeError, CheckpointReadError, read_weights_only
+
+        try:
+            weights = read_weights_only(weights)
+        except CheckpointCodeError as error:
+            raise ValueError(f"{weights} holds pickled objects that only load by running code ({error}); "
+                             "give a state dict saved with torch.save(model.state_dict(), path)") from None
+        except CheckpointReadError as error:
+            raise ValueError(f"{weights} is not a readable weights file ({error})") from None
     if not isinstance(weights, Mapping):
         raise TypeError(f"expected a state dict (mapping of tensors), got {type(weights).__name__}")
     for key in ("state_dict", "model"):
