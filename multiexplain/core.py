@@ -13,6 +13,7 @@ channel weight by one positive factor, so it is left out.
 
 from __future__ import annotations
 
+import contextlib
 from typing import Callable, Sequence
 
 import torch
@@ -111,12 +112,12 @@ def grad_cam_plus_plus_alpha(
     # forming g^2 and g^3, which underflow to 0 (|g| < ~1e-19) or overflow to inf (|g| > ~1e12)
     # in float32 and turned alpha into 0 (a silently empty map) or NaN. The undefined set is the
     # same: g == 0, or 2 + sum(A) g == 0.
-    denominator = 2 + activation_sums * gradients
-    defined = (gradients != 0) & (denominator != 0)
-    # A safe denominator instead of dividing by zero and masking afterwards: torch.where with a
-    # NaN in the untaken branch still leaks NaN into the backward pass (double backprop).
-    safe_denominator = torch.where(defined, denominator, torch.ones_like(denominator))
-    return torch.where(defined, 1 / safe_denominator, torch.zeros_like(denominator))
+    denominator = activation_sums * gradients + 2
+    undefined = (gradients == 0) | (denominator == 0)
+    # A safe denominator instead of dividing by zero and masking afterwards: a NaN or inf in the
+    # masked-out values still leaks NaN into the backward pass (double backprop).
+    safe_denominator = denominator.masked_fill(undefined, 1.0)
+    return safe_denominator.reciprocal().masked_fill(undefined, 0.0)
 
 
 def grad_cam_plus_plus_weights(
@@ -124,13 +125,16 @@ def grad_cam_plus_plus_weights(
     gradients: Tensor,
     spatial_ndim: int | None = None,
     pool_axes: Sequence[int] | None = None,
+    alpha: Tensor | None = None,
 ) -> Tensor:
     """Grad-CAM++ channel weights ``w_c = sum_p alpha_c(p) ReLU(g_c(p))`` (paper eq. 5/20).
 
-    Args and return shape as :func:`grad_cam_weights`.
+    Args and return shape as :func:`grad_cam_weights`; ``alpha``: the coefficients of
+    :func:`grad_cam_plus_plus_alpha` for these inputs when the caller already has them.
     """
     dims = _pooled_dims(activations, spatial_ndim, pool_axes)
-    alpha = grad_cam_plus_plus_alpha(activations, gradients, spatial_ndim, pool_axes)
+    if alpha is None:
+        alpha = grad_cam_plus_plus_alpha(activations, gradients, spatial_ndim, pool_axes)
     return (alpha * torch.relu(gradients.to(alpha.dtype))).sum(dim=dims)
 
 
@@ -153,6 +157,13 @@ def weighted_activation_map(
     spatial_ndim, pooled, _ = _spatial_layout(activations, spatial_ndim, pool_axes)
     spatial_shape = activations.shape[activations.ndim - spatial_ndim:]
     unpooled = [axis for axis in range(spatial_ndim) if axis not in pooled]
+    if not unpooled:
+        # One weight per channel: a product (*batch, 1, C) @ (*batch, C, positions), one pass over
+        # the activations instead of forming the (*batch, C, *spatial) weighted copy and summing it.
+        flat = activations.to(weights.dtype).flatten(-spatial_ndim)
+        with _without_autocast(flat.device):  # autocast would run the product in bfloat16 / float16
+            combined = torch.matmul(weights.unsqueeze(-2), flat).squeeze(-2)
+        return torch.relu(combined.unflatten(-1, spatial_shape))
     lead = weights.shape[: weights.ndim - 1 - len(unpooled)]
     channels = weights.shape[weights.ndim - 1 - len(unpooled)]
     # Re-insert the pooled axes as size-1 axes so the weights broadcast over them.
@@ -161,6 +172,14 @@ def weighted_activation_map(
     )
     combined = (weights * activations.to(weights.dtype)).sum(dim=-(spatial_ndim + 1))
     return torch.relu(combined)
+
+
+def _without_autocast(device: torch.device) -> contextlib.AbstractContextManager:
+    try:
+        enabled = torch.is_autocast_enabled(device.type)
+    except (RuntimeError, TypeError):  # a device type autocast does not know
+        enabled = False
+    return torch.autocast(device.type, enabled=False) if enabled else contextlib.nullcontext()
 
 
 WeightFunction = Callable[[Tensor, Tensor, "int | None", "Sequence[int] | None"], Tensor]

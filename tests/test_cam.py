@@ -129,6 +129,31 @@ def test_multi_target_from_one_forward_equals_separate_calls(tiny):
         torch.testing.assert_close(explanation.scores[:, k], single.scores)
 
 
+class _ReadsItsGradient(torch.autograd.Function):
+    """Identity whose backward reads a gradient value with ``.item()``: no vmap can batch it."""
+
+    @staticmethod
+    def forward(ctx, x):
+        return x.clone()
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad * (1.0 if grad.abs().sum().item() >= 0 else 0.0)
+
+
+def test_targets_vmap_cannot_batch_fall_back_to_one_pass_each_with_the_same_maps(tiny):
+    x = torch.randn(2, 3, 16, 16)
+    targets = [[0, 1, 4], [3, 3, 2]]
+    batched = GradCAMPlusPlus(tiny, "conv2")(x, targets)
+    wrapped = nn.Sequential(tiny.conv1, tiny.act1, tiny.conv2, tiny.act2, tiny.pool, nn.Flatten(), tiny.fc)
+    original = wrapped[-1].forward
+    wrapped[-1].forward = lambda h: original(_ReadsItsGradient.apply(h))
+    with pytest.warns(RuntimeWarning, match="falling back to one pass per target"):
+        fallback = GradCAMPlusPlus(wrapped, "2")(x, targets)
+    torch.testing.assert_close(fallback.raw, batched.raw)
+    torch.testing.assert_close(fallback.maps, batched.maps)
+
+
 def test_several_methods_from_one_forward_equal_separate_calls(tiny):
     x = torch.randn(2, 3, 16, 16)
     calls = []

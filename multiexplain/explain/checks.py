@@ -23,8 +23,6 @@ from typing import Any, Sequence
 import torch
 from torch import Tensor
 
-from .. import core
-
 __all__ = ["check_finite_inputs", "non_finite_samples", "warn_if_alpha_unbounded", "warn_if_probabilities",
            "warn_non_finite"]
 
@@ -120,23 +118,26 @@ def warn_if_probabilities(logits: Tensor) -> None:
 ALPHA_MASS_LIMIT = 0.1
 
 
-def warn_if_alpha_unbounded(activations: Tensor, gradients: Tensor, spatial_ndim: int, weights: Tensor,
-                            pool_axes: Sequence[int] | None, layer: str | None) -> None:
+def warn_if_alpha_unbounded(activations: Tensor, gradients: Tensor, alpha: Tensor, weights: Tensor, layer: str | None) -> None:
     """Warn when Grad-CAM++'s alpha leaves ``(0, 1]`` where it matters.
 
     For activations ``A >= 0`` (after a ReLU) ``alpha = 1 / (2 + sum(A) g)`` lies in ``(0, 1/2]``
     wherever ``g > 0``; negative activations can make the denominator small or negative, so
     ``alpha`` explodes or flips sign. The warning fires when, for some sample and target, more than
     :data:`ALPHA_MASS_LIMIT` of ``sum_c sum_p |alpha relu(g)|`` (the mass of the channel weights)
-    comes from positions where ``alpha`` is outside ``(0, 1]``. Runs only when an activation is negative.
+    comes from positions where ``alpha`` is outside ``(0, 1]``. ``alpha`` is the explanation's own
+    (``(N, K, C, *spatial)``, as :func:`~multiexplain.core.grad_cam_plus_plus_alpha` gives it), so
+    the check adds no second alpha; it runs only when an activation is negative, and measures the
+    mass only when some position with ``g > 0`` is out of range.
     """
     with torch.no_grad():
         if not bool((activations < 0).any()):
             return
-        gradients = gradients.detach()
-        alpha = core.grad_cam_plus_plus_alpha(activations.detach(), gradients, spatial_ndim, pool_axes)
+        alpha, gradients = alpha.detach(), gradients.detach()
+        outside = ((alpha <= 0) | (alpha > 1)) & (gradients > 0)
+        if not bool(outside.any()):
+            return
         positive = gradients.clamp(min=0).to(alpha.dtype)
-        outside = (gradients > 0) & ((alpha <= 0) | (alpha > 1))
         # An out-of-range position counts as at least alpha = 1 (a zero denominator leaves alpha = 0).
         mass = torch.where(outside, alpha.abs().clamp(min=1), alpha.abs()) * positive
         n, k = mass.shape[:2]

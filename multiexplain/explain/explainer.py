@@ -454,8 +454,10 @@ class GradCAMPlusPlus(BaseCAM):
     method = "gradcam++"
 
     def channel_weights(self, activations: Tensor, gradients: Tensor, spatial_ndim: int) -> Tensor:
-        weights = core.grad_cam_plus_plus_weights(activations, gradients, spatial_ndim, self.pool_axes)
-        warn_if_alpha_unbounded(activations, gradients, spatial_ndim, weights, self.pool_axes, self.layer_name)
+        # One alpha serves the weights and the range check.
+        alpha = core.grad_cam_plus_plus_alpha(activations, gradients, spatial_ndim, self.pool_axes)
+        weights = core.grad_cam_plus_plus_weights(activations, gradients, spatial_ndim, self.pool_axes, alpha=alpha)
+        warn_if_alpha_unbounded(activations, gradients, alpha, weights, self.layer_name)
         return weights
 
 
