@@ -406,6 +406,17 @@ class _HuggingFace(Captioner):
             inputs[key] = value
         return inputs
 
+    def _teacher_forced(self, inputs: dict[str, Any], prepared: list[Prepared], ids: Tensor) -> dict[str, Any]:
+        """``inputs`` of the one teacher-forced forward with no key-value cache (nothing is
+        generated) and, where the forward can skip them, no logits for the context's positions."""
+        forward = inspect.signature(self.model.forward).parameters
+        if "use_cache" in forward or any(p.kind is p.VAR_KEYWORD for p in forward.values()):
+            inputs["use_cache"] = False
+        if "logits_to_keep" in forward and len({len(item.context) for item in prepared}) == 1:
+            # Only the answer's positions are scored: no logits (N, T, vocabulary) for the prompt.
+            inputs["logits_to_keep"] = ids.shape[1] - len(prepared[0].context)
+        return inputs
+
     def _simple(self, image: Tensor, pixel_values: Tensor) -> tuple[list[View], tuple[int, ...]]:
         processed = tuple(int(s) for s in pixel_values.shape[-2:])
         return [processor_view(self.image_processor, tuple(image.shape[1:]), processed)], processed
@@ -489,8 +500,9 @@ class _VisionEncoderDecoder(_EncoderDecoder):
         self.special_ids = self._collect_specials(start, end, first("pad_token_id"))
 
     def forward_inputs(self, prepared: list[Prepared], ids: Tensor, mask: Tensor) -> Any:
-        return {"pixel_values": self._collate(prepared, "pixel_values"), "decoder_input_ids": ids[:, :-1],
-                "decoder_attention_mask": mask[:, :-1]}
+        inputs = {"pixel_values": self._collate(prepared, "pixel_values"), "decoder_input_ids": ids[:, :-1],
+                  "decoder_attention_mask": mask[:, :-1]}
+        return self._teacher_forced(inputs, prepared, ids)
 
 
 class _Blip(_EncoderDecoder):
@@ -503,7 +515,8 @@ class _Blip(_EncoderDecoder):
         self.special_ids = self._collect_specials(self.start_id, self.end_ids, text.pad_token_id)
 
     def forward_inputs(self, prepared: list[Prepared], ids: Tensor, mask: Tensor) -> Any:
-        return {"pixel_values": self._collate(prepared, "pixel_values"), "input_ids": ids[:, :-1], "attention_mask": mask[:, :-1]}
+        inputs = {"pixel_values": self._collate(prepared, "pixel_values"), "input_ids": ids[:, :-1], "attention_mask": mask[:, :-1]}
+        return self._teacher_forced(inputs, prepared, ids)
 
 
 # -- vision-language models: the image enters the language model as tokens -------------------------------
@@ -530,9 +543,6 @@ class _VisionLanguage(_HuggingFace):
         self.bos_id = getattr(text, "bos_token_id", None) or getattr(self.tokenizer, "bos_token_id", None)
         image_ids = [getattr(model.config, name, None) for name in ("image_token_id", "image_token_index")]
         self.special_ids = self._collect_specials(self.end_ids, self.bos_id, getattr(self.tokenizer, "pad_token_id", None), image_ids)
-        forward = inspect.signature(model.forward).parameters
-        self._keeps_logits = "logits_to_keep" in forward
-        self._takes_cache_flag = "use_cache" in forward or any(p.kind is p.VAR_KEYWORD for p in forward.values())
 
     # the prompt
     def prompt_text(self, prompt: str | None) -> str:
@@ -573,12 +583,7 @@ class _VisionLanguage(_HuggingFace):
         inputs = {key: self._collate(prepared, key) if isinstance(value, Tensor) else value
                   for key, value in prepared[0].inputs.items()}
         inputs.update(self._sequence_inputs(prepared, ids[:, :-1], mask[:, :-1]))
-        if self._takes_cache_flag:
-            inputs["use_cache"] = False
-        if self._keeps_logits and len(prepared) == 1:
-            # Only the answer's positions are scored: no logits (N, T, vocabulary) for the prompt.
-            inputs["logits_to_keep"] = ids.shape[1] - len(prepared[0].context)
-        return inputs
+        return self._teacher_forced(inputs, prepared, ids)
 
     def generate(self, prepared: Prepared, **kwargs: Any) -> list[int]:
         context = torch.tensor([prepared.context], device=self.device)

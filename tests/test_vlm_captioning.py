@@ -107,6 +107,29 @@ def test_words_maps_and_a_loop_of_single_word_explanations(built, image, name, o
         torch.testing.assert_close(maps[j], on_image, atol=1e-5, rtol=0)
 
 
+@pytest.mark.parametrize("name", FAMILIES)
+def test_the_teacher_forced_forward_builds_no_cache_and_scores_only_the_answer(built, image, name):
+    """Nothing is generated in the explanation's forward, so no key-value cache; a forward that can
+    skip the logits of the context's positions (logits_to_keep) returns only the answer's."""
+    import inspect
+
+    model, kwargs = _load(built, name)
+    calls = []
+    handle = model.register_forward_hook(lambda _m, _args, call_kwargs, output: calls.append((call_kwargs, output)),
+                                         with_kwargs=True)
+    try:
+        explanation = _explain(model, kwargs, name, image)
+    finally:
+        handle.remove()
+    (call_kwargs, output), = calls
+    parameters = inspect.signature(model.forward).parameters
+    assert call_kwargs.get("use_cache") is False
+    assert getattr(output, "past_key_values", None) is None
+    if "logits_to_keep" in parameters:
+        # the answer's tokens and the end token, each predicted from the position before it
+        assert output.logits.shape[1] == len(explanation.tokens) + 1
+
+
 def captioner_answer(model, kwargs, name):
     """The answer's token ids straight from the tokenizer (content, then the end token)."""
     captioner = caption_models.captioner_for(model, kwargs.get("processor"), kwargs.get("tokenizer"))
