@@ -396,7 +396,8 @@ def speed_lines(speed: dict) -> list[str]:
         "(checked). Forward + K backward: ours with `max_batch=1` (the K products one after another), measured in the same run. "
         f"Median of {speed['repeats']} turns after a warm-up; the variants take turns, each running twice per turn with the "
         "second call timed. Targets (the issue's): encoder-decoder >= 6x the loop; decoder-only at most 1.1x forward + K "
-        "backward and faster than the loop. A shared, loaded machine: single noisy runs.",
+        "backward and faster than the loop. Single runs on the 2-core development machine (a virtual machine): the same "
+        "call's time varies by up to ~20% between turns and runs, so a ratio near its target can land on either side of it.",
         "",
         "| device | model | kind | words | tokens | ours (s) | loop (s) | speed-up | forward + K backward (s) | ours / (forward + K backward) | target |",
         "|---|---|---|---|---|---|---|---|---|---|---|",
