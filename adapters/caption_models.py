@@ -523,7 +523,7 @@ class _Blip(_EncoderDecoder):
 
 class _VisionLanguage(_HuggingFace):
     """A vision-language model whose language model reads ``context + answer`` (decoder-only):
-    GIT, BLIP-2 / InstructBLIP (decoder-only language models), LLaVA, LLaVA-NeXT, PaliGemma,
+    GIT, BLIP-2 / InstructBLIP (decoder-only language models), LLaVA, FastVLM, LLaVA-NeXT, PaliGemma,
     Qwen2-VL, Idefics3 / SmolVLM. One image per forward pass (image token counts differ)."""
 
     #: The processor's image placeholder in a prompt (``None``: the processor adds the image itself).
@@ -702,6 +702,7 @@ FAMILIES: dict[str, type[Captioner]] = {
     "blip-2": _Blip2,
     "instructblip": _Blip2,
     "llava": _VisionLanguage,
+    "fast_vlm": _VisionLanguage,
     "llava_next": _LlavaNext,
     "paligemma": _PaliGemma,
     "qwen2_vl": _Qwen2VL,

@@ -151,9 +151,9 @@ def seed_row(recipe: str, location: Path, scenes, batch: int) -> dict:
             for offset in range(stop - start):
                 words += word_entries(scenes[start + offset], {m: both[m][offset] for m in METHODS})
     else:
-        from transformers import AutoProcessor, LlavaForConditionalGeneration
+        from transformers import AutoModelForImageTextToText, AutoProcessor
 
-        model = LlavaForConditionalGeneration.from_pretrained(location).eval()
+        model = AutoModelForImageTextToText.from_pretrained(location).eval()  # LLaVA or FastVLM
         processor = AutoProcessor.from_pretrained(location)
         training = json.loads((location / "training.json").read_text()) if (location / "training.json").exists() else {}
         for index in range(len(scenes)):

@@ -617,8 +617,8 @@ def read_labels(path: str | os.PathLike) -> list[str]:
 
 #: Captioning families the captioning adapter explains (by ``config.model_type``); BLIP and
 #: VisionEncoderDecoder have their own classes, the others load through AutoModelForImageTextToText.
-HF_CAPTIONERS = ("vision-encoder-decoder", "blip", "git", "blip-2", "instructblip", "llava", "llava_next", "paligemma",
-                 "qwen2_vl", "idefics3", "smolvlm")
+HF_CAPTIONERS = ("vision-encoder-decoder", "blip", "git", "blip-2", "instructblip", "llava", "fast_vlm", "llava_next",
+                 "paligemma", "qwen2_vl", "idefics3", "smolvlm")
 
 
 def _load_hf_captioner(parsed: ModelSpec, source: str, local_only: bool, offline: bool) -> LoadedModel:

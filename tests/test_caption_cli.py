@@ -17,7 +17,7 @@ from multiexplain import cli
 from multiexplain import report as rp
 from multiexplain.data.captioned_scenes import make_captioned_scenes
 
-FAMILIES = ["ved-swin", "git", "blip-2", "instructblip", "llava", "llava-next", "paligemma", "qwen2-vl", "idefics3", "smolvlm"]
+FAMILIES = ["ved-swin", "git", "blip-2", "instructblip", "llava", "fast-vlm", "llava-next", "paligemma", "qwen2-vl", "idefics3", "smolvlm"]
 ANSWER = "two red circles and a blue square"
 
 

@@ -26,7 +26,7 @@ HEIGHT, WIDTH = 40, 60
 ANSWER = "two red circles and  a blue square"  # a double space; "circles" is two BPE tokens
 WORDS = ANSWER.split()
 PROMPT = "what is in the image?"
-FAMILIES = ["ved-swin", "git", "blip-2", "instructblip", "llava", "llava-next", "paligemma", "qwen2-vl", "idefics3", "smolvlm"]
+FAMILIES = ["ved-swin", "git", "blip-2", "instructblip", "llava", "fast-vlm", "llava-next", "paligemma", "qwen2-vl", "idefics3", "smolvlm"]
 PROMPTED = {name for name in FAMILIES if name != "ved-swin"}
 
 
@@ -157,7 +157,7 @@ def test_the_prompt_is_read_not_explained(built, image, name, one_torch_thread):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("name", ["git", "blip-2", "llava", "qwen2-vl", "idefics3"])
+@pytest.mark.parametrize("name", ["git", "blip-2", "llava", "fast-vlm", "qwen2-vl", "idefics3"])
 def test_generated_answers(built, image, name, one_torch_thread):
     model, kwargs = _load(built, name)
     explanation = _explain(model, kwargs, name, image, caption=None, max_new_tokens=4, min_new_tokens=3)
@@ -235,12 +235,15 @@ def test_family_layers(built, one_torch_thread):
         "llava-next": ("model.vision_tower.encoder.layers.1", None), "paligemma": ("model.vision_tower.post_layernorm", None),
         "qwen2-vl": ("model.visual.merger", None), "idefics3": ("model.vision_model.post_layernorm", None),
         "smolvlm": ("model.vision_model.post_layernorm", None), "ved-swin": ("encoder.layernorm", None),
+        "fast-vlm": ("model.vision_tower", None),
     }
     for name, (layer, call) in expected.items():
         model, _ = _load(built, name)
         choice = resolve_layer(model, "auto")
         assert (choice.name, choice.layer_call) == (layer, call), name
         assert choice.source.startswith("family"), name
+        if name == "fast-vlm":  # the convolutional tower's feature map, channels first
+            assert choice.element == "last_hidden_state" and choice.reshape is None
     # LLaVA's vision_feature_layer decides: -2 is the second-to-last layer; of several, the shallowest.
     model, _ = _load(built, "llava")
     model.config.vision_feature_layer = [-1, -3]

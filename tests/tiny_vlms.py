@@ -150,6 +150,22 @@ def build_llava(directory: Path, seed: int = 0) -> Path:
     return _save(directory, LlavaForConditionalGeneration(config), processor)
 
 
+def build_fast_vlm(directory: Path, seed: int = 0) -> Path:
+    """FastVLM: LLaVA with a convolutional timm tower (timm's tiny test ResNet at output stride 8: a
+    4 x 4 feature map of a 32 px image, flattened into 16 image tokens)."""
+    from transformers import CLIPImageProcessor, FastVlmConfig, FastVlmForConditionalGeneration, LlavaProcessor, TimmWrapperConfig
+
+    tokenizer = bpe_tokenizer()
+    torch.manual_seed(seed)
+    vision = TimmWrapperConfig(architecture="test_resnet", hidden_size=96, do_pooling=False, model_args={"output_stride": 8})
+    config = FastVlmConfig(vision_config=vision, text_config=_lm("Qwen2Config", tokenizer), image_seq_length=16,
+                           image_token_id=tokenizer.convert_tokens_to_ids("<image>"))
+    processor = LlavaProcessor(image_processor=CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}),
+                               tokenizer=tokenizer, patch_size=8, vision_feature_select_strategy="full",
+                               num_additional_image_tokens=0, chat_template=CHAT_TEMPLATE)
+    return _save(directory, FastVlmForConditionalGeneration(config), processor)
+
+
 def build_instructblip(directory: Path, seed: int = 0) -> Path:
     from transformers import (BlipImageProcessor, InstructBlipConfig, InstructBlipForConditionalGeneration,
                               InstructBlipProcessor)
@@ -251,6 +267,7 @@ BUILDERS: dict[str, Callable[[Path, int], Path]] = {
     "git": build_git,
     "blip-2": build_blip2,
     "llava": build_llava,
+    "fast-vlm": build_fast_vlm,
     "instructblip": build_instructblip,
     "llava-next": build_llava_next,
     "paligemma": build_paligemma,

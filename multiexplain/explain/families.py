@@ -300,6 +300,9 @@ FAMILY_RULES: Sequence[FamilyRule] = (
     # LLaVA-NeXT: the same layer, run on the base image and the high-resolution tiles at once.
     FamilyRule("Hugging Face LLaVA-NeXT", ModelType(frozenset({"llava_next"})), VisionFeatureLayer(),
                _constant(TileTokens(num_prefix_tokens=None))),
+    # FastVLM (LLaVA with a convolutional / hybrid timm tower): the tower's final feature map
+    # (N, C, H, W), which the model flattens into the image tokens.
+    FamilyRule("Hugging Face FastVLM", ModelType(frozenset({"fast_vlm"})), Named("vision_tower"), element="last_hidden_state"),
     FamilyRule("Hugging Face PaliGemma", ModelType(frozenset({"paligemma"})), Named("vision_tower.post_layernorm"),
                _constant(TokenReshape(num_prefix_tokens=None))),
     # Qwen2-VL: the merger's output, 2x2 patches merged, each image at its own (non-square) grid.
