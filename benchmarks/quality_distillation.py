@@ -59,7 +59,19 @@ KD = {"weight": 1.0, "temperature": 4.0}
 CANDIDATES: dict[str, dict] = {
     "l2, a=8": {"normalize": "l2", "weight": 8.0, "schedule": "constant"},
     "l2, a=8, cosine decay": {"normalize": "l2", "weight": 8.0, "schedule": "cosine"},
+    "l2, a=8, projected": {"normalize": "l2", "weight": 8.0, "schedule": "constant", "conflict": "project"},
+    "l2, a=2, projected": {"normalize": "l2", "weight": 2.0, "schedule": "constant", "conflict": "project"},
 }
+#: The study's rounds: which candidates each added and why. A later round adds candidates to the
+#: same study (same seed, same validation set, same rule over every candidate so far); the
+#: earlier rounds' runs are kept, and so are the table rows of a superseded winner (renamed).
+STUDY_ROUNDS: list[dict] = [
+    {"candidates": ["l2, a=8", "l2, a=8, cosine decay"], "why": "the first study"},
+    {"candidates": ["l2, a=8, projected", "l2, a=2, projected"],
+     "why": "round 1's winner missed the all-data conditions in the table (the explanation term slowed the fit of the "
+            "under-trained all-data students); these project the explanation gradient off the rest of the objective's "
+            "where the two conflict (Yu et al. 2020, Du et al. 2018), so it cannot slow that objective to first order"},
+]
 PAPER = {"preset": "paper"}
 STUDY_SEED = 100
 
@@ -274,6 +286,11 @@ def render(payload: dict) -> str:
         f"Rule fixed before the runs: the candidate with the lowest mean validation error over CE+expl and CE+KD+expl in both regimes wins. Seed {STUDY_SEED}.",
         "",
     ]
+    rounds = payload.get("study_rounds") or [{"candidates": list(payload.get("candidates", CANDIDATES)), "why": "the first study"}]
+    if len(rounds) > 1:
+        lines += [f"The study ran in {len(rounds)} rounds, each adding candidates to the same study (same seed, validation set and rule, "
+                  "applied over every candidate so far):", ""]
+        lines += [f"{i}. {', '.join(r['candidates'])}: {r['why']}." for i, r in enumerate(rounds, 1)] + [""]
     study = table.get("study", {})
     for pair, pair_regimes in study.items():
         lines += ["| objective | " + " | ".join(f"{r}: val error %" for r in pair_regimes) + " | mean |", "|---|" + "---|" * (len(pair_regimes) + 1)]
@@ -302,6 +319,8 @@ def render(payload: dict) -> str:
                   "| objective | " + " | ".join(f"{r}: test error % | {r}: train error % | {r}: map corr. | {r}: energy in mask" for r in pair_regimes) + " |",
                   "|---|" + "---|" * (4 * len(pair_regimes))]
         order = ["CE", "CE+expl", "CE+KD", "CE+KD+expl", "CE+expl (paper: a=0.01, raw maps)", "CE+KD+expl (paper: a=0.01, raw maps)", "CE+AT"]
+        # Rows of a superseded winner ("CE+expl [its candidate]") after the current ones.
+        order += sorted({row for rows in pair_regimes.values() for row in rows} - set(order))
         for row in order:
             if not any(row in rows for rows in pair_regimes.values()):
                 continue
@@ -315,7 +334,10 @@ def render(payload: dict) -> str:
                 delta = f" ({s['error']['mean'] - rows[base]['error']['mean']:+.2f})" if base and base in rows else ""
                 count = "" if len(s["error"]["values"]) == seeds else f" (n={len(s['error']['values'])})"
                 cells += [_fmt(s["error"]) + delta + count, _fmt(s["train_error"], 1), _fmt(s["map_correlation"], 3), _fmt(s["energy_in_mask"], 3)]
-            label = row if "paper" in row or row in ("CE", "CE+KD", "CE+AT") else f"{row} (default: {winner})"
+            if "[" in row:
+                label = f"{row} (an earlier study round's winner)"
+            else:
+                label = row if "paper" in row or row in ("CE", "CE+KD", "CE+AT") else f"{row} (default: {winner})"
             lines.append(f"| {label} | " + " | ".join(cells) + " |")
         lines.append("")
     short = incomplete_cells(payload)
@@ -362,14 +384,31 @@ def resumed_payload(path: Path, preset_name: str, preset: dict, device_name: str
     """The earlier run's payload, refused unless it was made with the same settings (its numbers
     are kept and only the missing jobs run, so they must be the same experiment)."""
     payload = json.loads(path.read_text())
+    earlier = payload.get("candidates") or {}
+    # A later study round may add candidates; the ones already run must be unchanged.
+    same_candidates = all(CANDIDATES.get(name) == spec for name, spec in earlier.items())
     mismatches = [name for name, ours, theirs in (
         ("preset", preset_name, payload.get("preset")), ("preset settings", json.loads(json.dumps(preset)), payload.get("preset_settings")),
-        ("candidates", CANDIDATES, payload.get("candidates")), ("study seed", STUDY_SEED, payload.get("study_seed")),
-        ("device", device_name, payload.get("device"))) if ours != theirs]
+        ("study seed", STUDY_SEED, payload.get("study_seed")), ("device", device_name, payload.get("device"))) if ours != theirs]
+    if not same_candidates:
+        mismatches.append("candidates")
     if mismatches:
         raise SystemExit(f"--resume: {path} was made with other {', '.join(mismatches)}; run without --resume (or with another --out)")
+    if set(CANDIDATES) != set(earlier):
+        payload["candidates"], payload["winner"] = CANDIDATES, None  # the study is open again
+    payload["study_rounds"] = STUDY_ROUNDS
     payload["sessions"] = payload.get("sessions", 1) + 1
     return payload
+
+
+def retire_superseded_rows(payload: dict) -> None:
+    """Rename the table's explanation rows that were run with another setting than the winner's
+    (an earlier round's winner) to ``"<row> [<its candidate>]"``: kept and shown, not mixed in."""
+    current = winner_rows(payload["winner"])
+    for run in payload["runs"]:
+        if run["stage"] == "table" and run["row"] in current and run["losses"] != json.loads(json.dumps(current[run["row"]])):
+            name = next((n for n in CANDIDATES if json.loads(json.dumps(objectives(CANDIDATES[n])[run["row"]])) == run["losses"]), "another setting")
+            run["row"] = f"{run['row']} [{name}]"
 
 
 def main() -> None:
@@ -404,7 +443,8 @@ def main() -> None:
         payload = {"preset": args.preset, "preset_settings": preset, "device": device_name, "workers": args.workers,
                    "teacher": {"arch": "WRN-16-2", "test_error": evaluate_student(teacher, test_set),
                                "energy_in_mask": map_agreement(teacher, teacher, test_set, torch.device(args.device))["teacher_energy_in_mask"]},
-                   "candidates": CANDIDATES, "study_seed": STUDY_SEED, "winner": None, "runs": [], "wall_seconds": 0.0, "sessions": 1}
+                   "candidates": CANDIDATES, "study_rounds": STUDY_ROUNDS, "study_seed": STUDY_SEED, "winner": None, "runs": [],
+                   "wall_seconds": 0.0, "sessions": 1}
     earlier_seconds = payload["wall_seconds"]
     args.out.parent.mkdir(parents=True, exist_ok=True)
 
@@ -451,6 +491,8 @@ def main() -> None:
                 study_left -= 1
                 if study_left == 0:
                     payload["winner"] = choose(payload["runs"])
+                    retire_superseded_rows(payload)
+                    finished = {job_key(r) for r in payload["runs"]}
                     print(f"study winner: {payload['winner']} {CANDIDATES[payload['winner']]}", flush=True)
                     queue += missing(table_jobs(base, preset, winner_rows(payload["winner"])))
     print(render(payload))

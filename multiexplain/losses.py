@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Iterator
@@ -26,9 +26,9 @@ from .explain import Inputs, LayerCapture, call_model, model_logits, resolve_lay
 from .models.wrn import WideResNet
 
 __all__ = [
-    "AttentionTransferLoss", "CrossEntropyLoss", "DistillationLoss", "EXPLANATION_PRESETS", "ExplanationLoss",
+    "AttentionTransferLoss", "CONFLICT_RULES", "CrossEntropyLoss", "DistillationLoss", "EXPLANATION_PRESETS", "ExplanationLoss",
     "HintonKDLoss", "LOSSES", "LossTerm", "SCHEDULES", "StepOutputs", "TeacherCache", "attention_map", "build_loss",
-    "feature_layers_of", "schedule_factor",
+    "feature_layers_of", "project_conflicting", "schedule_factor",
 ]
 
 
@@ -139,9 +139,14 @@ LOSSES: dict[str, type[nn.Module]] = {
 #: ``benchmarks/quality_distillation.py``); ``"paper"`` is the Grad-CAM++ paper's eq. 28 exactly:
 #: a = 0.01 on raw (unnormalised) maps, a constant weight.
 EXPLANATION_PRESETS: dict[str, dict[str, Any]] = {
-    "default": {"weight": 8.0, "method": "gradcam++", "normalize": "l2", "schedule": "constant", "warmup": 0.0},
-    "paper": {"weight": 0.01, "method": "gradcam++", "normalize": "none", "schedule": "constant", "warmup": 0.0},
+    "default": {"weight": 2.0, "method": "gradcam++", "normalize": "l2", "schedule": "constant", "warmup": 0.0, "conflict": "project"},
+    "paper": {"weight": 0.01, "method": "gradcam++", "normalize": "none", "schedule": "constant", "warmup": 0.0, "conflict": "none"},
 }
+
+#: What a term's gradient does where it opposes the rest of the objective's (``conflict=``):
+#: ``"none"``: nothing (a plain weighted sum); ``"project"``: its component along the rest's
+#: gradient is removed (see :func:`project_conflicting`).
+CONFLICT_RULES = ("none", "project")
 
 #: Weight schedules over training progress ``p`` in ``[0, 1]`` (a linear warm-up from 0 comes first).
 SCHEDULES = ("constant", "linear", "cosine")
@@ -160,6 +165,26 @@ def schedule_factor(schedule: str, progress: float, warmup: float = 0.0) -> floa
     p = min(max(float(progress), 0.0), 1.0)
     factor = {"constant": 1.0, "linear": 1.0 - p, "cosine": 0.5 * (1.0 + math.cos(math.pi * p))}[schedule]
     return factor * (min(1.0, p / warmup) if warmup > 0 else 1.0)
+
+
+def project_conflicting(main: Sequence[Tensor], auxiliary: Sequence[Tensor]) -> tuple[list[Tensor], bool]:
+    """The auxiliary gradient with the part that opposes the main gradient removed.
+
+    ``main`` and ``auxiliary`` are per-parameter gradients (same shapes, in the same order) of the
+    main objective and of an auxiliary term, taken as one vector each. Where ``g_a . g_m < 0`` the
+    auxiliary step would increase the main loss to first order, so ``g_a`` loses its component
+    along ``g_m`` (the projection of Yu et al. 2020, "Gradient surgery for multi-task learning",
+    applied one way, as auxiliary losses are in Du et al. 2018): the sum then never descends the
+    main loss more slowly than ``g_m`` alone. Returns the (projected) auxiliary gradients and
+    whether the two conflicted.
+    """
+    # float64 sums: the dot product of two ~1e5-long float32 vectors decides the branch.
+    dot = sum((a.double() * m.double()).sum() for a, m in zip(auxiliary, main))
+    norm = sum(m.double().pow(2).sum() for m in main)
+    if not (dot < 0 and norm > 0):
+        return list(auxiliary), False
+    scale = float(dot / norm)
+    return [a - scale * m for m, a in zip(main, auxiliary)], True
 
 
 def feature_layers_of(model: nn.Module) -> tuple[str, ...]:
@@ -236,6 +261,9 @@ class DistillationLoss(nn.Module):
             (default: each model's ``group_layers``, see :func:`feature_layers_of`).
         schedules: name -> ``(schedule, warmup)`` (see :func:`schedule_factor`); a term without
             one keeps its weight. :meth:`set_progress` tells the loss where training is.
+        projected: terms whose gradient is projected off the other terms' where they conflict
+            (:func:`project_conflicting`); :meth:`backward` applies it, so train with
+            ``loss.backward(weighted, parameters)`` rather than ``total.backward()``.
         cache_teacher: keep the teacher's logits and maps per sample (:class:`TeacherCache`).
     """
 
@@ -248,6 +276,7 @@ class DistillationLoss(nn.Module):
         teacher_feature_layers: Sequence[str] | None = None,
         schedules: Mapping[str, tuple[str, float]] | None = None,
         cache_teacher: bool = False,
+        projected: Sequence[str] = (),
     ) -> None:
         super().__init__()
         if not terms:
@@ -266,6 +295,13 @@ class DistillationLoss(nn.Module):
             raise ValueError(f"schedules for unknown term(s) {unknown}")
         for schedule, warmup in self.schedules.values():
             schedule_factor(schedule, 0.0, warmup)  # validates both
+        self.projected = tuple(projected)
+        unknown = sorted(set(self.projected) - set(self.terms))
+        if unknown:
+            raise ValueError(f"conflict='project' for unknown term(s) {unknown}")
+        if set(self.projected) == set(self.terms):
+            # Nothing to conflict with (e.g. the explanation term alone): a plain backward.
+            self.projected = ()
         self.progress = 0.0
         self.cache = TeacherCache() if cache_teacher else None
 
@@ -346,12 +382,53 @@ class DistillationLoss(nn.Module):
             teacher_attention=[teacher[f"attention{i}"] for i in range(len(self.teacher_feature_layers))] if use_at else [],
         )
 
-    def forward(self, inputs: Inputs, labels: Tensor) -> tuple[Tensor, dict[str, Tensor], Tensor]:
+    def weighted_terms(self, inputs: Inputs, labels: Tensor) -> tuple[dict[str, Tensor], dict[str, Tensor], Tensor]:
+        """``(weighted, values, student_logits)``: every term times its current weight (on the
+        graph), its unweighted value (detached, for logging) and the student's logits."""
         step = self.compute_step(inputs, labels)
         values = {name: term.value(step) for name, term in self.terms.items()}
         weights = self.weights()
-        total = sum(weights[name] * value for name, value in values.items())
-        return total, {name: value.detach() for name, value in values.items()}, step.student_logits  # type: ignore[return-value]
+        weighted = {name: weights[name] * value for name, value in values.items()}
+        return weighted, {name: value.detach() for name, value in values.items()}, step.student_logits
+
+    def forward(self, inputs: Inputs, labels: Tensor) -> tuple[Tensor, dict[str, Tensor], Tensor]:
+        weighted, values, logits = self.weighted_terms(inputs, labels)
+        return sum(weighted.values()), values, logits  # type: ignore[return-value]
+
+    def backward(
+        self,
+        weighted: Mapping[str, Tensor],
+        parameters: Sequence[nn.Parameter],
+        average: Callable[[list[Tensor]], list[Tensor]] | None = None,
+    ) -> dict[str, float]:
+        """Fill ``parameters``' ``.grad`` with the objective's gradient (the terms of
+        :meth:`weighted_terms`), projecting the ``projected`` terms' off the others'.
+
+        ``average`` (data-parallel training) turns this process's gradients into the global ones
+        before the projection, which must see the global main gradient. Returns
+        ``{"<term>_conflict": 1.0 or 0.0}`` per projected term: whether it conflicted this step.
+        """
+        if not self.projected:
+            sum(weighted.values()).backward()  # type: ignore[union-attr]
+            return {}
+        parameters = [p for p in parameters if p.requires_grad]
+        main = sum(value for name, value in weighted.items() if name not in self.projected)
+        names = [name for name in weighted if name in self.projected]
+        losses = [main] + [weighted[name] for name in names]
+        gradients = []
+        for index, loss in enumerate(losses):
+            grads = torch.autograd.grad(loss, parameters, retain_graph=index < len(losses) - 1, allow_unused=True)
+            grads = [torch.zeros_like(p) if g is None else g for p, g in zip(parameters, grads)]
+            gradients.append(average(grads) if average is not None else grads)
+        combined, conflicts = list(gradients[0]), {}
+        for name, auxiliary in zip(names, gradients[1:]):
+            # Each auxiliary term against the main objective alone, not against the others.
+            auxiliary, conflicted = project_conflicting(gradients[0], auxiliary)
+            combined = [c + a for c, a in zip(combined, auxiliary)]
+            conflicts[f"{name}_conflict"] = float(conflicted)
+        for parameter, gradient in zip(parameters, combined):
+            parameter.grad = gradient if parameter.grad is None else parameter.grad + gradient
+        return conflicts
 
 
 def _explanation_options(spec: Any) -> dict[str, Any]:
@@ -369,7 +446,9 @@ def build_loss(
     """A :class:`DistillationLoss` from ``{name: weight}`` or ``{name: {"weight": w, **options}}``.
 
     Names are the keys of :data:`LOSSES`. Every term takes ``schedule`` ("constant" | "linear" |
-    "cosine", see :func:`schedule_factor`) and ``warmup`` (a fraction of training). Options:
+    "cosine", see :func:`schedule_factor`), ``warmup`` (a fraction of training) and ``conflict``
+    (:data:`CONFLICT_RULES`: ``"project"`` removes the part of the term's gradient that opposes
+    the other terms', see :func:`project_conflicting`). Options:
     ``kd``: ``temperature`` (4); ``at``: ``student_layers`` / ``teacher_layers`` (default each
     model's ``group_layers``); ``expl``: ``preset`` (:data:`EXPLANATION_PRESETS`: ``"default"``
     unless named, ``"paper"`` for eq. 28 as published), then any of ``weight``, ``method``
@@ -383,6 +462,7 @@ def build_loss(
     terms: dict[str, nn.Module] = {}
     feature_layers: dict[str, Sequence[str]] = {}
     schedules: dict[str, tuple[str, float]] = {}
+    projected: list[str] = []
     for name, spec in config.items():
         if name not in LOSSES:
             raise ValueError(f"unknown loss {name!r}; choose from {sorted(LOSSES)}")
@@ -390,6 +470,11 @@ def build_loss(
         schedule, warmup = options.pop("schedule", "constant"), float(options.pop("warmup", 0.0))
         if schedule != "constant" or warmup > 0:
             schedules[name] = (schedule, warmup)
+        conflict = options.pop("conflict", "none")
+        if conflict not in CONFLICT_RULES:
+            raise ValueError(f"unknown conflict rule {conflict!r} for loss {name!r}; choose one of {CONFLICT_RULES}")
+        if conflict == "project":
+            projected.append(name)
         if name == "expl":
             if teacher is None:
                 raise ValueError("the 'expl' loss needs a teacher model")
@@ -403,5 +488,5 @@ def build_loss(
             terms[name] = LOSSES[name](**options)
     return DistillationLoss(
         student, teacher, terms, feature_layers.get("student"), feature_layers.get("teacher"),
-        schedules=schedules, cache_teacher=cache_teacher,
+        schedules=schedules, cache_teacher=cache_teacher, projected=projected,
     )

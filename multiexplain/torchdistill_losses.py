@@ -133,19 +133,27 @@ class MultiExplainExplanationLoss(nn.Module):
         preset: :data:`~multiexplain.losses.EXPLANATION_PRESETS` name (``"default"``, ``"paper"``);
             ``weight``, ``method`` ("gradcam++" | "gradcam"), ``normalize`` and ``size`` override it.
 
-    The weight is applied here (the preset's), so give the YAML term weight 1.0. Schedules are
-    not available in this form (torchdistill does not tell a loss where training is); a preset
-    with a non-constant schedule is refused.
+    The weight is applied here (the preset's), so give the YAML term weight 1.0. Two things of a
+    preset cannot run inside torchdistill and are refused rather than dropped: a non-constant
+    schedule (torchdistill does not tell a loss where training is) and ``conflict="project"``
+    (torchdistill backpropagates the sum of its terms itself, so no term's gradient can be
+    projected off the others'). The default preset projects: pass ``conflict: 'none'`` to use its
+    weight and maps as a plain term of torchdistill's sum (or train with
+    :class:`multiexplain.train.Trainer`, which projects).
     """
 
     def __init__(self, student_layer_path: str = "relu", student_logits_path: str = ".", teacher_output_path: str = ".",
                  preset: str = "default", weight: float | None = None, method: str | None = None,
-                 normalize: str | None = None, size: list | None = None, **kwargs: Any) -> None:
+                 normalize: str | None = None, size: list | None = None, conflict: str | None = None, **kwargs: Any) -> None:
         super().__init__()
         if preset not in EXPLANATION_PRESETS:
             raise ValueError(f"unknown explanation preset {preset!r}; choose one of {sorted(EXPLANATION_PRESETS)}")
         settings = dict(EXPLANATION_PRESETS[preset])
-        settings.update({k: v for k, v in {"weight": weight, "method": method, "normalize": normalize}.items() if v is not None})
+        settings.update({k: v for k, v in {"weight": weight, "method": method, "normalize": normalize, "conflict": conflict}.items() if v is not None})
+        if settings.get("conflict", "none") != "none":
+            raise ValueError(f"preset {preset!r} has conflict={settings['conflict']!r}: torchdistill sums the loss terms and "
+                             "backpropagates the sum itself, so this term's gradient cannot be projected off the others'; "
+                             "pass conflict: 'none' (a plain weighted term) or train with multiexplain.train.Trainer")
         if settings.get("schedule", "constant") != "constant" or float(settings.get("warmup", 0.0)) > 0:
             raise ValueError(f"preset {preset!r} has a weight schedule, which torchdistill's losses cannot follow; "
                              "give weight= for a constant weight")

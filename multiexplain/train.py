@@ -8,13 +8,14 @@ each rank reads its shard, only rank 0 prints and writes checkpoints.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import random
 import re
 import sys
 import warnings
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
@@ -156,6 +157,29 @@ class Trainer:
         self.scheduler = self._make_scheduler()
         self.epoch = 0
         self.history: list[dict[str, float]] = []
+
+    def _gradient_sync(self) -> contextlib.AbstractContextManager:
+        """Where DistributedDataParallel may average gradients itself: not when a term is projected
+        (its gradients come from ``autograd.grad``, which DDP does not see, so :meth:`_average`
+        averages them before the projection instead)."""
+        if self.distributed and self.loss.projected:
+            return self.model.no_sync()
+        return contextlib.nullcontext()
+
+    @property
+    def _average(self) -> Callable[[list[torch.Tensor]], list[torch.Tensor]] | None:
+        if not (self.distributed and self.loss.projected):
+            return None
+
+        def average(gradients: list[torch.Tensor]) -> list[torch.Tensor]:
+            import torch.distributed as dist
+
+            flat = torch.cat([g.reshape(-1) for g in gradients])
+            dist.all_reduce(flat)
+            flat /= self.world_size
+            return [piece.view_as(g) for piece, g in zip(flat.split([g.numel() for g in gradients]), gradients)]
+
+        return average
 
     def _make_optimizer(self) -> torch.optim.Optimizer:
         c = self.config
@@ -306,11 +330,13 @@ class Trainer:
             for index, (images, labels) in enumerate(iterator):
                 images, labels = images.to(self.device), labels.to(self.device)
                 self.loss.set_progress((self.epoch + index / steps) / self.config.epochs)
-                total, terms, _ = self.loss(images, labels)
-                if not torch.isfinite(total):
-                    raise FloatingPointError(f"non-finite loss {total.item()} at epoch {self.epoch + 1} (terms {terms})")
-                self.optimizer.zero_grad(set_to_none=True)
-                total.backward()
+                with self._gradient_sync():
+                    weighted, terms, _ = self.loss.weighted_terms(images, labels)
+                    total = sum(weighted.values())
+                    if not torch.isfinite(total):
+                        raise FloatingPointError(f"non-finite loss {total.item()} at epoch {self.epoch + 1} (terms {terms})")
+                    self.optimizer.zero_grad(set_to_none=True)
+                    terms.update(self.loss.backward(weighted, list(self.student.parameters()), average=self._average))
                 self.optimizer.step()
                 batches += 1
                 for name, value in {"loss": total.detach(), **terms}.items():

@@ -86,7 +86,7 @@ def test_the_io_dict_explanation_loss_equals_ours_in_value_and_gradient(preset):
         handle.remove()
     with torch.no_grad():  # as torchdistill calls a frozen teacher
         teacher_out = td.explain_teacher(teacher, x, y)
-    loss = get_mid_level_loss({"key": "MultiExplainExplanationLoss", "kwargs": {"preset": preset}})
+    loss = get_mid_level_loss({"key": "MultiExplainExplanationLoss", "kwargs": {"preset": preset, "conflict": "none"}})
     value = loss({"relu": {"output": store["relu"]}, ".": {"output": logits}}, {".": {"output": teacher_out}}, y)
     torch.testing.assert_close(value, expected, rtol=1e-9, atol=1e-12)
     grads = torch.autograd.grad(value, list(student.parameters()), allow_unused=True)
@@ -98,6 +98,14 @@ def test_the_io_dict_explanation_loss_equals_ours_in_value_and_gradient(preset):
     assert all(p.grad is None for p in teacher.parameters())
     with pytest.raises(ValueError, match="forward_proc"):
         loss({"relu": {"output": store["relu"]}, ".": {"output": logits}}, {".": {"output": teacher_out["logits"]}}, y)
+
+
+def test_a_projecting_preset_is_refused_in_torchdistill_not_silently_summed():
+    assert losses.EXPLANATION_PRESETS["default"]["conflict"] == "project"
+    with pytest.raises(ValueError, match="conflict='project'.*pass conflict: 'none'"):
+        get_mid_level_loss({"key": "MultiExplainExplanationLoss", "kwargs": {"preset": "default"}})
+    with pytest.raises(ValueError, match="conflict='project'"):
+        get_mid_level_loss({"key": "MultiExplainExplanationLoss", "kwargs": {"preset": "paper", "conflict": "project"}})
 
 
 @pytest.mark.slow

@@ -47,6 +47,26 @@ def test_training_trains_loss_falls_and_accuracy_rises_well_above_chance():
     assert trainer.loss.progress > 0.9  # the schedules saw training progress
 
 
+def test_a_projected_auxiliary_term_cannot_stop_the_task_from_training():
+    """KD towards an untrained teacher pulls against the labels; projected off the CE gradient
+    where they conflict, the task still trains, and the Trainer logs how often they conflicted."""
+    data, held_out = _colour_task(96, 0), _colour_task(60, 1)
+    histories = {}
+    for conflict in ("project", "none"):
+        teacher = _student(seed=7).eval()
+        trainer = train.Trainer(_student(), teacher, {"ce": 1.0, "kd": {"weight": 5.0, "conflict": conflict}}, data,
+                                {**CONFIG, "epochs": 3}, eval_set=held_out)
+        histories[conflict] = trainer.fit()
+        assert trainer.loss.projected == (("kd",) if conflict == "project" else ())
+    projected, plain = histories["project"], histories["none"]
+    assert all(0.0 <= record["kd_conflict"] <= 1.0 for record in projected)
+    assert any(record["kd_conflict"] > 0 for record in projected), projected  # the projection was exercised
+    assert "kd_conflict" not in plain[-1]
+    assert projected[-1]["ce"] < projected[0]["ce"], projected
+    assert projected[-1]["eval_error"] <= 10.0, projected  # chance is 66.7%
+    assert plain[-1]["eval_error"] >= 25.0, plain  # the same term summed plainly does hold the task back
+
+
 def _trained_dir(tmp_path: Path, epochs: int = 2, **overrides) -> Path:
     directory = tmp_path / "ckpt"
     train.Trainer(_student(), None, {"ce": 1.0}, _colour_task(32, 0), {**CONFIG, "epochs": epochs, "checkpoint_dir": str(directory), **overrides}).fit()
