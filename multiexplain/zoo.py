@@ -37,6 +37,7 @@ from typing import Any, Callable
 import torch
 from torch import Tensor, nn
 
+from .adapters.caption_models import SUPPORTED_FAMILIES
 from .sources import ResizeCrop
 from .explain.families import HF_VIDEO_TYPES, clip_frames
 
@@ -512,9 +513,6 @@ def _load_hf(parsed: ModelSpec, task: str | None) -> LoadedModel:
                        extra={"processor": processor}, geometry=_hf_geometry(processor, size))
 
 
-_HF_CAPTIONERS = ("blip", "vision-encoder-decoder")
-
-
 def _not_a_classifier(parsed: ModelSpec, source: str, local_only: bool, error: Exception) -> str:
     """The message for an ``hf:`` model that is no image classifier (a captioner, a text model, ...)."""
     import transformers
@@ -523,7 +521,7 @@ def _not_a_classifier(parsed: ModelSpec, source: str, local_only: bool, error: E
         model_type = transformers.AutoConfig.from_pretrained(source, local_files_only=local_only).model_type
     except (OSError, ValueError):
         return f"cannot load {parsed} as an image classifier: {str(error).splitlines()[0][:200]}"
-    if model_type in _HF_CAPTIONERS:
+    if model_type in HF_CAPTIONERS:
         return (f"{parsed} is a {model_type!r} captioner, not an image classifier; explain its captions with "
                 f"`multiexplain caption IMAGE --model {parsed}`")
     return (f"{parsed} is a {model_type!r} model, which transformers' AutoModelForImageClassification cannot load "
@@ -615,10 +613,10 @@ def read_labels(path: str | os.PathLike) -> list[str]:
     return labels
 
 
-#: Captioning families the captioning adapter explains (by ``config.model_type``); BLIP and
-#: VisionEncoderDecoder have their own classes, the others load through AutoModelForImageTextToText.
-HF_CAPTIONERS = ("vision-encoder-decoder", "blip", "git", "blip-2", "instructblip", "llava", "fast_vlm", "llava_next",
-                 "paligemma", "qwen2_vl", "idefics3", "smolvlm")
+#: Captioning families the captioning adapter explains (by ``config.model_type``: the adapter's own
+#: list, so the two cannot drift); BLIP and VisionEncoderDecoder have their own classes, the others
+#: load through AutoModelForImageTextToText.
+HF_CAPTIONERS = SUPPORTED_FAMILIES
 
 
 def _load_hf_captioner(parsed: ModelSpec, source: str, local_only: bool, offline: bool) -> LoadedModel:

@@ -28,7 +28,7 @@ ALLOWED: dict[str, set[str]] = {
     "sources": set(),
     "store": set(),
     "report": {"io"},
-    "zoo": {"explain", "models", "data", "sources"},
+    "zoo": {"explain", "models", "data", "sources", "adapters"},  # adapters: the captioning families it loads
     "losses": {"core", "explain", "adapters", "models"},
     "train": {"explain", "losses", "models", "data"},
     "torchdistill_losses": {"core", "explain", "adapters", "losses"},

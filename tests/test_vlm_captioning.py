@@ -302,10 +302,15 @@ def test_unsupported_models_say_what_to_pass(built, image):
         explain_caption(model, [image], ANSWER, prompt=["a", "b"], **kwargs)
 
 
-def test_the_zoo_loads_every_family_the_adapter_explains():
+def test_loading_a_vlm_as_a_classifier_points_to_caption(tmp_path):
+    """The zoo names every family the adapter explains (one list), so a VLM given to ``classify``
+    gets the command that explains it, not transformers' error."""
     from multiexplain import zoo
 
-    assert set(zoo.HF_CAPTIONERS) == set(SUPPORTED_FAMILIES)
+    assert zoo.HF_CAPTIONERS is SUPPORTED_FAMILIES
+    directory = tiny_vlms.build_llava(tmp_path / "llava")
+    with pytest.raises(zoo.SpecError, match=r"'llava' captioner, not an image classifier; .*multiexplain caption IMAGE --model hf:"):
+        zoo.load_model(f"hf:{directory}", task="classification")
 
 
 def test_place_on_image_resamples_each_view_into_its_box():
