@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import math
+import warnings
 from collections.abc import Callable, Mapping, Sequence
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
@@ -303,6 +304,7 @@ class DistillationLoss(nn.Module):
             # Nothing to conflict with (e.g. the explanation term alone): a plain backward.
             self.projected = ()
         self.progress = 0.0
+        self._warned_sum = False
         self.cache = TeacherCache() if cache_teacher else None
 
     @property
@@ -392,7 +394,17 @@ class DistillationLoss(nn.Module):
         return weighted, {name: value.detach() for name, value in values.items()}, step.student_logits
 
     def forward(self, inputs: Inputs, labels: Tensor) -> tuple[Tensor, dict[str, Tensor], Tensor]:
+        """``(total, values, student_logits)``. With projected terms, ``total.backward()`` would sum
+        them plainly: train through :meth:`weighted_terms` and :meth:`backward` instead (a warning
+        says so, once per loss)."""
         weighted, values, logits = self.weighted_terms(inputs, labels)
+        if self.projected and torch.is_grad_enabled() and not self._warned_sum:
+            self._warned_sum = True
+            warnings.warn(
+                f"this loss projects {list(self.projected)} off the other terms' gradient; backpropagating the total it "
+                "returns sums the terms plainly. Train with weighted, terms, logits = loss.weighted_terms(x, y); "
+                "loss.backward(weighted, student.parameters()) (the Trainer does), or set conflict='none'",
+                UserWarning, stacklevel=2)
         return sum(weighted.values()), values, logits  # type: ignore[return-value]
 
     def backward(

@@ -6,6 +6,7 @@ import copy
 import json
 import os
 import subprocess
+import warnings
 import sys
 from pathlib import Path
 
@@ -561,3 +562,15 @@ def test_the_conflict_option_is_checked():
     assert losses.build_loss({"ce": 1.0, "kd": {"weight": 1.0, "conflict": "project"}}, student, teacher).projected == ("kd",)
     with pytest.raises(ValueError, match="unknown term"):
         losses.DistillationLoss(student, teacher, {"ce": losses.CrossEntropyLoss()}, projected=("kd",))
+
+
+def test_backpropagating_the_total_of_a_projecting_loss_warns_once():
+    teacher, student = _pair()
+    x, y = torch.rand(2, 3, 32, 32), torch.tensor([0, 1])
+    projecting = losses.build_loss({"ce": 1.0, "expl": {}}, student, teacher)
+    with pytest.warns(UserWarning, match="sums the terms plainly.*loss.backward"):
+        projecting(x, y)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        projecting(x, y)  # once per loss
+        losses.build_loss({"ce": 1.0, "expl": {"conflict": "none"}}, student, teacher)(x, y)

@@ -3,9 +3,7 @@ written atomically, and resume picks the newest good checkpoint, refuses code an
 
 from __future__ import annotations
 
-import os
 import pickle
-import warnings
 from pathlib import Path
 
 import pytest
