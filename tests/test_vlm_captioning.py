@@ -250,6 +250,16 @@ def test_family_layers(built, one_torch_thread):
     assert resolve_layer(model, "auto").name == "model.vision_tower.encoder.layers.0"
     model.config.vision_feature_layer = 2
     assert resolve_layer(model, "auto").name == "model.vision_tower.encoder.layers.1"
+    # hidden_states has len(layers) + 1 entries: -4 of a 3-layer tower is the embeddings, not a layer.
+    from multiexplain.explain.families import VisionFeatureLayer
+
+    layers = model.model.vision_tower.vision_model.encoder.layers if hasattr(model.model.vision_tower, "vision_model") \
+        else model.model.vision_tower.encoder.layers
+    assert len(layers) == 3
+    model.config.vision_feature_layer = -3
+    assert VisionFeatureLayer()(model, None) is layers[0]
+    model.config.vision_feature_layer = -4
+    assert VisionFeatureLayer()(model, None) is None  # the embeddings: left to the probe
 
 
 @pytest.mark.slow

@@ -140,8 +140,9 @@ class VisionFeatureLayer:
         if layers is None:
             return None
         indices = [selected] if isinstance(selected, int) else list(selected)
-        positions = [index if index < 0 else index - 1 for index in indices]  # hidden_states[0] is the embeddings
-        positions = [p % len(layers) if p < 0 else p for p in positions]
+        # hidden_states[0] is the embeddings, hidden_states[k] the output of layers[k - 1]; a negative
+        # k counts from the end of those len(layers) + 1 entries, so -len(layers) - 1 is the embeddings.
+        positions = [index - 1 if index >= 0 else len(layers) + index for index in indices]
         if not positions or any(p < 0 or p >= len(layers) for p in positions) or 0 in indices:
             return None  # the embeddings themselves, or out of range: left to the probe
         return layers[min(positions)]
