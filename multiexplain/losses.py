@@ -427,9 +427,10 @@ class DistillationLoss(nn.Module):
         main = sum(value for name, value in weighted.items() if name not in self.projected)
         names = [name for name in weighted if name in self.projected]
         losses = [main] + [weighted[name] for name in names]
-        gradients = []
+        gradients, used = [], [False] * len(parameters)
         for index, loss in enumerate(losses):
             grads = torch.autograd.grad(loss, parameters, retain_graph=index < len(losses) - 1, allow_unused=True)
+            used = [u or g is not None for u, g in zip(used, grads)]
             grads = [torch.zeros_like(p) if g is None else g for p, g in zip(parameters, grads)]
             gradients.append(average(grads) if average is not None else grads)
         combined, conflicts = list(gradients[0]), {}
@@ -438,7 +439,9 @@ class DistillationLoss(nn.Module):
             auxiliary, conflicted = project_conflicting(gradients[0], auxiliary)
             combined = [c + a for c, a in zip(combined, auxiliary)]
             conflicts[f"{name}_conflict"] = float(conflicted)
-        for parameter, gradient in zip(parameters, combined):
+        for parameter, gradient, reached in zip(parameters, combined, used):
+            if not reached:  # as after a plain backward: no gradient, so the optimizer skips it (no decay)
+                continue
             parameter.grad = gradient if parameter.grad is None else parameter.grad + gradient
         return conflicts
 

@@ -552,6 +552,11 @@ def test_a_projected_term_gets_exactly_the_reference_gradient_and_conflict_none_
             for p, g in zip(parameters, expected):
                 torch.testing.assert_close(p.grad, g)
     assert seen == {True, False}, "the batches should exercise both branches"
+    # A parameter no term reaches keeps no gradient, as after a plain backward (so SGD does not decay it).
+    unused = torch.nn.Parameter(torch.ones(3))
+    weighted, _, _ = projected.weighted_terms(x, y)
+    projected.backward(weighted, [*parameters, unused])
+    assert unused.grad is None
 
 
 def test_the_conflict_option_is_checked():
