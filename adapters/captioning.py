@@ -336,8 +336,11 @@ def _explain_group(model: nn.Module, captioner: Captioner, items: list[Prepared]
         return torch.einsum("nkt,nt->nk", matrix.to(token_scores.dtype), token_scores)
 
     target_layer, reshape, layer_call, element = layer
+    # Maps at the processor's input size serve only images it left as they were; the others'
+    # maps are drawn from the raw ones onto the original image (_collect), so none are made here.
     request = ExplainRequest(captioner.forward_inputs(items, ids, mask), explained_scores, target_layer, reshape, layer_call,
-                             element, input_size=items[0].input_size, max_batch=max_batch, batch_size=n)
+                             element, input_size=items[0].input_size, max_batch=max_batch, batch_size=n,
+                             upsample=all(item.identity for item in items))
     try:
         explained = explain_request(model, request, names)
     except TypeError as error:

@@ -375,3 +375,26 @@ def test_the_shipped_vlm_answers_and_its_word_maps_land_on_the_scene(one_torch_t
                 hits.append(bool(metrics.pointing_game(explained.maps[j][None], scene.word_masks[j][None], tolerance=2)))
     assert sum(varied) >= 0.8 * len(varied), (sum(varied), len(varied))
     assert len(hits) >= 40 and sum(hits) / len(hits) >= 0.12, (sum(hits), len(hits))
+
+
+def test_no_maps_are_made_at_the_processors_size_when_it_resized_the_image(built, image, monkeypatch):
+    """Those maps would be thrown away: a resized image's maps are drawn from the raw ones onto the
+    original grid. The result is the same as with them made (the raw maps do not depend on it)."""
+    from multiexplain import core
+    from multiexplain.adapters import captioning
+
+    model, kwargs = _load(built, "llava")
+    sizes = []
+    upsample = core.upsample_maps
+    monkeypatch.setattr(core, "upsample_maps", lambda maps, size, *a, **k: (sizes.append(tuple(size)), upsample(maps, size, *a, **k))[1])
+    request = captioning.ExplainRequest
+    with monkeypatch.context() as patch:  # as before: the maps made at the processor's size, then dropped
+        patch.setattr(captioning, "ExplainRequest", lambda *a, **k: request(*a, **{**k, "upsample": True}))
+        expected = explain_caption(model, image, ANSWER, prompt=PROMPT, **kwargs)
+    assert sizes and (HEIGHT, WIDTH) not in sizes  # the spy sees them: the processor's size, not the image's
+    sizes.clear()
+    result = explain_caption(model, image, ANSWER, prompt=PROMPT, **kwargs)
+    assert sizes == []
+    assert result.maps.shape == (len(WORDS), HEIGHT, WIDTH)
+    torch.testing.assert_close(result.maps, expected.maps, rtol=0, atol=0)
+    torch.testing.assert_close(result.raw, expected.raw, rtol=0, atol=0)

@@ -264,10 +264,13 @@ class BaseCAM:
         input_size: Sequence[int] | None = None,
         create_graph: bool | None = None,
         batch_size: int | None = None,
+        upsample: bool = True,
     ) -> dict[str, Explanation]:
         """Maps of several methods (names in :data:`METHODS`, e.g. ``("gradcam++", "gradcam")``)
         from ONE forward pass and one set of gradients: methods differ only in their channel
-        weights. Returns ``{method: Explanation}`` in the order given (arguments as for ``__call__``)."""
+        weights. Returns ``{method: Explanation}`` in the order given (arguments as for ``__call__``).
+        ``upsample=False`` leaves ``maps`` on the layer's grid (normalised like the upsampled ones),
+        for callers that resample ``raw`` themselves (e.g. onto the original image of a processor)."""
         unknown = [name for name in methods if name != self.method and name not in METHODS]
         if unknown or not methods:
             raise ValueError(f"unknown method(s) {unknown}; choose from {sorted(METHODS)}" if unknown else "no methods given")
@@ -319,11 +322,12 @@ class BaseCAM:
                 logits=self.logits, pool_axes=self.pool_axes, create_graph=self.create_graph, max_batch=self.max_batch,
             )
             explanations[name] = method._maps(choice.name, activation, gradients, scores, indices, multi, size,
-                                              differentiable, non_finite)
+                                              differentiable, non_finite, upsample)
         return explanations
 
     def _maps(self, layer: str, activation: Tensor, gradients: Tensor, scores: Tensor, indices: Tensor | None,
-              multi: bool, size: tuple[int, ...], differentiable: bool, non_finite: Tensor) -> Explanation:
+              multi: bool, size: tuple[int, ...], differentiable: bool, non_finite: Tensor,
+              upsample: bool = True) -> Explanation:
         spatial_ndim = activation.ndim - 2
         if not differentiable:
             activation, gradients = activation.detach(), gradients.detach()
@@ -338,7 +342,7 @@ class BaseCAM:
                 f"the map of layer {layer!r} has {spatial_ndim} spatial axes {tuple(raw.shape[2:])} but the "
                 f"input's spatial size {size} has {len(size)}; pass a batched channels-first input or input_size="
             )
-        maps = core.normalize_maps(core.upsample_maps(raw, size), spatial_ndim)
+        maps = core.normalize_maps(core.upsample_maps(raw, size) if upsample else raw, spatial_ndim)
         if not multi:
             maps, raw, weights, scores, zero_gradient, non_finite = (
                 t.squeeze(1) for t in (maps, raw, weights, scores, zero_gradient, non_finite))
@@ -472,6 +476,7 @@ class ExplainRequest:
         targets: class indices or a score callable ``model_output -> (N,) | (N, K)``.
         layer, reshape, layer_call, element, branch: the layer (``"auto"``: the one resolver).
         input_size: spatial size the maps are upsampled to (default the primary input's).
+        upsample: ``False`` keeps ``maps`` on the layer's grid (the caller resamples ``raw`` itself).
         pool_axes, logits, create_graph, max_batch: as for :class:`BaseCAM`.
         batch_size: the number of samples when the primary input's first axis is not it.
     """
@@ -489,6 +494,7 @@ class ExplainRequest:
     create_graph: bool = False
     max_batch: int | None = None
     batch_size: int | None = None
+    upsample: bool = True
 
 
 def explain_request(model: nn.Module, request: ExplainRequest, methods: Sequence[str] = ("gradcam++",)) -> dict[str, Explanation]:
@@ -500,4 +506,4 @@ def explain_request(model: nn.Module, request: ExplainRequest, methods: Sequence
         max_batch=request.max_batch,
     )
     return explainer.explain_methods(request.inputs, request.targets, methods=names, input_size=request.input_size,
-                                     batch_size=request.batch_size)
+                                     batch_size=request.batch_size, upsample=request.upsample)
