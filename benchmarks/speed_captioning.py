@@ -246,9 +246,9 @@ def bench_hf(name: str, repeats: int, device: torch.device) -> dict:
                 log_probs = logits.log_softmax(-1).gather(-1, ids[:, -kept:, None])[..., 0]
                 return log_probs[:, [p - (ids.shape[1] - 1 - kept) for p in positions]].sum(dim=1)
 
-            # Raw maps only, as ours makes none at the processor's size either (upsample=False).
+            # Maps at the processor's size exactly when ours makes them: for an image it left as it was.
             maps.append(explainer.explain_methods(inputs, score, methods=("gradcam++",), input_size=prepared.input_size,
-                                                  batch_size=1, upsample=False)["gradcam++"].raw[0])
+                                                  batch_size=1, upsample=prepared.identity)["gradcam++"].raw[0])
         return torch.stack(maps)
 
     variants = {"ours": ours, "loop": loop}
