@@ -411,10 +411,13 @@ def resumed_payload(path: Path, preset_name: str, preset: dict, device_name: str
 def retire_superseded_rows(payload: dict) -> None:
     """Rename the table's explanation rows that were run with another setting than the winner's
     (an earlier round's winner) to ``"<row> [<its candidate>]"``: kept and shown, not mixed in."""
+    def as_stored(losses: dict) -> dict:  # a loss config as the results file holds it
+        return json.loads(json.dumps(losses))
+
     current = winner_rows(payload["winner"])
     for run in payload["runs"]:
-        if run["stage"] == "table" and run["row"] in current and run["losses"] != json.loads(json.dumps(current[run["row"]])):
-            name = next((n for n in CANDIDATES if json.loads(json.dumps(objectives(CANDIDATES[n])[run["row"]])) == run["losses"]), "another setting")
+        if run["stage"] == "table" and run["row"] in current and run["losses"] != as_stored(current[run["row"]]):
+            name = next((n for n in CANDIDATES if as_stored(objectives(CANDIDATES[n])[run["row"]]) == run["losses"]), "another setting")
             run["row"] = f"{run['row']} [{name}]"
 
 

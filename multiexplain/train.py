@@ -15,7 +15,7 @@ import random
 import re
 import sys
 import warnings
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
@@ -158,28 +158,20 @@ class Trainer:
         self.epoch = 0
         self.history: list[dict[str, float]] = []
 
-    def _gradient_sync(self) -> contextlib.AbstractContextManager:
-        """Where DistributedDataParallel may average gradients itself: not when a term is projected
-        (its gradients come from ``autograd.grad``, which DDP does not see, so :meth:`_average`
-        averages them before the projection instead)."""
-        if self.distributed and self.loss.projected:
-            return self.model.no_sync()
-        return contextlib.nullcontext()
-
     @property
-    def _average(self) -> Callable[[list[torch.Tensor]], list[torch.Tensor]] | None:
-        if not (self.distributed and self.loss.projected):
-            return None
+    def _projects_under_ddp(self) -> bool:
+        """Whether gradients come from ``autograd.grad`` under DistributedDataParallel: DDP does not
+        see those, so the step runs under ``no_sync()`` and :meth:`_all_reduce_mean` averages both
+        gradients before the projection (which must see the global main gradient)."""
+        return self.distributed and bool(self.loss.projected)
 
-        def average(gradients: list[torch.Tensor]) -> list[torch.Tensor]:
-            import torch.distributed as dist
+    def _all_reduce_mean(self, gradients: list[torch.Tensor]) -> list[torch.Tensor]:
+        import torch.distributed as dist
 
-            flat = torch.cat([g.reshape(-1) for g in gradients])
-            dist.all_reduce(flat)
-            flat /= self.world_size
-            return [piece.view_as(g) for piece, g in zip(flat.split([g.numel() for g in gradients]), gradients)]
-
-        return average
+        flat = torch.cat([g.reshape(-1) for g in gradients])
+        dist.all_reduce(flat)
+        flat /= self.world_size
+        return [piece.view_as(g) for piece, g in zip(flat.split([g.numel() for g in gradients]), gradients)]
 
     def _make_optimizer(self) -> torch.optim.Optimizer:
         c = self.config
@@ -330,13 +322,13 @@ class Trainer:
             for index, (images, labels) in enumerate(iterator):
                 images, labels = images.to(self.device), labels.to(self.device)
                 self.loss.set_progress((self.epoch + index / steps) / self.config.epochs)
-                with self._gradient_sync():
+                with self.model.no_sync() if self._projects_under_ddp else contextlib.nullcontext():
                     weighted, terms, _ = self.loss.weighted_terms(images, labels)
                     total = sum(weighted.values())
                     if not torch.isfinite(total):
                         raise FloatingPointError(f"non-finite loss {total.item()} at epoch {self.epoch + 1} (terms {terms})")
                     self.optimizer.zero_grad(set_to_none=True)
-                    terms.update(self.loss.backward(weighted, list(self.student.parameters()), average=self._average))
+                    terms.update(self.loss.backward(weighted, list(self.student.parameters()), average=self._all_reduce_mean if self._projects_under_ddp else None))
                 self.optimizer.step()
                 batches += 1
                 for name, value in {"loss": total.detach(), **terms}.items():
