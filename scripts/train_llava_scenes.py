@@ -1,14 +1,17 @@
-"""Train the shipped small vision-language model: a real transformers ``LlavaForConditionalGeneration``
-(a small CLIP vision tower + a small Llama language model) on the synthetic captioned scenes.
+"""Train the shipped small vision-language models on the synthetic captioned scenes: a real transformers
+``LlavaForConditionalGeneration`` (a small CLIP vision tower + a small Llama language model) and, with
+``--tower regnet``, a ``FastVlmForConditionalGeneration`` (LLaVA's layout with a convolutional tower:
+a small RegNet whose 16 x 16 grid cells are the image tokens, + the same Llama).
 
-    python scripts/train_llava_scenes.py              # writes multiexplain/checkpoints/llava_scenes/
+    python scripts/train_llava_scenes.py                  # writes multiexplain/checkpoints/llava_scenes/
+    python scripts/train_llava_scenes.py --tower regnet   # writes multiexplain/checkpoints/fastvlm_scenes/
     python scripts/train_llava_scenes.py --seed 1 --out /tmp/llava_s1
 
 The model answers the prompt "describe the scene" with the scene's caption: the chat template puts
-the 64 image tokens (8 x 8 patches of 8 px) and the prompt before the answer, exactly as for a hub
-LLaVA, and the directory is a ``save_pretrained`` one (config, weights, tokenizer, processor with
-its chat template), so ``multiexplain caption --model hf:DIR --prompt ...`` and
-``LlavaForConditionalGeneration.from_pretrained(DIR)`` load it. A word-level tokenizer holds the
+the image tokens (CLIP: 64, 8 x 8 patches of 8 px; RegNet: 256 cells of 4 px) and the prompt before
+the answer, exactly as for a hub LLaVA, and the directory is a ``save_pretrained`` one (config,
+weights, tokenizer, processor with its chat template), so ``multiexplain caption --model hf:DIR
+--prompt ...`` and ``AutoModelForImageTextToText.from_pretrained(DIR)`` load it. A word-level tokenizer holds the
 caption vocabulary and the prompt's words.
 
 Training scenes are ``make_captioned_scenes(n, seed=1)``; held-out scenes (``seed=2``) give the
@@ -40,14 +43,15 @@ CHAT_TEMPLATE = (
     "{% for m in messages %}{{ m['role'].upper() }}: {% for c in m['content'] %}{% if c['type'] == 'image' %}<image> "
     "{% else %}{{ c['text'] }} {% endif %}{% endfor %}{% endfor %}{% if add_generation_prompt %}ASSISTANT:{% endif %}"
 )
-DEFAULT_OUT = Path(__file__).resolve().parents[1] / "multiexplain" / "checkpoints" / "llava_scenes"
+CHECKPOINTS = Path(__file__).resolve().parents[1] / "multiexplain" / "checkpoints"
+DEFAULT_OUT = {"clip": CHECKPOINTS / "llava_scenes", "regnet": CHECKPOINTS / "fastvlm_scenes"}
 
 
 def build(args: argparse.Namespace):
     """``(model, processor)``: the word-level tokenizer, the CLIP image processor and a fresh model."""
     from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import (CLIPImageProcessor, CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration,
-                              LlavaProcessor, PreTrainedTokenizerFast)
+    from transformers import (CLIPImageProcessor, CLIPVisionConfig, FastVlmConfig, FastVlmForConditionalGeneration, LlamaConfig,
+                              LlavaConfig, LlavaForConditionalGeneration, LlavaProcessor, PreTrainedTokenizerFast, RegNetConfig)
 
     words = list(SPECIALS) + list(PROMPT_WORDS) + [w for w in CAPTION_VOCABULARY if w not in PROMPT_WORDS]
     backend = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<unk>"))
@@ -57,18 +61,33 @@ def build(args: argparse.Namespace):
     # The scenes are 64 x 64 in [0, 1]; the processor only rescales and normalises them.
     image_processor = CLIPImageProcessor(size={"height": 64, "width": 64}, do_center_crop=False,
                                          image_mean=[0.5, 0.5, 0.5], image_std=[0.25, 0.25, 0.25])
-    processor = LlavaProcessor(image_processor=image_processor, tokenizer=tokenizer, patch_size=args.patch,
-                               vision_feature_select_strategy="default", num_additional_image_tokens=1,
-                               chat_template=CHAT_TEMPLATE)
-    vision = CLIPVisionConfig(image_size=64, patch_size=args.patch, hidden_size=args.vision_width, num_hidden_layers=args.vision_layers,
-                              num_attention_heads=2, intermediate_size=2 * args.vision_width)
     text = LlamaConfig(vocab_size=len(tokenizer), hidden_size=args.width, num_hidden_layers=args.layers, num_attention_heads=4,
-                       num_key_value_heads=4, intermediate_size=2 * args.width, max_position_embeddings=128,
+                       num_key_value_heads=4, intermediate_size=2 * args.width,
+                       max_position_embeddings=320 if args.tower == "regnet" else 128,  # 256 image tokens with the RegNet
                        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
                        tie_word_embeddings=True)
-    config = LlavaConfig(vision_config=vision, text_config=text, image_token_id=tokenizer.convert_tokens_to_ids("<image>"),
-                         vision_feature_layer=-1, vision_feature_select_strategy="default")
-    model = LlavaForConditionalGeneration(config)
+    image_token_id = tokenizer.convert_tokens_to_ids("<image>")
+    if args.tower == "regnet":
+        # FastVLM's layout (LLaVA with a convolutional tower whose grid cells are the image tokens): a
+        # two-stage RegNet, stride 4 (a 16 x 16 grid, 256 tokens), receptive field 11 px, ending in a
+        # ReLU. Cells that see no more than an object and are zero where nothing is are what a
+        # channel-weighted map needs (the Show-Attend-Tell encoder's lesson).
+        vision = RegNetConfig(num_channels=3, embedding_size=32, hidden_sizes=[48, args.vision_width], depths=[1, 1], groups_width=16,
+                              layer_type="x", hidden_act="relu", downsample_in_first_stage=False)
+        vision.hidden_size = args.vision_width  # FastVLM's projector reads the tower's width from here
+        processor = LlavaProcessor(image_processor=image_processor, tokenizer=tokenizer, patch_size=4,
+                                   vision_feature_select_strategy="full", num_additional_image_tokens=0, chat_template=CHAT_TEMPLATE)
+        config = FastVlmConfig(vision_config=vision, text_config=text, image_token_id=image_token_id)
+        model = FastVlmForConditionalGeneration(config)
+    else:
+        processor = LlavaProcessor(image_processor=image_processor, tokenizer=tokenizer, patch_size=args.patch,
+                                   vision_feature_select_strategy="default", num_additional_image_tokens=1,
+                                   chat_template=CHAT_TEMPLATE)
+        vision = CLIPVisionConfig(image_size=64, patch_size=args.patch, hidden_size=args.vision_width,
+                                  num_hidden_layers=args.vision_layers, num_attention_heads=2, intermediate_size=2 * args.vision_width)
+        config = LlavaConfig(vision_config=vision, text_config=text, image_token_id=image_token_id,
+                             vision_feature_layer=-1, vision_feature_select_strategy="default")
+        model = LlavaForConditionalGeneration(config)
     model.generation_config.bos_token_id, model.generation_config.eos_token_id = tokenizer.bos_token_id, tokenizer.eos_token_id
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     return model, processor
@@ -132,6 +151,8 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=1500)
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--lr", type=float, default=2e-3)
+    parser.add_argument("--tower", choices=("clip", "regnet"), default="clip",
+                        help="clip: LLaVA with a CLIP ViT tower; regnet: FastVLM's layout with a small RegNet tower")
     parser.add_argument("--patch", type=int, default=8, help="vision patch size in pixels (8: an 8 x 8 token grid)")
     parser.add_argument("--vision-width", type=int, default=64)
     parser.add_argument("--vision-layers", type=int, default=1)
@@ -139,7 +160,7 @@ def main() -> None:
     parser.add_argument("--layers", type=int, default=2, help="the language model's layers")
     parser.add_argument("--label-smoothing", type=float, default=0.05)
     parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--out", default=str(DEFAULT_OUT))
+    parser.add_argument("--out", help="the model directory (default: the shipped one of --tower)")
     args = parser.parse_args()
 
     torch.set_num_threads(args.threads)
@@ -187,7 +208,7 @@ def main() -> None:
     metrics = evaluate(model, processor, held_out, context)
     seconds = round(time.time() - began)
     print(f"held-out ({len(held_out)} scenes): {metrics}; total {seconds}s", flush=True)
-    out = Path(args.out)
+    out = Path(args.out or DEFAULT_OUT[args.tower])
     out.mkdir(parents=True, exist_ok=True)
     model.eval().save_pretrained(out)
     processor.save_pretrained(out)

@@ -377,6 +377,44 @@ def test_the_shipped_vlm_answers_and_its_word_maps_land_on_the_scene(one_torch_t
     assert len(hits) >= 40 and sum(hits) / len(hits) >= 0.12, (sum(hits), len(hits))
 
 
+@pytest.mark.slow
+def test_the_shipped_fastvlm_reads_its_word_maps_off_objects(one_torch_thread):
+    """The shipped FastVLM-layout model (``scripts/train_llava_scenes.py --tower regnet``: a RegNet
+    whose 16 x 16 ReLU cells are the image tokens, + Llama) loads through ``AutoModelForImageTextToText``,
+    answers the prompt, and its shape words' maps peak on one of the scene's objects (the scenes are
+    mostly background), though often not the named one (benchmarks/results/captioning.md: ~43% of
+    shape words at 2 px against the issue's 85%; the CLIP-tower LLaVA ~30%); here floors below both."""
+    from pathlib import Path
+
+    from transformers import AutoModelForImageTextToText, AutoProcessor, FastVlmForConditionalGeneration
+
+    import multiexplain
+    from multiexplain import metrics
+    from multiexplain.data.captioned_scenes import CAPTION_VOCABULARY, make_captioned_scenes
+
+    directory = Path(multiexplain.__file__).parent / "checkpoints" / "fastvlm_scenes"
+    model = AutoModelForImageTextToText.from_pretrained(directory).eval()
+    assert isinstance(model, FastVlmForConditionalGeneration)
+    processor = AutoProcessor.from_pretrained(directory)
+    scenes = make_captioned_scenes(24, seed=2, start=200)  # validation scenes, not the benchmark's
+    answer = explain_caption(model, scenes.images[0], prompt="describe the scene", processor=processor, max_new_tokens=20)
+    assert answer.generated and answer.words and set(answer.words) <= set(CAPTION_VOCABULARY), answer.words
+    assert answer.layer == "model.vision_tower" and answer.maps.shape == (len(answer.words), 64, 64)
+    named, on_object = [], []
+    for i in range(len(scenes)):
+        scene = scenes[i]
+        explained = explain_caption(model, scene.image, scene.caption, prompt="describe the scene", processor=processor)
+        assert explained.words == scene.words and torch.isfinite(explained.maps).all()
+        objects = scene.object_masks.any(dim=0)
+        for j, kind in enumerate(scene.word_kinds):
+            if kind == "shape":
+                named.append(bool(metrics.pointing_game(explained.maps[j][None], scene.word_masks[j][None], tolerance=2)))
+                on_object.append(bool(metrics.pointing_game(explained.maps[j][None], objects[None], tolerance=0)))
+    assert len(named) >= 40
+    assert sum(on_object) / len(on_object) >= 0.8, (sum(on_object), len(on_object))  # 60 of 64 when written
+    assert sum(named) / len(named) >= 0.3, (sum(named), len(named))  # 27 of 64 when written
+
+
 def test_no_maps_are_made_at_the_processors_size_when_it_resized_the_image(built, image, monkeypatch):
     """Those maps would be thrown away: a resized image's maps are drawn from the raw ones onto the
     original grid. The result is the same as with them made (the raw maps do not depend on it)."""
