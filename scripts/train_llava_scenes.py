@@ -153,9 +153,9 @@ def main() -> None:
     parser.add_argument("--lr", type=float, default=2e-3)
     parser.add_argument("--tower", choices=("clip", "regnet"), default="clip",
                         help="clip: LLaVA with a CLIP ViT tower; regnet: FastVLM's layout with a small RegNet tower")
-    parser.add_argument("--patch", type=int, default=8, help="vision patch size in pixels (8: an 8 x 8 token grid)")
-    parser.add_argument("--vision-width", type=int, default=64)
-    parser.add_argument("--vision-layers", type=int, default=1)
+    parser.add_argument("--patch", type=int, default=8, help="CLIP's patch size in pixels (8: an 8 x 8 token grid; the RegNet's cells are 4 px)")
+    parser.add_argument("--vision-width", type=int, default=64, help="the tower's output width (CLIP's width, the RegNet's last stage)")
+    parser.add_argument("--vision-layers", type=int, default=1, help="CLIP's layers (the RegNet has two stages of one layer)")
     parser.add_argument("--width", type=int, default=96, help="the language model's width")
     parser.add_argument("--layers", type=int, default=2, help="the language model's layers")
     parser.add_argument("--label-smoothing", type=float, default=0.05)

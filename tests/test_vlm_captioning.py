@@ -383,7 +383,8 @@ def test_the_shipped_fastvlm_reads_its_word_maps_off_objects(one_torch_thread):
     whose 16 x 16 ReLU cells are the image tokens, + Llama) loads through ``AutoModelForImageTextToText``,
     answers the prompt, and its shape words' maps peak on one of the scene's objects (the scenes are
     mostly background), though often not the named one (benchmarks/results/captioning.md: ~43% of
-    shape words at 2 px against the issue's 85%; the CLIP-tower LLaVA ~30%); here floors below both."""
+    shape words at 2 px against the issue's 85%; the CLIP-tower LLaVA ~30%). Floors here: 80% on an
+    object, 30% on the named one (a constant or a random map falls far below both)."""
     from pathlib import Path
 
     from transformers import AutoModelForImageTextToText, AutoProcessor, FastVlmForConditionalGeneration
