@@ -312,6 +312,8 @@ class Trainer:
         if show:
             from tqdm.auto import tqdm
         stop = self.config.epochs if max_epochs is None else min(self.config.epochs, self.epoch + max_epochs)
+        projects_under_ddp = self._projects_under_ddp
+        average = self._all_reduce_mean if projects_under_ddp else None
         while self.epoch < stop:
             self.student.train()
             sums: dict[str, float] = {}
@@ -322,13 +324,13 @@ class Trainer:
             for index, (images, labels) in enumerate(iterator):
                 images, labels = images.to(self.device), labels.to(self.device)
                 self.loss.set_progress((self.epoch + index / steps) / self.config.epochs)
-                with self.model.no_sync() if self._projects_under_ddp else contextlib.nullcontext():
+                with self.model.no_sync() if projects_under_ddp else contextlib.nullcontext():
                     weighted, terms, _ = self.loss.weighted_terms(images, labels)
                     total = sum(weighted.values())
                     if not torch.isfinite(total):
                         raise FloatingPointError(f"non-finite loss {total.item()} at epoch {self.epoch + 1} (terms {terms})")
                     self.optimizer.zero_grad(set_to_none=True)
-                    terms.update(self.loss.backward(weighted, list(self.student.parameters()), average=self._all_reduce_mean if self._projects_under_ddp else None))
+                    terms.update(self.loss.backward(weighted, list(self.student.parameters()), average=average))
                 self.optimizer.step()
                 batches += 1
                 for name, value in {"loss": total.detach(), **terms}.items():
