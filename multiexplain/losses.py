@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from . import core
-from .adapters.distillation import ExplanationLoss, unwrap
+from .adapters.distillation import DEFAULT_MAP_SETTINGS, ExplanationLoss, unwrap
 from .explain import Inputs, LayerCapture, call_model, model_logits, resolve_layer
 from .models.wrn import WideResNet
 
@@ -140,7 +140,7 @@ LOSSES: dict[str, type[nn.Module]] = {
 #: ``benchmarks/quality_distillation.py``); ``"paper"`` is the Grad-CAM++ paper's eq. 28 exactly:
 #: a = 0.01 on raw (unnormalised) maps, a constant weight.
 EXPLANATION_PRESETS: dict[str, dict[str, Any]] = {
-    "default": {"weight": 2.0, "method": "gradcam++", "normalize": "l2", "schedule": "constant", "warmup": 0.0, "conflict": "project"},
+    "default": {**DEFAULT_MAP_SETTINGS, "schedule": "constant", "warmup": 0.0, "conflict": "project"},
     "paper": {"weight": 0.01, "method": "gradcam++", "normalize": "none", "schedule": "constant", "warmup": 0.0, "conflict": "none"},
 }
 
