@@ -579,3 +579,27 @@ def test_backpropagating_the_total_of_a_projecting_loss_warns_once():
         warnings.simplefilter("error")
         projecting(x, y)  # once per loss
         losses.build_loss({"ce": 1.0, "expl": {"conflict": "none"}}, student, teacher)(x, y)
+
+
+def test_the_example_fine_tunes_with_and_without_the_term_and_writes_its_figure(tmp_path, monkeypatch, capsys):
+    import re
+    import runpy
+
+    from PIL import Image
+
+    example = Path(__file__).resolve().parents[1] / "examples" / "distill_with_explanation_loss.py"
+    monkeypatch.setattr(sys, "argv", [example.name, "--out", str(tmp_path), "--epochs", "1", "--train-size", "100", "--device", "cpu"])
+    threads = torch.get_num_threads()
+    try:
+        runpy.run_path(str(example), run_name="__main__")
+    finally:
+        torch.set_num_threads(threads)  # the example sets its own
+    printed = capsys.readouterr().out
+    rows = dict(re.findall(r"^(student before|after CE\+KD|after CE\+KD\+expl): test error [\d.]+%, map correlation with the teacher (-?[\d.]+)$",
+                           printed, flags=re.M))
+    assert set(rows) == {"student before", "after CE+KD", "after CE+KD+expl"}, printed
+    assert all(-1 <= float(r) <= 1 for r in rows.values())
+    epochs = re.findall(r"^epoch=1 .*$", printed, flags=re.M)  # one fine-tune without the term, one with it
+    assert len(epochs) == 2 and "expl=" not in epochs[0] and "expl=" in epochs[1] and "kd=" in epochs[0], epochs
+    with Image.open(tmp_path / "teacher_vs_student_maps.png") as image:  # 5 examples x (input, teacher, 3 students)
+        assert image.size[0] > 800 and image.size[1] > 800
