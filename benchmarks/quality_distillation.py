@@ -87,6 +87,9 @@ PRESETS = {
     "cpu": {"train_size": 1000, "val_size": 300, "test_size": 500, "seeds": 3, "lr": 0.05,
             "regimes": {"all": {"fraction": 1.0, "epochs": 10, "batch_size": 32},
                         "10%": {"fraction": 0.1, "epochs": 40, "batch_size": 20}}},
+    "cpu-long": {"train_size": 1000, "val_size": 300, "test_size": 500, "seeds": 3, "lr": 0.05,
+                 "regimes": {"all": {"fraction": 1.0, "epochs": 30, "batch_size": 32},
+                             "10%": {"fraction": 0.1, "epochs": 40, "batch_size": 20}}},
     "gpu": {"train_size": 8000, "val_size": 1000, "test_size": 1000, "seeds": 5, "lr": 0.05,
             "regimes": {"all": {"fraction": 1.0, "epochs": 15, "batch_size": 128},
                         "10%": {"fraction": 0.1, "epochs": 60, "batch_size": 64}}},
@@ -94,6 +97,11 @@ PRESETS = {
     "smoke": {"train_size": 60, "val_size": 24, "test_size": 24, "seeds": 2, "lr": 0.05,
               "regimes": {"all": {"fraction": 1.0, "epochs": 1, "batch_size": 20},
                           "10%": {"fraction": 0.5, "epochs": 1, "batch_size": 10}}},
+}
+
+PRESET_PURPOSE = {
+    "cpu-long": "the `cpu` preset's data with the all-data students trained 3x longer (30 epochs): at 10 epochs they stop "
+                "at 17-50% train error, so that regime compares how fast each objective fits, not what it has learnt.",
 }
 
 
@@ -270,6 +278,9 @@ def render(payload: dict) -> str:
     winner = payload.get("winner")
     default = {k: v for k, v in EXPLANATION_PRESETS["default"].items()}
     chosen = {**EXPLANATION_PRESETS["default"], **CANDIDATES[winner]} if winner in CANDIDATES else None
+    winner_is_default = chosen is not None and all(default.get(k) == v for k, v in CANDIDATES[winner].items())
+    # The table's explanation rows train the study's winner: only call them the default when they are.
+    winner_role = "default" if winner_is_default else "study winner, not the library default"
     regimes = preset["regimes"]
     regime_text = "; ".join(f"{name}: {spec['fraction']:.0%} of the images, {spec['epochs']} epochs, batch {spec['batch_size']}" for name, spec in regimes.items())
     lines = [
@@ -286,7 +297,8 @@ def render(payload: dict) -> str:
         f"Teacher: the shipped WRN-16-2, test error **{payload['teacher']['test_error']:.2f}%** "
         f"(share of its map energy on the target shape: {payload['teacher']['energy_in_mask']:.3f}). "
         "KD: Hinton, T = 4, weight 1. AT: Zagoruyko & Komodakis, beta/2 = 500, the three stage outputs. "
-        "Explanation term: Grad-CAM++ of the true class at the last activation, a * ||L_s - L_t||^2 on the 8x8 grid.",
+        "Explanation term: Grad-CAM++ of the true class at the last activation, a * ||L_s - L_t||^2 on the 8x8 grid."
+        + (f" Why this preset: {PRESET_PURPOSE[payload['preset']]}" if payload["preset"] in PRESET_PURPOSE else ""),
         "",
         "## 1. Study (validation set, one seed, first pair)",
         "",
@@ -294,7 +306,10 @@ def render(payload: dict) -> str:
         "",
     ]
     rounds = payload.get("study_rounds") or [{"candidates": list(payload.get("candidates", CANDIDATES)), "why": "the first study"}]
-    if len(rounds) > 1:
+    if len(rounds) > 1 and payload.get("sessions", 1) == 1:
+        lines += [f"The candidates were added in {len(rounds)} rounds of an earlier study, for these reasons; here all of them ran in one go "
+                  "(same seed, validation set and rule):", ""]
+    elif len(rounds) > 1:
         lines += [f"The study ran in {len(rounds)} rounds, each adding candidates to the same study (same seed, validation set and rule, "
                   "applied over every candidate so far):", ""]
         lines += [f"{i}. {', '.join(r['candidates'])}: {r['why']}." for i, r in enumerate(rounds, 1)] + [""]
@@ -313,7 +328,7 @@ def render(payload: dict) -> str:
             "Mean over the four cells: " + ", ".join(f"{name}: {m:.2f}" for name, m in means.items()) + f". **Winner: {winner}** ({json.dumps(CANDIDATES[winner])}).",
             "",
             f"The library's default explanation term (`EXPLANATION_PRESETS['default']`) is {json.dumps(default)}: "
-            f"{'the study winner' if chosen is not None and all(default.get(k) == v for k, v in CANDIDATES[winner].items()) else 'NOT the study winner'}. "
+            f"{'the study winner' if winner_is_default else 'NOT the study winner'}. "
             "`{\"expl\": {\"preset\": \"paper\"}}` is the paper's setting: " + json.dumps(EXPLANATION_PRESETS["paper"]) + ".",
             "",
         ]
@@ -344,7 +359,7 @@ def render(payload: dict) -> str:
             if "[" in row:
                 label = f"{row} (an earlier study round's winner)"
             else:
-                label = row if "paper" in row or row in ("CE", "CE+KD", "CE+AT") else f"{row} (default: {winner})"
+                label = row if "paper" in row or row in ("CE", "CE+KD", "CE+AT") else f"{row} ({winner_role}: {winner})"
             lines.append(f"| {label} | " + " | ".join(cells) + " |")
         lines.append("")
     short = incomplete_cells(payload)
