@@ -484,6 +484,40 @@ def test_quality_benchmark_judges_the_target_as_written_and_names_missing_cells(
     assert bench.job_key(runs[0]) == ("table", pair, "CE", "all", 0)
 
 
+def test_the_table_calls_its_explanation_rows_the_default_only_when_the_study_chose_it():
+    """Both committed results files: the cpu study chose the library default, the cpu-long study did not."""
+    bench = _quality_benchmark()
+    for name, role in (("distillation", "default"), ("distillation_cpu_long", "study winner, not the library default")):
+        payload = json.loads((bench.RESULTS / f"{name}.json").read_text())
+        text = bench.render(payload)
+        assert f"| CE+expl ({role}: {payload['winner']}) |" in text
+        assert f"| CE+KD+expl ({role}: {payload['winner']}) |" in text
+        assert ("NOT the study winner" in text) == (role != "default")
+
+
+def test_when_the_study_picks_another_term_the_library_default_is_run_and_judged_too():
+    bench = _quality_benchmark()
+    default = bench.default_candidate()
+    assert bench.CANDIDATES[default]["weight"] == losses.EXPLANATION_PRESETS["default"]["weight"]
+    assert bench.library_default_rows(default) == {}  # the winner is the default: nothing extra
+    other = next(name for name in bench.CANDIDATES if name != default)
+    extra = bench.library_default_rows(other)
+    assert set(extra) == {f"CE+expl [{default}]", f"CE+KD+expl [{default}]"}
+    assert extra[f"CE+expl [{default}]"]["expl"] == bench.CANDIDATES[default]
+    # Both pairs run them (the second pair runs "CE+expl" and "CE+KD+expl").
+    jobs = bench.table_jobs({"preset": "smoke"}, bench.PRESETS["smoke"], extra)
+    assert {job["pair"] for job in jobs} == set(bench.PAIRS)
+
+    pair = next(iter(bench.PAIRS))
+    errors = {"CE": 20, "CE+KD": 10, "CE+expl": 25, "CE+KD+expl": 12, f"CE+expl [{default}]": 18, f"CE+KD+expl [{default}]": 9}
+    runs = [_fake_run(pair, row, regime, seed, e) for row, e in errors.items() for regime in ("all", "10%") for seed in range(3)]
+    table = bench.summarise(runs, ["all", "10%"])
+    as_winner = {c: met for _, c, met, _ in bench.target_checks(table, 3)}
+    as_default = {c: met for _, c, met, _ in bench.target_checks(bench.as_judged(table, {row: row.split(" [")[0] for row in extra}), 3)}
+    assert as_winner["all: CE+expl <= CE"] is False and as_default["all: CE+expl <= CE"] is True
+    assert as_winner["all: CE+KD+expl <= CE+KD"] is False and as_default["all: CE+KD+expl <= CE+KD"] is True
+
+
 # -- projecting a term's gradient off the rest of the objective's ---------------------------------
 def _reference_projection(main, auxiliary):
     """Float64, flattened: ``a - (a.m / |m|^2) m`` where ``a.m < 0``, else ``a`` (written out here)."""
