@@ -154,6 +154,89 @@ def test_targets_vmap_cannot_batch_fall_back_to_one_pass_each_with_the_same_maps
     torch.testing.assert_close(fallback.maps, batched.maps)
 
 
+class TinyTokenLM(nn.Module):
+    """conv feature map -> tokens -> a causal running mean (positions mix, as in a decoder) ->
+    a position-wise token head of ``vocabulary`` outputs: the shape of a captioner's scores."""
+
+    def __init__(self, vocabulary: int = 400, head_calls: int = 1):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 6, 3, padding=1, stride=2)
+        self.mix = nn.Linear(6, 8)
+        self.head = nn.Linear(8, vocabulary)
+        self.head_calls = head_calls
+
+    def forward(self, x):
+        tokens = self.conv(x).flatten(2).transpose(1, 2)  # (N, P, 6)
+        running = tokens.cumsum(1) / torch.arange(1, tokens.shape[1] + 1, dtype=x.dtype).view(1, -1, 1)
+        hidden = torch.tanh(self.mix(running))
+        logits = self.head(hidden)  # (N, P, vocabulary)
+        for _ in range(self.head_calls - 1):
+            self.head(hidden.flip(1))  # a later use of the head on another input (an auxiliary output)
+        return logits
+
+
+def _token_targets(model: nn.Module, n: int, k: int, shift: int = 0):
+    """A PositionScores target (each target a random set of positions' log-probabilities) and the
+    same scores as a plain callable; ``shift`` drops the first positions (misaligned with the head)."""
+    from multiexplain.explain import PositionScores
+
+    generator = torch.Generator().manual_seed(3)
+    positions = 16 - shift
+    ids = torch.randint(0, model.head.out_features, (n, positions), generator=generator)
+    weights = (torch.rand(n, k, positions, generator=generator) < 0.3).double()
+
+    def position_scores(logits):
+        return logits[:, shift:].log_softmax(-1).gather(-1, ids[..., None])[..., 0], weights
+
+    return PositionScores(model.head, position_scores), (lambda logits: PositionScores.combine(*position_scores(logits)))
+
+
+def test_position_scores_cross_the_head_once_and_equal_the_plain_gradients():
+    from torch.utils.flop_counter import FlopCounterMode
+
+    torch.manual_seed(0)
+    model = TinyTokenLM().double().eval()
+    x = torch.randn(2, 3, 8, 8, dtype=torch.float64)
+    factored, plain = _token_targets(model, n=2, k=5)
+    flops = {}
+    for name, target in (("factored", factored), ("plain", plain)):
+        with FlopCounterMode(display=False) as counter:
+            flops[name] = (GradCAMPlusPlus(model, "conv")(x, target), counter.get_total_flops())
+    (ours, ours_flops), (reference, reference_flops) = flops["factored"], flops["plain"]
+    assert ours.raw.shape == (2, 5, 4, 4) and ours.raw.abs().amax() > 0
+    torch.testing.assert_close(ours.raw, reference.raw, atol=1e-12, rtol=1e-10)
+    torch.testing.assert_close(ours.weights, reference.weights, atol=1e-12, rtol=1e-10)
+    torch.testing.assert_close(ours.scores, reference.scores, atol=0, rtol=0)
+    # The head's input-gradient product (N*P rows x vocabulary x width) runs once instead of K times.
+    saved = 2 * (5 - 1) * 2 * 16 * model.head.out_features * model.head.in_features
+    assert reference_flops - ours_flops >= 0.9 * saved, (reference_flops, ours_flops, saved)
+
+
+@pytest.mark.parametrize("case", ["head runs twice", "positions misaligned with the head"])
+def test_position_scores_the_head_cannot_carry_are_differentiated_plainly_with_the_same_maps(case):
+    torch.manual_seed(0)
+    model = TinyTokenLM(head_calls=2 if case == "head runs twice" else 1).double().eval()
+    x = torch.randn(2, 3, 8, 8, dtype=torch.float64)
+    factored, plain = _token_targets(model, n=2, k=4, shift=3 if "misaligned" in case else 0)
+    ours, reference = GradCAMPlusPlus(model, "conv")(x, factored), GradCAMPlusPlus(model, "conv")(x, plain)
+    assert ours.raw.abs().amax() > 0
+    torch.testing.assert_close(ours.raw, reference.raw, atol=1e-12, rtol=1e-10)
+    assert _all_hooks(model) == 0
+
+
+def test_position_scores_stay_differentiable_for_a_loss():
+    torch.manual_seed(0)
+    model = TinyTokenLM().double().train()
+    x = torch.randn(2, 3, 8, 8, dtype=torch.float64)
+    grads = []
+    for target in _token_targets(model, n=2, k=3):
+        maps = GradCAMPlusPlus(model, "conv", create_graph=True)(x, target).raw
+        (grad,) = torch.autograd.grad((maps ** 2).sum(), model.mix.weight)
+        grads.append(grad)
+    assert grads[0].abs().amax() > 0
+    torch.testing.assert_close(grads[0], grads[1], atol=1e-12, rtol=1e-10)
+
+
 def test_several_methods_from_one_forward_equal_separate_calls(tiny):
     x = torch.randn(2, 3, 16, 16)
     calls = []

@@ -16,11 +16,11 @@ from .explainer import (
     register_method,
 )
 from .layers import ChannelsLast, LayerChoice, MergedPatches, TileTokens, TokenReshape, layer_name, resolve_layer
-from .targets import Inputs, Targets, call_model, model_logits, primary_input, target_scores
+from .targets import Inputs, PositionScores, Targets, call_model, model_logits, primary_input, target_scores
 
 __all__ = [
     "BaseCAM", "ChannelsLast", "ExplainRequest", "Explanation", "GradCAM", "GradCAMPlusPlus", "Inputs",
-    "LayerCapture", "LayerChoice", "METHODS", "MergedPatches", "Targets", "TileTokens", "TokenReshape", "call_model", "explain_request",
+    "LayerCapture", "LayerChoice", "METHODS", "MergedPatches", "PositionScores", "Targets", "TileTokens", "TokenReshape", "call_model", "explain_request",
     "feature_element", "layer_name", "method_names", "model_logits", "primary_input", "register_method",
     "resolve_layer", "target_scores",
 ]

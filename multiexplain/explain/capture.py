@@ -18,7 +18,7 @@ from typing import Any, Iterator, Union
 import torch
 from torch import Tensor, nn
 
-__all__ = ["Element", "LayerCapture", "bypassed", "feature_element", "replace_element"]
+__all__ = ["Element", "InputCapture", "LayerCapture", "bypassed", "feature_element", "replace_element"]
 
 #: Which element of a layer's output is the feature map: ``None`` (the rule of
 #: :func:`feature_element`), an index into a tuple/list, or a key of a mapping.
@@ -162,6 +162,38 @@ class LayerCapture:
                 f"layer {self.name!r} ran {self.calls} time(s); layer_call={self.call_index} is out of range"
             )
         return self.activation
+
+
+class InputCapture:
+    """A forward pre-hook on ``module`` that records its first positional input (observe only: the
+    forward is unchanged) and counts its calls, in this thread's forward passes only."""
+
+    def __init__(self, module: nn.Module) -> None:
+        self.module = module
+        self.calls = 0
+        self.input: Tensor | None = None
+        self.thread = threading.get_ident()
+
+    def _hook(self, _module: nn.Module, args: Any) -> None:
+        if threading.get_ident() != self.thread:
+            return
+        self.calls += 1
+        self.input = args[0] if args and isinstance(args[0], Tensor) else None
+
+    @contextmanager
+    def attached(self) -> Iterator["InputCapture"]:
+        """Register the pre-hook for the duration of the block (removed even when the forward raises)."""
+        self.thread = threading.get_ident()
+        self.calls, self.input = 0, None
+        handle = self.module.register_forward_pre_hook(self._hook)
+        try:
+            yield self
+        finally:
+            handle.remove()
+
+    def single_input(self) -> Tensor | None:
+        """The input of the module's one call; ``None`` when it ran more than once or not at all."""
+        return self.input if self.calls == 1 else None
 
 
 @contextmanager

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import threading
 import warnings
+from contextlib import nullcontext
 from dataclasses import dataclass, replace
 from typing import Any, Callable, ClassVar, Sequence, TypeVar
 
@@ -22,12 +23,12 @@ import torch
 from torch import Tensor, nn
 
 from .. import core
-from .capture import Element, LayerCapture, bypassed
+from .capture import Element, InputCapture, LayerCapture, bypassed
 from .checks import check_finite_inputs, non_finite_samples, warn_if_alpha_unbounded, warn_if_probabilities, warn_non_finite
 from .families import final_activations, input_spatial_size
 from .layers import (ChannelsLast, LayerChoice, LayerSpec, MergedPatches, Reshape, TileTokens, TokenReshape, _geometry_misfit,
                      read_layout, resolve_layer)
-from .targets import Inputs, Targets, call_model, model_logits, primary_input, target_scores
+from .targets import Inputs, PositionScores, Targets, call_model, model_logits, primary_input, target_scores
 
 __all__ = [
     "BaseCAM",
@@ -291,17 +292,24 @@ class BaseCAM:
         choice = self.resolve(inputs, targets, input_size, batch_size)
         capture = LayerCapture(choice.module, choice.name, call_index=choice.layer_call, element=choice.element,
                                detach_below=not differentiable)
+        head = InputCapture(targets.head) if isinstance(targets, PositionScores) else None
         grad_mode = torch.is_grad_enabled()
         try:
             # Inference mode: nothing below the layer records a graph; the capture turns grad on.
             torch.set_grad_enabled(differentiable)
-            with capture.attached(), bypassed(final_activations(self.model)):
+            with capture.attached(), bypassed(final_activations(self.model)), head.attached() if head else nullcontext():
                 output = call_model(self.model, inputs)
             activation = capture.require()
-            scores, indices, multi = target_scores(output, targets, n, self.logits)
-            if not callable(targets) or isinstance(targets, Tensor):
-                warn_if_probabilities(self.logits(output))
-            gradients = _gradients(scores, activation, differentiable, self.max_batch)
+            if head is not None:
+                position_scores, weights = targets.scores(output)
+                scores, indices, multi = target_scores(output, lambda _: PositionScores.combine(position_scores, weights), n)
+                gradients = _head_factored_gradients(position_scores, weights, head.single_input(), scores, activation,
+                                                     differentiable, self.max_batch)
+            else:
+                scores, indices, multi = target_scores(output, targets, n, self.logits)
+                if not callable(targets) or isinstance(targets, Tensor):
+                    warn_if_probabilities(self.logits(output))
+                gradients = _gradients(scores, activation, differentiable, self.max_batch)
         finally:
             torch.set_grad_enabled(grad_mode)
         size = tuple(input_size) if input_size is not None else input_spatial_size(self.model, reference)
@@ -402,42 +410,79 @@ def _channels_first(activation: Tensor, gradients: Tensor, reshape: Reshape | No
 
 
 def _gradients(scores: Tensor, activation: Tensor, create_graph: bool, max_batch: int | None = None) -> Tensor:
-    """``dS[:, k] / dA`` for every target, target first: ``(K, *activation.shape)``.
+    """``dS[:, k] / dA`` for every target, target first: ``(K, *activation.shape)``."""
+    _require_graph(scores)
+    n, k = scores.shape
+    one_hot = torch.eye(k, dtype=scores.dtype, device=scores.device).unsqueeze(1).expand(k, n, k)
+    return _batched_vjp(scores, activation, one_hot, create_graph, max_batch)
 
-    The vector-Jacobian products of the ``K`` targets run as batched backward passes
-    (``is_grads_batched``) of at most ``max_batch`` targets each (all at once for ``None``); one
-    pass per target is only the fallback for ops that vmap cannot batch.
+
+def _head_factored_gradients(position_scores: Tensor, weights: Tensor, head_input: Tensor | None, scores: Tensor,
+                             activation: Tensor, create_graph: bool, max_batch: int | None = None) -> Tensor:
+    """``dS[:, k] / dA`` for :class:`PositionScores` targets, target first ``(K, *activation.shape)``,
+    crossing the position-wise head once (see :class:`PositionScores`).
+
+    Position ``p``'s score reads only the head's input at ``p``, so ONE backward pass of the sum of
+    all position scores gives ``g[n, p] = d position_scores[n, p] / d head_input[n, p]``; target
+    ``k``'s cotangent at the head's input is then ``weights[n, k, p] * g[n, p]`` (the chain rule,
+    exactly), and only the model below the head runs K-batched. When the head's input cannot carry
+    that (the head ran more or less than once, or its input does not line up with the positions),
+    the scores are differentiated plainly: the same numbers, the slower way.
     """
+    _require_graph(scores)
+    n, p = position_scores.shape
+    factorable = (isinstance(head_input, Tensor) and head_input.requires_grad and head_input.ndim >= 2
+                  and tuple(head_input.shape[:2]) == (n, p) and tuple(weights.shape) == (n, scores.shape[1], p))
+    if not factorable:
+        return _gradients(scores, activation, create_graph, max_batch)
+    (per_position,) = torch.autograd.grad(position_scores.sum(), head_input, retain_graph=True, create_graph=create_graph,
+                                          allow_unused=True)
+    if per_position is None:  # no position score reads the head (all masked): every gradient is zero
+        per_position = torch.zeros_like(head_input)
+    extra = [1] * (head_input.ndim - 2)
+    cotangents = weights.to(per_position.dtype).transpose(0, 1).reshape(weights.shape[1], n, p, *extra) * per_position
+    return _batched_vjp(head_input, activation, cotangents, create_graph, max_batch)
+
+
+def _require_graph(scores: Tensor) -> None:
     if not scores.requires_grad:
         raise RuntimeError(
             "the explained scores do not depend on the layer (they carry no gradient); "
             "check the target callable and the layer"
         )
-    n, k = scores.shape
 
+
+def _batched_vjp(outputs: Tensor, inputs: Tensor, cotangents: Tensor, create_graph: bool, max_batch: int | None) -> Tensor:
+    """The vector-Jacobian products of ``outputs`` w.r.t. ``inputs`` for ``K`` cotangents
+    ``(K, *outputs.shape)``: ``(K, *inputs.shape)``.
+
+    They run as batched backward passes (``is_grads_batched``) of at most ``max_batch`` cotangents
+    each (all at once for ``None``); one pass per cotangent is only the fallback for ops that vmap
+    cannot batch.
+    """
     def vjp(grad_outputs: Tensor, batched: bool) -> Tensor:
         (grad,) = torch.autograd.grad(
-            scores, activation, grad_outputs, retain_graph=True, create_graph=create_graph,
+            outputs, inputs, grad_outputs, retain_graph=True, create_graph=create_graph,
             allow_unused=True, is_grads_batched=batched,
         )
-        if grad is None:  # the scores do not depend on this layer at all
-            shape = (grad_outputs.shape[0], *activation.shape) if batched else activation.shape
-            grad = torch.zeros(shape, dtype=activation.dtype, device=activation.device)
+        if grad is None:  # the outputs do not depend on this layer at all
+            shape = (grad_outputs.shape[0], *inputs.shape) if batched else inputs.shape
+            grad = torch.zeros(shape, dtype=inputs.dtype, device=inputs.device)
         return grad
 
-    eye = torch.eye(k, dtype=scores.dtype, device=scores.device)
+    k = cotangents.shape[0]
     chunk = k if max_batch is None else max_batch
     parts = []
     for start in range(0, k, chunk):
-        rows = eye[start : start + chunk]
+        rows = cotangents[start : start + chunk]
         if rows.shape[0] == 1:
-            parts.append(vjp(rows[0].expand(n, k), False).unsqueeze(0))
+            parts.append(vjp(rows[0], False).unsqueeze(0))
             continue
         try:
-            parts.append(vjp(rows.unsqueeze(1).expand(rows.shape[0], n, k), True))
+            parts.append(vjp(rows, True))
         except RuntimeError as error:
             warnings.warn(f"batched gradients failed ({error}); falling back to one pass per target", RuntimeWarning)
-            parts.append(torch.stack([vjp(row.expand(n, k), False) for row in rows]))
+            parts.append(torch.stack([vjp(row, False) for row in rows]))
     return parts[0] if len(parts) == 1 else torch.cat(parts)
 
 

@@ -7,17 +7,21 @@ One rule each, used by every explainer, adapter and metric:
 * :func:`primary_input` -- the tensor that gives the batch size and the spatial size of the maps.
 * :func:`model_logits` -- the logits inside a model output.
 * :func:`target_scores` -- targets (``None``, ints, ``(N, K)`` indices or a callable) -> scores ``(N, K)``.
+* :class:`PositionScores` -- a callable target whose scores are sums of per-position scores of a
+  position-wise output head (a language model's token head), which the explainer differentiates
+  through that head once instead of once per target.
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any, Callable, Union
 
 import torch
 from torch import Tensor, nn
 
-__all__ = ["Inputs", "Targets", "call_model", "primary_input", "model_logits", "target_indices", "target_scores"]
+__all__ = ["Inputs", "PositionScores", "Targets", "call_model", "primary_input", "model_logits", "target_indices", "target_scores"]
 
 Inputs = Union[Tensor, Sequence[Tensor], Mapping[str, Any]]
 Targets = Union[None, int, Sequence[int], Sequence[Sequence[int]], Tensor, Callable[[Any], Tensor]]
@@ -148,3 +152,37 @@ def target_scores(
         raise ValueError(f"expected logits of shape (N={n}, classes), got {shape}; pass logits= or a target callable")
     indices, multi = target_indices(targets, found)
     return found.gather(1, indices), indices, multi
+
+
+@dataclass(frozen=True)
+class PositionScores:
+    """K target scores that are fixed weighted sums of per-position scores read off a position-wise
+    output head: ``score[n, k] = sum_p weights[n, k, p] * position_scores[n, p]``, where position
+    ``p``'s score depends on the head's input at position ``p`` only (a language model's token head:
+    a linear layer, then a log-softmax or a logit per position).
+
+    That structure lets the explainer cross the head ONCE: one backward pass from the sum of all
+    position scores to the head's input gives every position's gradient there (each depends on its
+    own position alone), the K targets' cotangents at the head's input are those gradients weighted
+    by ``weights``, and only the rest of the model runs K-batched. The head is often the model's
+    largest matrix (a 32k-257k vocabulary), so this saves K - 1 of its backward passes and the
+    ``(K, N, P, vocabulary)`` cotangent. Called as a plain target it returns the ``(N, K)`` scores,
+    so every other path (and a reference loop) gets the same numbers.
+
+    Attributes:
+        head: the module whose first input is the ``(N, P, D)`` sequence the position scores are read
+            from; it must run once in the forward (else the explainer differentiates plainly).
+        scores: ``model_output -> (position_scores (N, P), weights (N, K, P))``, ``P`` being the
+            positions of the head's input.
+    """
+
+    head: nn.Module
+    scores: Callable[[Any], tuple[Tensor, Tensor]]
+
+    def __call__(self, output: Any) -> Tensor:
+        return self.combine(*self.scores(output))
+
+    @staticmethod
+    def combine(position_scores: Tensor, weights: Tensor) -> Tensor:
+        """The ``(N, K)`` scores: ``weights (N, K, P)`` applied to ``position_scores (N, P)``."""
+        return torch.einsum("nkp,np->nk", weights.to(position_scores.dtype), position_scores)
