@@ -221,6 +221,12 @@ class Captioner:
         self.end_ids: list[int] = []
         self.special_ids: set[int] = set()
 
+    @property
+    def output_head(self) -> nn.Module | None:
+        """The position-wise token head whose output is the model's logits, when the family names it
+        (``None``: unknown, so the explainer differentiates the scores without crossing it once)."""
+        return None
+
     # -- text -----------------------------------------------------------------------------------
     @property
     def end_id(self) -> int | None:
@@ -388,6 +394,17 @@ class ProtocolCaptioner(Captioner):
 
 class _HuggingFace(Captioner):
     """Shared by the Hugging Face families: the processor makes the pixel values and the views."""
+
+    @property
+    def output_head(self) -> nn.Module | None:
+        """``get_output_embeddings()``: the token head of every transformers language model (BLIP
+        keeps it on its text decoder); a linear map per position, whose output is the logits."""
+        for owner in (self.model, getattr(self.model, "text_decoder", None)):
+            find = getattr(owner, "get_output_embeddings", None)
+            head = find() if callable(find) else None
+            if isinstance(head, nn.Module):
+                return head
+        return None
 
     def _pixels(self, image: Tensor, **kwargs: Any) -> dict[str, Any]:
         if self.image_processor is None:

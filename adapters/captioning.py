@@ -41,7 +41,7 @@ import torch
 from torch import Tensor, nn
 
 from multiexplain.core import normalize_maps
-from multiexplain.explain import ExplainRequest, Explanation, explain_request, method_names, model_logits
+from multiexplain.explain import ExplainRequest, Explanation, PositionScores, explain_request, method_names, model_logits
 from multiexplain.explain.capture import Element
 from multiexplain.explain.layers import LayerSpec, Reshape
 
@@ -322,22 +322,28 @@ def _explain_group(model: nn.Module, captioner: Captioner, items: list[Prepared]
         mask[i, : len(plan.ids)] = 1
     matrix, layouts = _combination(plans, length - 1, device, token_maps)
 
-    def explained_scores(output: Any) -> Tensor:
-        """All K explained scores ``(N, K)`` from the ONE teacher-forced forward."""
+    def position_scores(output: Any) -> tuple[Tensor, Tensor]:
+        """Every logit position's token score ``(N, P)`` and the K explained scores' weights on
+        them ``(N, K, P)``, from the ONE teacher-forced forward."""
         logits = model_logits(output)
         if logits.ndim != 3 or logits.shape[0] != n:
             raise ValueError(f"{type(model).__name__} returned logits of shape {tuple(logits.shape)} for {n} image(s) and "
                              f"{length - 1} input tokens; a captioner returns (N, T, vocabulary) teacher-forced logits")
         # Logits for the last `kept` input positions: models that prepend image tokens return more
         # (GIT), models asked for the answer's positions only (logits_to_keep) fewer.
-        kept = min(int(logits.shape[1]), length - 1)
+        positions = int(logits.shape[1])
+        kept = min(positions, length - 1)
         token_scores = caption_scores(logits[:, -kept:], ids[:, length - 1 - kept :], mask[:, length - 1 - kept :], score)
-        token_scores = torch.nn.functional.pad(token_scores, (length - 1 - kept, 0))
-        return torch.einsum("nkt,nt->nk", matrix.to(token_scores.dtype), token_scores)
+        before = (positions - kept, 0)
+        return torch.nn.functional.pad(token_scores, before), torch.nn.functional.pad(matrix[..., -kept:], before)
 
     target_layer, reshape, layer_call, element = layer
     # Maps at the processor's input size serve only images it left as they were; the others'
     # maps are drawn from the raw ones onto the original image (_collect), so none are made here.
+    # The token head is crossed once for all K scores when the family names it (PositionScores).
+    head = captioner.output_head
+    explained_scores = PositionScores(head, position_scores) if head is not None else (
+        lambda output: PositionScores.combine(*position_scores(output)))
     request = ExplainRequest(captioner.forward_inputs(items, ids, mask), explained_scores, target_layer, reshape, layer_call,
                              element, input_size=items[0].input_size, max_batch=max_batch, batch_size=n,
                              upsample=all(item.identity for item in items))

@@ -130,6 +130,36 @@ def test_the_teacher_forced_forward_builds_no_cache_and_scores_only_the_answer(b
         assert output.logits.shape[1] == len(explanation.tokens) + 1
 
 
+@pytest.mark.parametrize("name", FAMILIES)
+def test_every_family_crosses_its_token_head_once(built, image, name, monkeypatch):
+    """The family names its token head (the layer that makes the logits), so the K word scores are
+    differentiated through it in one pass and only the model below it runs K-batched."""
+    from multiexplain.explain import explainer as explainer_module
+
+    model, kwargs = _load(built, name)
+    head = caption_models.captioner_for(model, kwargs.get("processor"), kwargs.get("tokenizer")).output_head
+    logits = []
+    handle = head.register_forward_hook(lambda _m, _args, output: logits.append(output.shape))
+    batched = []
+    original = explainer_module._batched_vjp
+
+    def recording(outputs, inputs, cotangents, *args):
+        batched.append((tuple(outputs.shape), cotangents.shape[0]))
+        return original(outputs, inputs, cotangents, *args)
+
+    monkeypatch.setattr(explainer_module, "_batched_vjp", recording)
+    try:
+        explanation = _explain(model, kwargs, name, image)
+    finally:
+        handle.remove()
+    assert isinstance(head, torch.nn.Linear) and len(logits) == 1 and logits[0][-1] == head.out_features
+    # One batched product, from the head's input (N, P, width), one cotangent per explained score.
+    (shape, k), = batched
+    assert shape[0] == 1 and shape[1] == logits[0][1] and shape[-1] == head.in_features
+    assert k == len(explanation.tokens) + sum(len(m) > 1 for m in explanation.word_tokens) + 1  # tokens, multi-token words, the answer
+    assert explanation.raw.abs().amax() > 0
+
+
 def captioner_answer(model, kwargs, name):
     """The answer's token ids straight from the tokenizer (content, then the end token)."""
     captioner = caption_models.captioner_for(model, kwargs.get("processor"), kwargs.get("tokenizer"))
