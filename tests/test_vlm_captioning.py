@@ -467,3 +467,42 @@ def test_no_maps_are_made_at_the_processors_size_when_it_resized_the_image(built
     assert result.maps.shape == (len(WORDS), HEIGHT, WIDTH)
     torch.testing.assert_close(result.maps, expected.maps, rtol=0, atol=0)
     torch.testing.assert_close(result.raw, expected.raw, rtol=0, atol=0)
+
+
+def _training_script():
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "scripts" / "train_llava_scenes.py"
+    spec = importlib.util.spec_from_file_location("train_llava_scenes", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_the_vlm_recipes_tower_pretraining_reads_labels_off_captions_trains_and_freezes_the_tower(one_torch_thread):
+    """``--tower-pretraining captions``: labels are exactly the colours, shapes and pairs the caption
+    names (plurals read as their shape); the tower's weights move, then it is frozen, so the language
+    model's training cannot change it."""
+    import argparse
+
+    from multiexplain.data.captioned_scenes import make_captioned_scenes
+    from multiexplain.data.synthetic import COLOURS, SHAPES
+
+    script = _training_script()
+    labels = script.caption_labels(["a red circle and two blue squares"])
+    colours, shapes = list(COLOURS), list(SHAPES)
+    expected = {colours.index("red"), colours.index("blue"), 6 + shapes.index("circle"), 6 + shapes.index("square"),
+                12 + 6 * colours.index("red") + shapes.index("circle"), 12 + 6 * colours.index("blue") + shapes.index("square")}
+    assert labels.shape == (1, 48) and set(labels[0].nonzero().flatten().tolist()) == expected
+
+    args = argparse.Namespace(tower="regnet", width=32, layers=1, vision_width=16, regnet_layers=2, patch=8, vision_layers=1,
+                              lr=2e-3, batch=4, pretrain_steps=3)
+    torch.manual_seed(0)
+    model, processor = script.build(args)
+    before = {k: v.clone() for k, v in model.model.vision_tower.state_dict().items()}
+    script.pretrain_tower(model, processor, make_captioned_scenes(8, seed=1), args, torch.Generator().manual_seed(0))
+    after = model.model.vision_tower.state_dict()
+    assert any(not torch.equal(before[k], after[k]) for k in before if k.endswith("weight"))
+    assert not any(p.requires_grad for p in model.model.vision_tower.parameters())
+    assert all(p.requires_grad for p in model.model.language_model.parameters())
