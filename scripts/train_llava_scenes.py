@@ -80,11 +80,11 @@ def build(args: argparse.Namespace):
     image_token_id = tokenizer.convert_tokens_to_ids("<image>")
     if args.tower == "regnet":
         # FastVLM's layout (LLaVA with a convolutional tower whose grid cells are the image tokens): a
-        # two-stage RegNet, stride 4 (a 16 x 16 grid, 256 tokens), receptive field 11 px (19 px with --regnet-layers 2), ending in a
-        # ReLU. Cells that see no more than an object and are zero where nothing is are what a
-        # channel-weighted map needs (the Show-Attend-Tell encoder's lesson).
-        vision = RegNetConfig(num_channels=3, embedding_size=32, hidden_sizes=[48, args.vision_width], depths=[1, args.regnet_layers], groups_width=16,
-                              layer_type="x", hidden_act="relu", downsample_in_first_stage=False)
+        # two-stage RegNet, stride 4 (a 16 x 16 grid, 256 tokens), receptive field 11 px (19 px with
+        # --regnet-layers 2), ending in a ReLU. Cells that see no more than an object and are zero where
+        # nothing is are what a channel-weighted map needs (the Show-Attend-Tell encoder's lesson).
+        vision = RegNetConfig(num_channels=3, embedding_size=32, hidden_sizes=[48, args.vision_width], depths=[1, args.regnet_layers],
+                              groups_width=16, layer_type="x", hidden_act="relu", downsample_in_first_stage=False)
         vision.hidden_size = args.vision_width  # FastVLM's projector reads the tower's width from here
         processor = LlavaProcessor(image_processor=image_processor, tokenizer=tokenizer, patch_size=4,
                                    vision_feature_select_strategy="full", num_additional_image_tokens=0, chat_template=CHAT_TEMPLATE)
@@ -223,7 +223,7 @@ def main() -> None:
                         help="clip: LLaVA with a CLIP ViT tower; regnet: FastVLM's layout with a small RegNet tower")
     parser.add_argument("--patch", type=int, default=8, help="CLIP's patch size in pixels (8: an 8 x 8 token grid; the RegNet's cells are 4 px)")
     parser.add_argument("--vision-width", type=int, default=64, help="the tower's output width (CLIP's width, the RegNet's last stage)")
-    parser.add_argument("--vision-layers", type=int, default=1, help="CLIP's layers (the RegNet has two stages of one layer)")
+    parser.add_argument("--vision-layers", type=int, default=1, help="CLIP's layers (the RegNet's: --regnet-layers)")
     parser.add_argument("--regnet-layers", type=int, default=1,
                         help="layers of the RegNet's second (stride-4) stage: each adds 8 px to a cell's receptive field (1: 11 px)")
     parser.add_argument("--width", type=int, default=96, help="the language model's width")
@@ -255,9 +255,13 @@ def main() -> None:
         print(f"tower pretrained and frozen; {time.time() - began:.0f}s", flush=True)
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=args.lr, weight_decay=0.01)
     schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=args.lr, total_steps=args.steps, pct_start=0.1)
-    model.train()
-    if frozen:
-        model.model.vision_tower.eval()  # its normalisation statistics stay the pretrained ones
+
+    def train_mode() -> None:
+        model.train()
+        if frozen:
+            model.model.vision_tower.eval()  # a frozen tower keeps its pretrained normalisation statistics
+
+    train_mode()
     for step in range(1, args.steps + 1):
         index = torch.randint(len(train), (args.batch,), generator=generator)
         images = flipped(train.images[index], generator)
@@ -277,9 +281,7 @@ def main() -> None:
             print(f"step {step}  loss {loss.item():.3f}  {time.time() - began:.0f}s", flush=True)
         if step % 500 == 0 and step < args.steps:
             print(evaluate(model, processor, held_out, context), flush=True)
-            model.train()
-            if frozen:
-                model.model.vision_tower.eval()
+            train_mode()
 
     metrics = evaluate(model, processor, held_out, context)
     seconds = round(time.time() - began)

@@ -506,3 +506,18 @@ def test_the_vlm_recipes_tower_pretraining_reads_labels_off_captions_trains_and_
     assert any(not torch.equal(before[k], after[k]) for k in before if k.endswith("weight"))
     assert not any(p.requires_grad for p in model.model.vision_tower.parameters())
     assert all(p.requires_grad for p in model.model.language_model.parameters())
+
+
+def test_the_vlm_recipes_tower_pretraining_reads_clip_patch_tokens_without_the_class_token(one_torch_thread):
+    """The CLIP tower's image tokens are its patch tokens (LLaVA's "default" strategy drops the class
+    token): ``tower_cells`` hands exactly those, channels first, to the pretraining head."""
+    import argparse
+
+    script = _training_script()
+    args = argparse.Namespace(tower="clip", width=32, layers=1, vision_width=16, regnet_layers=1, patch=8, vision_layers=1)
+    torch.manual_seed(0)
+    model, _ = script.build(args)
+    pixels = torch.randn(2, 3, 64, 64)
+    cells = script.tower_cells(model, pixels)
+    tokens = model.model.vision_tower(pixels).last_hidden_state
+    assert cells.shape == (2, 16, 64) and torch.equal(cells, tokens[:, 1:].transpose(1, 2))
