@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 from pathlib import Path
 
@@ -16,6 +15,7 @@ from multiexplain.adapters import classification as cls
 from multiexplain.data.scenes import SCENE_CLASSES, make_scenes, scene_seed
 from multiexplain.data.synthetic import generator, textured_background
 from multiexplain.models import SceneCNN, load_scene_classifier, shipped_path
+from repo_scripts import load_repo_module
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -260,9 +260,7 @@ def test_multi_label_explains_every_positive_label_and_pads():
 # -- the benchmark's code path ---------------------------------------------------------------
 
 def test_benchmark_code_path_on_a_tiny_subset(tmp_path):
-    spec = importlib.util.spec_from_file_location("quality_classification", ROOT / "benchmarks" / "quality_classification.py")
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
+    bench = load_repo_module("benchmarks/quality_classification.py")
     results = bench.evaluate(load_scene_classifier(), make_scenes(6, seed=5), steps=4, road_pairs=3)
     for method in ("gradcam++", "gradcam"):
         row = results["methods"][method]

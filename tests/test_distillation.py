@@ -18,6 +18,7 @@ from multiexplain import losses, metrics, models, train
 from multiexplain.adapters.distillation import ExplanationLoss
 from multiexplain.data.distill_data import DISTILL_CLASSES, make_distill_dataset
 from multiexplain.models import wrn
+from repo_scripts import load_repo_module
 REPO = Path(__file__).resolve().parent.parent
 
 
@@ -443,12 +444,7 @@ def test_the_mobilenet_student_explains_distils_and_checkpoints(tmp_path, one_to
 # -- the quality benchmark's bookkeeping (no training) -----------------------------------------
 
 def _quality_benchmark():
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("quality_distillation", REPO / "benchmarks" / "quality_distillation.py")
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
-    return bench
+    return load_repo_module("benchmarks/quality_distillation.py")
 
 
 def _fake_run(pair, row, regime, seed, error):

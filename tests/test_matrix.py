@@ -19,7 +19,6 @@ and Swin from tiny configs, a hand-built Swin-style model, and the errors).
 from __future__ import annotations
 
 import gc
-import importlib.util
 import json
 import math
 import time
@@ -35,6 +34,7 @@ from torchvision import models
 
 from multiexplain import GradCAMPlusPlus
 from multiexplain.explain.layers import ChannelsLast, TokenReshape, probe_layer
+from repo_scripts import load_repo_module
 
 pytestmark = pytest.mark.matrix
 
@@ -88,11 +88,7 @@ ALL_MODELS = [(name, "classification") for name in IMAGE_MODELS] + [(name, "vide
 
 
 def _render_module():
-    spec = importlib.util.spec_from_file_location("update_readme_compat", REPO / "scripts" / "update_readme_compat.py")
-    module = importlib.util.module_from_spec(spec)
-    assert spec.loader is not None
-    spec.loader.exec_module(module)
-    return module
+    return load_repo_module("scripts/update_readme_compat.py")
 
 
 @pytest.fixture(scope="module")

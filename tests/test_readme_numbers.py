@@ -31,6 +31,8 @@ import re
 import sys
 from pathlib import Path
 
+from repo_scripts import load_repo_module
+
 REPO = Path(__file__).resolve().parents[1]
 README = REPO / "README.md"
 RESULTS = REPO / "benchmarks" / "results"
@@ -234,9 +236,5 @@ def test_the_checker_tells_measured_numbers_from_parameters(tmp_path, monkeypatc
 
 def test_the_generated_compatibility_section_is_current():
     """The README's compatibility list is what scripts/update_readme_compat.py renders from the results."""
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("update_readme_compat", REPO / "scripts" / "update_readme_compat.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    module = load_repo_module("scripts/update_readme_compat.py")
     assert module.main(["--check"]) == 0, "run python scripts/update_readme_compat.py"

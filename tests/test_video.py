@@ -17,6 +17,7 @@ from multiexplain.explain.layers import probe_layer
 from multiexplain.io import AnimationWriter, VideoReader, read_clip, write_gif, write_mp4
 from multiexplain.models import C3D, c3d, load_action_c3d, load_c3d_weights
 from multiexplain.viz import write_strip
+from repo_scripts import load_repo_module
 
 SMALL_STAGES = ((1, 4, (1, 2, 2)), (1, 8, (2, 2, 2)), (2, 8, (1, 2, 2)), (2, 8, None))
 
@@ -458,14 +459,9 @@ def test_shipped_action_c3d_is_accurate_and_looks_at_the_actor():
 def test_video_benchmark_road_and_sanity_section_on_two_clips(tmp_path, monkeypatch, one_torch_thread):
     """``benchmarks/quality_video.py``'s ``road_sanity`` section, on a small C3D and 2 clips, into
     ``tmp_path`` (the tracked results stay untouched): every row its table prints is in the JSON."""
-    import importlib.util
     import json
-    from pathlib import Path
 
-    path = Path(__file__).resolve().parents[1] / "benchmarks" / "quality_video.py"
-    spec = importlib.util.spec_from_file_location("quality_video", path)
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
+    bench = load_repo_module("benchmarks/quality_video.py")
     monkeypatch.setattr(bench, "RESULTS", str(tmp_path))
     (tmp_path / "video.md").write_text("<!-- memory -->\nkept\n<!-- /memory -->\n")
     model = small_c3d(num_classes=len(ACTIONS))

@@ -19,6 +19,7 @@ from multiexplain.adapters import caption_models
 from multiexplain.adapters.captioning import SUPPORTED_FAMILIES, explain_caption
 from multiexplain.core import normalize_maps
 from multiexplain.explain import resolve_layer
+from repo_scripts import load_repo_module
 
 # A non-square image: CLIP crops its sides, LLaVA-NeXT pads and tiles it, Qwen2-VL keeps its aspect
 # ratio (a 4 x 7 merged grid), Idefics3 resizes and cuts it into 2 x 2 crops plus a global view.
@@ -470,14 +471,7 @@ def test_no_maps_are_made_at_the_processors_size_when_it_resized_the_image(built
 
 
 def _training_script():
-    import importlib.util
-    from pathlib import Path
-
-    path = Path(__file__).resolve().parents[1] / "scripts" / "train_llava_scenes.py"
-    spec = importlib.util.spec_from_file_location("train_llava_scenes", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_repo_module("scripts/train_llava_scenes.py")
 
 
 def test_the_vlm_recipes_tower_pretraining_reads_labels_off_captions_trains_and_freezes_the_tower(one_torch_thread):
