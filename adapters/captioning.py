@@ -41,7 +41,7 @@ import torch
 from torch import Tensor, nn
 
 from multiexplain.core import normalize_maps
-from multiexplain.explain import ExplainRequest, Explanation, PositionScores, explain_request, method_names, model_logits
+from multiexplain.explain import ExplainRequest, Explanation, MaxBatch, PositionScores, explain_request, method_names, model_logits
 from multiexplain.explain.capture import Element
 from multiexplain.explain.layers import LayerSpec, Reshape
 
@@ -228,7 +228,7 @@ def explain_caption(
     include_special: bool = False,
     token_maps: bool = True,
     score: str = "logprob",
-    max_batch: int | None = None,
+    max_batch: MaxBatch = "auto",
     **generate_kwargs: Any,
 ) -> CaptionExplanation | list[CaptionExplanation] | dict[str, Any]:
     """Per-word (and whole-caption) maps of a caption or answer over the image.
@@ -257,8 +257,10 @@ def explain_caption(
         token_maps: also compute every token's map; ``False`` computes only the words and the
             caption (fewer vector-Jacobian products when words are split into sub-words).
         score: ``"logprob"`` (log-probability of each token) or ``"logit"`` (its pre-softmax logit).
-        max_batch: at most this many words' gradients in one batched backward pass (``None``: all;
-            bounds memory for long answers on large models; the maps do not change).
+        max_batch: at most this many words' gradients in one batched backward pass; bounds memory
+            for long answers on large models, and the maps do not change. ``"auto"`` (default):
+            chunks sized by the bytes of a word's gradient and the device, see
+            :func:`multiexplain.explain.auto_chunk`; ``None``: all words at once.
     """
     if score not in SCORES:
         raise ValueError(f"unknown score {score!r}; choose one of {SCORES}")
@@ -310,7 +312,7 @@ def _groups(captioner: Captioner, prepared: list[Prepared]) -> list[list[int]]:
 
 
 def _explain_group(model: nn.Module, captioner: Captioner, items: list[Prepared], plans: list[_Plan], names: tuple[str, ...],
-                   token_maps: bool, score: str, layer: tuple, max_batch: int | None):
+                   token_maps: bool, score: str, layer: tuple, max_batch: MaxBatch):
     """One teacher-forced forward and the batched VJPs for a group of images."""
     device = captioner.device
     n, length = len(items), max(len(p.ids) for p in plans)

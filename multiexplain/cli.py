@@ -340,7 +340,8 @@ def cmd_caption(args: argparse.Namespace) -> int:
     def explain_one(item: tuple[int, tuple[str, Any]]) -> dict[str, Any]:
         index, (path, image) = item
         both = explain_caption(loaded.model, image, args.caption, prompt=args.prompt, processor=processor, tokenizer=tokenizer,
-                               methods=tuple(method_titles), target_layer=layer, max_batch=args.max_batch, **generation)
+                               methods=tuple(method_titles), target_layer=layer,
+                               max_batch="auto" if args.max_batch is None else args.max_batch, **generation)
         explanation = both["gradcam++"]
         entry = {"image": path, "prompt": args.prompt, "caption": explanation.caption, "generated": explanation.generated,
                  "layer": explanation.layer, "words": explanation.words, "tokens": explanation.tokens,
@@ -1019,7 +1020,7 @@ def build_parser() -> argparse.ArgumentParser:
     caption.add_argument("--num-beams", type=int, metavar="N", help="beam search with N beams for the generated caption (default greedy)")
     caption.add_argument("--max-new-tokens", type=int, metavar="N", help="at most N generated tokens (default 20)")
     caption.add_argument("--min-new-tokens", type=int, metavar="N", help="at least N generated tokens (e.g. when a model ends at once)")
-    caption.add_argument("--max-batch", type=int, metavar="K", help="at most K words' gradients per backward pass (bounds memory)")
+    caption.add_argument("--max-batch", type=int, metavar="K", help="at most K words' gradients per backward pass (bounds memory; default: sized by their bytes)")
     _common(caption, "multiexplain-caption")
     caption.set_defaults(handler=cmd_caption)
 

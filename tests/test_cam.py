@@ -224,6 +224,45 @@ def test_position_scores_the_head_cannot_carry_are_differentiated_plainly_with_t
     assert _all_hooks(model) == 0
 
 
+def test_auto_max_batch_chunks_by_cotangent_bytes_per_device_and_keeps_the_maps(monkeypatch):
+    from multiexplain.explain import AUTO_CHUNK_BYTES, auto_chunk
+
+    # K = 7 float64 cotangents at a (2, 16, 8) head input, 2 KiB each, into a 1 KiB layer: 2 KiB a target.
+    cotangents, layer = torch.zeros(7, 2, 16, 8, dtype=torch.float64), torch.zeros(2, 8, 8)
+    monkeypatch.setitem(AUTO_CHUNK_BYTES, "cpu", 4096)
+    assert auto_chunk(cotangents, layer) == 2
+    assert auto_chunk(cotangents, torch.zeros(2, 8, 64)) == 1  # a 4 KiB gradient at the layer counts instead
+    monkeypatch.setitem(AUTO_CHUNK_BYTES, "cpu", 100)  # smaller than one target: still one per pass
+    assert auto_chunk(cotangents, layer) == 1
+    monkeypatch.setitem(AUTO_CHUNK_BYTES, "cpu", 1 << 30)  # never more than K
+    assert auto_chunk(cotangents, layer) == 7
+    monkeypatch.setitem(AUTO_CHUNK_BYTES, "cpu", 4096)
+    assert auto_chunk(cotangents.to("meta"), layer) == 7  # not a CPU: the memory bound
+
+    torch.manual_seed(0)
+    model = TinyTokenLM().double().eval()
+    x = torch.randn(2, 3, 8, 8, dtype=torch.float64)
+    factored, _ = _token_targets(model, n=2, k=7)
+    everything = GradCAMPlusPlus(model, "conv")(x, factored)  # all at once, the explainer's default
+    batches = []
+    grad = torch.autograd.grad
+
+    def recording(outputs, inputs, grad_outputs=None, **kwargs):
+        if kwargs.get("is_grads_batched"):
+            batches.append(grad_outputs.shape[0])
+        return grad(outputs, inputs, grad_outputs, **kwargs)
+
+    monkeypatch.setattr(torch.autograd, "grad", recording)
+    # Three targets: the head-input cotangents (2, 16, 8) are larger than the gradients at "conv" (2, 6, 4, 4).
+    monkeypatch.setitem(AUTO_CHUNK_BYTES, "cpu", 3 * 2 * 16 * 8 * 8)
+    chunked = GradCAMPlusPlus(model, "conv", max_batch="auto")(x, factored)
+    assert batches == [3, 3]  # 3 + 3 batched, the 7th alone
+    torch.testing.assert_close(chunked.raw, everything.raw, atol=1e-12, rtol=1e-10)
+    for wrong in (0, -2, 2.5, True, "all"):
+        with pytest.raises(ValueError, match="max_batch must be a positive int"):
+            GradCAMPlusPlus(model, "conv", max_batch=wrong)
+
+
 def test_position_scores_stay_differentiable_for_a_loss():
     torch.manual_seed(0)
     model = TinyTokenLM().double().train()

@@ -323,6 +323,16 @@ def test_a_subclass_is_recognised_and_max_batch_chunks_the_gradients(built, imag
     assert batches and max(batches) <= 3 and sum(batches) >= k - 1
     torch.testing.assert_close(chunked.raw, whole.raw, atol=1e-6, rtol=1e-5)
     torch.testing.assert_close(chunked.maps, whole.maps, atol=1e-6, rtol=0)
+    # The default is "auto": with a CPU budget below one word's gradient every product runs alone.
+    from multiexplain.explain import AUTO_CHUNK_BYTES
+
+    monkeypatch.setitem(AUTO_CHUNK_BYTES, "cpu", 1)
+    batches.clear()
+    monkeypatch.setattr(torch.autograd, "grad", recording)
+    alone = explain_caption(model, image, ANSWER, prompt=PROMPT, processor=processor)
+    monkeypatch.undo()
+    assert batches == []
+    torch.testing.assert_close(alone.raw, whole.raw, atol=1e-6, rtol=1e-5)
     with pytest.raises(ValueError, match="max_batch must be a positive int"):
         explain_caption(model, image, ANSWER, prompt=PROMPT, processor=processor, max_batch=0)
 

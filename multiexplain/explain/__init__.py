@@ -5,12 +5,15 @@ Imports only torch and :mod:`multiexplain.core`."""
 
 from .capture import LayerCapture, feature_element
 from .explainer import (
+    AUTO_CHUNK_BYTES,
     METHODS,
     BaseCAM,
     ExplainRequest,
     Explanation,
     GradCAM,
     GradCAMPlusPlus,
+    MaxBatch,
+    auto_chunk,
     explain_request,
     method_names,
     register_method,
@@ -19,8 +22,8 @@ from .layers import ChannelsLast, LayerChoice, MergedPatches, TileTokens, TokenR
 from .targets import Inputs, PositionScores, Targets, call_model, model_logits, primary_input, target_scores
 
 __all__ = [
-    "BaseCAM", "ChannelsLast", "ExplainRequest", "Explanation", "GradCAM", "GradCAMPlusPlus", "Inputs",
-    "LayerCapture", "LayerChoice", "METHODS", "MergedPatches", "PositionScores", "Targets", "TileTokens", "TokenReshape", "call_model", "explain_request",
+    "AUTO_CHUNK_BYTES", "BaseCAM", "ChannelsLast", "ExplainRequest", "Explanation", "GradCAM", "GradCAMPlusPlus", "Inputs",
+    "LayerCapture", "LayerChoice", "METHODS", "MaxBatch", "MergedPatches", "PositionScores", "Targets", "TileTokens", "TokenReshape", "auto_chunk", "call_model", "explain_request",
     "feature_element", "layer_name", "method_names", "model_logits", "primary_input", "register_method",
     "resolve_layer", "target_scores",
 ]

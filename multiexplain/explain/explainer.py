@@ -17,7 +17,7 @@ import threading
 import warnings
 from contextlib import nullcontext
 from dataclasses import dataclass, replace
-from typing import Any, Callable, ClassVar, Sequence, TypeVar
+from typing import Any, Callable, ClassVar, Literal, Sequence, TypeVar
 
 import torch
 from torch import Tensor, nn
@@ -31,16 +31,32 @@ from .layers import (ChannelsLast, LayerChoice, LayerSpec, MergedPatches, Reshap
 from .targets import Inputs, PositionScores, Targets, call_model, model_logits, primary_input, target_scores
 
 __all__ = [
+    "AUTO_CHUNK_BYTES",
     "BaseCAM",
     "ExplainRequest",
     "Explanation",
     "GradCAM",
     "GradCAMPlusPlus",
     "METHODS",
+    "MaxBatch",
+    "auto_chunk",
     "explain_request",
     "method_names",
     "register_method",
 ]
+
+
+MaxBatch = int | Literal["auto"] | None
+"""Targets per batched backward pass: a positive int, ``"auto"`` (:func:`auto_chunk`) or ``None`` (all)."""
+
+# Bytes per target times targets per batched backward pass under max_batch="auto" (auto_chunk), by
+# device type. CPU: 1 MiB, ~5 words of a 197-token ViT tower at width 256 (GIT, ViT+GPT-2) or ~3 of
+# BLIP-base's 577 tokens at width 128: on the development machine, batches of all 16 words of a
+# caption ran slower than such chunks on the decoder-only VLMs (the caches overflow), and GIT's were
+# slower than one word at a time (benchmarks/speed_captioning.py times auto, all at once and one at
+# a time side by side). Elsewhere (CUDA, MPS): 256 MiB, a memory bound only (a 7B LLaVA's 577 x 1024
+# CLIP-L features in half precision are ~1.2 MB a word); not yet measured on a GPU.
+AUTO_CHUNK_BYTES = {"cpu": 1 << 20, "default": 256 << 20}
 
 
 @dataclass
@@ -136,8 +152,9 @@ class BaseCAM:
         max_batch: at most this many of the ``K`` targets' vector-Jacobian products run as one
             batched backward pass (``None``: all ``K`` at once). A batched backward holds one
             set of intermediate gradients per target, so for ``K`` targets on a large model
-            (every word of a long answer) memory grows ``K``-fold; ``max_batch`` bounds it. The
-            maps are the same whatever the chunking.
+            (every word of a long answer) memory grows ``K``-fold; ``max_batch`` bounds it.
+            ``"auto"`` sizes the chunks by the bytes of a target's gradients and the device, see
+            :func:`auto_chunk` (captioning's default). The maps are the same whatever the chunking.
 
     Scores are pre-softmax logits: a head that ends in a softmax (pytorchvideo's, see
     :data:`~multiexplain.explain.families.SOFTMAX_HEADS`) is explained before its activation, in
@@ -160,13 +177,11 @@ class BaseCAM:
         logits: Callable[[Any], Tensor] | None = None,
         pool_axes: Sequence[int] | None = None,
         create_graph: bool = False,
-        max_batch: int | None = None,
+        max_batch: MaxBatch = None,
     ) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
-        if max_batch is not None and (isinstance(max_batch, bool) or not isinstance(max_batch, int) or max_batch < 1):
-            raise ValueError(f"max_batch must be a positive int (targets per batched backward pass) or None, got {max_batch!r}")
-        self.max_batch = max_batch
+        self.max_batch = check_max_batch(max_batch)
         self.model = model
         self.target_layer = target_layer
         self._options = {"reshape": reshape, "layer_call": layer_call, "element": element, "branch": branch}
@@ -409,7 +424,7 @@ def _channels_first(activation: Tensor, gradients: Tensor, reshape: Reshape | No
     return activation, gradients.transpose(0, 1)
 
 
-def _gradients(scores: Tensor, activation: Tensor, create_graph: bool, max_batch: int | None = None) -> Tensor:
+def _gradients(scores: Tensor, activation: Tensor, create_graph: bool, max_batch: MaxBatch = None) -> Tensor:
     """``dS[:, k] / dA`` for every target, target first: ``(K, *activation.shape)``."""
     _require_graph(scores)
     n, k = scores.shape
@@ -418,7 +433,7 @@ def _gradients(scores: Tensor, activation: Tensor, create_graph: bool, max_batch
 
 
 def _head_factored_gradients(position_scores: Tensor, weights: Tensor, head_input: Tensor | None, scores: Tensor,
-                             activation: Tensor, create_graph: bool, max_batch: int | None = None) -> Tensor:
+                             activation: Tensor, create_graph: bool, max_batch: MaxBatch = None) -> Tensor:
     """``dS[:, k] / dA`` for :class:`PositionScores` targets, target first ``(K, *activation.shape)``,
     crossing the position-wise head once (see :class:`PositionScores`).
 
@@ -452,13 +467,44 @@ def _require_graph(scores: Tensor) -> None:
         )
 
 
-def _batched_vjp(outputs: Tensor, inputs: Tensor, cotangents: Tensor, create_graph: bool, max_batch: int | None) -> Tensor:
+def check_max_batch(max_batch: Any) -> MaxBatch:
+    """``max_batch`` as given, or a ``ValueError`` naming what it may be."""
+    if max_batch is None or max_batch == "auto":
+        return max_batch
+    if isinstance(max_batch, bool) or not isinstance(max_batch, int) or max_batch < 1:
+        raise ValueError(f"max_batch must be a positive int (targets per batched backward pass), 'auto' or None (all at once), "
+                         f"got {max_batch!r}")
+    return max_batch
+
+
+def auto_chunk(cotangents: Tensor, inputs: Tensor) -> int:
+    """How many of the ``(K, *outputs.shape)`` cotangents one batched backward pass from ``outputs``
+    to ``inputs`` takes under ``max_batch="auto"``: as many as fit in :data:`AUTO_CHUNK_BYTES` for
+    their device (at least one), counting per target the larger of a cotangent and a gradient at
+    ``inputs``.
+
+    A batched backward holds every intermediate gradient once per target, and between the scores
+    and the layer those are about as large as the larger end. A caption's words' gradients cross a
+    language model (in a decoder-only model every image and text position of it) to every image
+    token of the vision tower; on a CPU a batch of them whose working set outgrows the caches runs
+    slower than the same products one after another (measured on GIT and LLaVA, see the README's
+    captioning speed), so the CPU budget is small; an accelerator's is bounded by memory only.
+    It is captioning's default; the other tasks' K class scores cross only a head below the layer,
+    and batch whole (``None``) as measured in the classification speed benchmark.
+    """
+    k = cotangents.shape[0]
+    per_target = max(cotangents[0].numel() * cotangents.element_size(), inputs.numel() * inputs.element_size(), 1)
+    budget = AUTO_CHUNK_BYTES.get(cotangents.device.type, AUTO_CHUNK_BYTES["default"])
+    return max(1, min(k, budget // per_target))
+
+
+def _batched_vjp(outputs: Tensor, inputs: Tensor, cotangents: Tensor, create_graph: bool, max_batch: MaxBatch) -> Tensor:
     """The vector-Jacobian products of ``outputs`` w.r.t. ``inputs`` for ``K`` cotangents
     ``(K, *outputs.shape)``: ``(K, *inputs.shape)``.
 
     They run as batched backward passes (``is_grads_batched``) of at most ``max_batch`` cotangents
-    each (all at once for ``None``); one pass per cotangent is only the fallback for ops that vmap
-    cannot batch.
+    each (all at once for ``None``, :func:`auto_chunk` for ``"auto"``); one pass per cotangent is
+    only the fallback for ops that vmap cannot batch.
     """
     def vjp(grad_outputs: Tensor, batched: bool) -> Tensor:
         (grad,) = torch.autograd.grad(
@@ -471,7 +517,7 @@ def _batched_vjp(outputs: Tensor, inputs: Tensor, cotangents: Tensor, create_gra
         return grad
 
     k = cotangents.shape[0]
-    chunk = k if max_batch is None else max_batch
+    chunk = k if max_batch is None else auto_chunk(cotangents, inputs) if max_batch == "auto" else max_batch
     parts = []
     for start in range(0, k, chunk):
         rows = cotangents[start : start + chunk]
@@ -537,7 +583,7 @@ class ExplainRequest:
     pool_axes: Sequence[int] | None = None
     logits: Callable[[Any], Tensor] | None = None
     create_graph: bool = False
-    max_batch: int | None = None
+    max_batch: MaxBatch = None
     batch_size: int | None = None
     upsample: bool = True
 
