@@ -9,7 +9,9 @@ forward, then every word's (and the whole caption's) map through batched vector-
 log-probability (W forwards, W backwards). Both give the same maps (checked).
 "forward + K backward": for the decoder-only models, the same explanation with ``max_batch=1``
 (one forward, then the K vector-Jacobian products one after another) -- the issue's yardstick for
-models where every word's gradient crosses the whole language model.
+models where every word's gradient crosses the whole language model. "all at once": the same with
+``max_batch=None`` (one batched backward of all K); "ours" runs the default ``max_batch="auto"``,
+whose split is recorded beside it.
 
 Captions have >= 15 words. Models (random weights, fixed seeds; sizes scaled down from hub
 models, keeping their proportions so that the ratios mean something on a CPU):
@@ -85,6 +87,25 @@ def timed(functions: dict, repeats: int, device: torch.device) -> tuple[dict, di
                 torch.cuda.synchronize()
             times[name].append(time.perf_counter() - began)
     return {name: statistics.median(t) for name, t in times.items()}, results
+
+
+def batched_sizes(explain) -> tuple:
+    """``explain()``'s result and how its K vector-Jacobian products were split: the number of
+    cotangents of each backward pass below the head, in order (recorded from its autograd calls;
+    ``max_batch="auto"`` picks them from the device and the tensors' sizes)."""
+    sizes, grad = [], torch.autograd.grad
+
+    def recording(outputs, inputs, grad_outputs=None, **kwargs):
+        if grad_outputs is not None:  # the head's one pass has none
+            sizes.append(int(grad_outputs.shape[0]) if kwargs.get("is_grads_batched") else 1)
+        return grad(outputs, inputs, grad_outputs, **kwargs)
+
+    torch.autograd.grad = recording
+    try:
+        result = explain()
+    finally:
+        torch.autograd.grad = grad
+    return result, sizes
 
 
 # -- models ------------------------------------------------------------------------------------------
@@ -232,7 +253,7 @@ def bench_hf(name: str, repeats: int, device: torch.device) -> dict:
     def ours(**extra):
         return explain_caption(model, image, scene.caption, prompt=prompt, token_maps=False, **kwargs, **extra)
 
-    probe = ours()
+    probe, chunks = batched_sizes(ours)
     captioner = caption_models.captioner_for(model, kwargs.get("processor"), kwargs.get("tokenizer"))
     prepared = captioner.prepare(image, prompt)
     context = len(prepared.context)
@@ -257,14 +278,16 @@ def bench_hf(name: str, repeats: int, device: torch.device) -> dict:
                                                   batch_size=1, upsample=prepared.identity)["gradcam++"].raw[0])
         return torch.stack(maps)
 
-    variants = {"ours": ours, "loop": loop}
+    variants = {"ours": ours, "loop": loop, "all_at_once": lambda: ours(max_batch=None)}
     if name in DECODER_ONLY:
         variants["sequential"] = lambda: ours(max_batch=1)
     seconds, results = timed(variants, repeats, device)
     torch.testing.assert_close(results["ours"].raw, results["loop"], atol=1e-4, rtol=1e-3)
+    torch.testing.assert_close(results["all_at_once"].raw, results["ours"].raw, atol=1e-5, rtol=1e-4)
     row = {"model": MODEL_NAMES[name], "kind": "decoder-only" if name in DECODER_ONLY else "encoder-decoder",
            "words": len(probe.words), "tokens": len(probe.tokens), "context_tokens": context, "ours_s": seconds["ours"],
-           "loop_s": seconds["loop"], "speedup": seconds["loop"] / seconds["ours"]}
+           "loop_s": seconds["loop"], "speedup": seconds["loop"] / seconds["ours"], "ours_chunks": chunks,
+           "all_at_once_s": seconds["all_at_once"]}
     if "sequential" in seconds:
         torch.testing.assert_close(results["sequential"].raw, results["ours"].raw, atol=1e-5, rtol=1e-4)
         row["forward_plus_k_backward_s"] = seconds["sequential"]
