@@ -210,6 +210,10 @@ class Captioner:
     batched = False
     #: Prompts are supported (``prompt=``).
     prompts = True
+    #: What ``max_batch="auto"`` runs as: all of a caption's words in one batched backward pass. The
+    #: gradient of a word reaches the image through a head, an LSTM or cross-attention projections,
+    #: which batch well (on BLIP, CPU-sized chunks ran slower than whole batches in quick checks).
+    default_max_batch: Any = None
 
     def __init__(self, model: nn.Module, processor: Any, tokenizer: Any):
         self.model, self.processor = model, processor
@@ -545,6 +549,10 @@ class _VisionLanguage(_HuggingFace):
 
     #: The processor's image placeholder in a prompt (``None``: the processor adds the image itself).
     image_token: str | None = "<image>"
+    #: Each word's gradient crosses self-attention over every image and text position of the language
+    #: model, and on a CPU a batch of all of them outgrows the caches (benchmarks/speed_captioning.py
+    #: times all at once beside it): batches sized by the explainer's byte budget (auto_chunk).
+    default_max_batch = "auto"
 
     def __init__(self, model: nn.Module, processor: Any, tokenizer: Any):
         super().__init__(model, processor, tokenizer)

@@ -42,6 +42,7 @@ from torch import Tensor, nn
 
 from multiexplain.core import normalize_maps
 from multiexplain.explain import ExplainRequest, Explanation, MaxBatch, PositionScores, explain_request, method_names, model_logits
+from multiexplain.explain.explainer import check_max_batch
 from multiexplain.explain.capture import Element
 from multiexplain.explain.layers import LayerSpec, Reshape
 
@@ -258,14 +259,16 @@ def explain_caption(
             caption (fewer vector-Jacobian products when words are split into sub-words).
         score: ``"logprob"`` (log-probability of each token) or ``"logit"`` (its pre-softmax logit).
         max_batch: at most this many words' gradients in one batched backward pass; bounds memory
-            for long answers on large models, and the maps do not change. ``"auto"`` (default):
-            chunks sized by the bytes of a word's gradient and the device, see
-            :func:`multiexplain.explain.auto_chunk`; ``None``: all words at once.
+            for long answers on large models, and the maps do not change. ``None``: all words at
+            once. ``"auto"`` (default): the family's choice (``Captioner.default_max_batch``): for a
+            decoder-only vision-language model, batches sized by a word's gradient bytes and the
+            device (:func:`multiexplain.explain.auto_chunk`; small on a CPU); else all at once.
     """
     if score not in SCORES:
         raise ValueError(f"unknown score {score!r}; choose one of {SCORES}")
     names, single_method = method_names(method, methods)
     captioner = captioner_for(model, processor, tokenizer)
+    max_batch = captioner.default_max_batch if max_batch == "auto" else check_max_batch(max_batch)
     single = (isinstance(images, Tensor) and images.ndim == 3) or not isinstance(images, (Tensor, list, tuple))
     float_images = as_float_images(images)
     if not float_images:

@@ -237,7 +237,17 @@ def test_auto_max_batch_chunks_by_cotangent_bytes_per_device_and_keeps_the_maps(
     monkeypatch.setitem(AUTO_CHUNK_BYTES, "cpu", 1 << 30)  # never more than K
     assert auto_chunk(cotangents, layer) == 7
     monkeypatch.setitem(AUTO_CHUNK_BYTES, "cpu", 4096)
-    assert auto_chunk(cotangents.to("meta"), layer) == 7  # not a CPU: the memory bound
+    assert auto_chunk(cotangents.to("meta"), layer) == 7  # a device type without its own entry: the default
+    monkeypatch.setitem(AUTO_CHUNK_BYTES, "default", 6144)
+    assert auto_chunk(cotangents.to("meta"), layer) == 3
+    monkeypatch.delitem(AUTO_CHUNK_BYTES, "cpu")
+    assert auto_chunk(cotangents, layer) == 3
+    monkeypatch.undo()
+    # The shipped budgets: a 16-word caption into a 7B LLaVA's CLIP-L features (half precision) batches
+    # whole on a GPU; on a CPU a 257-token tower of width 256 goes 3 words at a time.
+    assert AUTO_CHUNK_BYTES == {"cpu": 1 << 20, "default": 256 << 20}
+    assert auto_chunk(torch.zeros(16, 1, 16, 256, device="meta"), torch.zeros(1, 577, 1024, dtype=torch.float16)) == 16
+    assert auto_chunk(torch.zeros(16, 1, 16, 256), torch.zeros(1, 257, 256)) == 3
 
     torch.manual_seed(0)
     model = TinyTokenLM().double().eval()

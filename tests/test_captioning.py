@@ -422,6 +422,32 @@ def test_blip(blip, scenes):
     assert other.layer == "vision_model.encoder.layers.1" and other.raw.shape == (7, 4, 4)
 
 
+def test_an_encoder_decoder_batches_all_words_whole_by_default_and_chunks_when_asked(blip, scenes, monkeypatch):
+    from multiexplain.explain import AUTO_CHUNK_BYTES
+
+    model, processor = blip
+    caption = "a green ring and three white crosses"
+    monkeypatch.setitem(AUTO_CHUNK_BYTES, "cpu", 1)  # would put every word alone if "auto" chunked BLIP
+    batches, grad = [], torch.autograd.grad
+
+    def recording(outputs, inputs, grad_outputs=None, **kwargs):
+        if grad_outputs is not None:
+            batches.append(grad_outputs.shape[0] if kwargs.get("is_grads_batched") else 1)
+        return grad(outputs, inputs, grad_outputs, **kwargs)
+
+    monkeypatch.setattr(torch.autograd, "grad", recording)
+    whole = explain_caption(model, _pil(scenes.images[2]), caption, processor=processor, token_maps=False)
+    assert batches == [len(caption.split()) + 1]  # the 7 words and the caption in one pass
+    batches.clear()
+    two = explain_caption(model, _pil(scenes.images[2]), caption, processor=processor, token_maps=False, max_batch=2)
+    assert batches == [2, 2, 2, 2]
+    batches.clear()
+    automatic = explain_caption(model, _pil(scenes.images[2]), caption, processor=processor, token_maps=False, max_batch="auto")
+    assert batches == [8]  # "auto" is the family's choice for BLIP, whole
+    torch.testing.assert_close(two.raw, whole.raw, atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(automatic.raw, whole.raw, atol=0, rtol=0)
+
+
 # ---------------------------------------------------------------------------------------------
 # bad input
 # ---------------------------------------------------------------------------------------------

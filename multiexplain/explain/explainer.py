@@ -50,12 +50,11 @@ MaxBatch = int | Literal["auto"] | None
 """Targets per batched backward pass: a positive int, ``"auto"`` (:func:`auto_chunk`) or ``None`` (all)."""
 
 # Bytes per target times targets per batched backward pass under max_batch="auto" (auto_chunk), by
-# device type. CPU: 1 MiB, ~5 words of a 197-token ViT tower at width 256 (GIT, ViT+GPT-2) or ~3 of
-# BLIP-base's 577 tokens at width 128: on the development machine, batches of all 16 words of a
-# caption ran slower than such chunks on the decoder-only VLMs (the caches overflow), and GIT's were
-# slower than one word at a time (benchmarks/speed_captioning.py times auto, all at once and one at
-# a time side by side). Elsewhere (CUDA, MPS): 256 MiB, a memory bound only (a 7B LLaVA's 577 x 1024
-# CLIP-L features in half precision are ~1.2 MB a word); not yet measured on a GPU.
+# device type ("cpu", "cuda", ...; "default" for the others). CPU: 1 MiB, 3-5 words of the decoder-only
+# VLMs of benchmarks/speed_captioning.py (a 197-257 token tower at width 256): there, batches of all 16
+# words of a caption ran 5-15% slower than such chunks in repeated runs (the caches overflow). Elsewhere
+# a memory bound only: 256 MiB keeps a few hundred words on a 7B LLaVA (577 x 1024 CLIP-L features
+# in half precision, ~1.2 MB a word) in one pass; not yet measured on a GPU.
 AUTO_CHUNK_BYTES = {"cpu": 1 << 20, "default": 256 << 20}
 
 
@@ -154,7 +153,7 @@ class BaseCAM:
             set of intermediate gradients per target, so for ``K`` targets on a large model
             (every word of a long answer) memory grows ``K``-fold; ``max_batch`` bounds it.
             ``"auto"`` sizes the chunks by the bytes of a target's gradients and the device, see
-            :func:`auto_chunk` (captioning's default). The maps are the same whatever the chunking.
+            :func:`auto_chunk`. The maps are the same whatever the chunking.
 
     Scores are pre-softmax logits: a head that ends in a softmax (pytorchvideo's, see
     :data:`~multiexplain.explain.families.SOFTMAX_HEADS`) is explained before its activation, in
@@ -480,17 +479,14 @@ def check_max_batch(max_batch: Any) -> MaxBatch:
 def auto_chunk(cotangents: Tensor, inputs: Tensor) -> int:
     """How many of the ``(K, *outputs.shape)`` cotangents one batched backward pass from ``outputs``
     to ``inputs`` takes under ``max_batch="auto"``: as many as fit in :data:`AUTO_CHUNK_BYTES` for
-    their device (at least one), counting per target the larger of a cotangent and a gradient at
+    their device type (at least one), counting per target the larger of a cotangent and a gradient at
     ``inputs``.
 
     A batched backward holds every intermediate gradient once per target, and between the scores
-    and the layer those are about as large as the larger end. A caption's words' gradients cross a
-    language model (in a decoder-only model every image and text position of it) to every image
-    token of the vision tower; on a CPU a batch of them whose working set outgrows the caches runs
-    slower than the same products one after another (measured on GIT and LLaVA, see the README's
-    captioning speed), so the CPU budget is small; an accelerator's is bounded by memory only.
-    It is captioning's default; the other tasks' K class scores cross only a head below the layer,
-    and batch whole (``None``) as measured in the classification speed benchmark.
+    and the layer those are about as large as the larger end (a proxy: the widest layer between
+    them may hold more). It is the default for decoder-only vision-language models' words, whose
+    gradients cross every image and text position of a language model; the other tasks' K
+    targets batch whole (``None``), as their speed benchmarks measure.
     """
     k = cotangents.shape[0]
     per_target = max(cotangents[0].numel() * cotangents.element_size(), inputs.numel() * inputs.element_size(), 1)
