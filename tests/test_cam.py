@@ -10,6 +10,7 @@ from torch import nn
 
 from multiexplain import GradCAM, GradCAMPlusPlus, TokenReshape, core
 from multiexplain.explain import BaseCAM
+from vjp_batches import record_vjp_batches
 
 
 def _all_hooks(model: nn.Module) -> int:
@@ -254,19 +255,11 @@ def test_auto_max_batch_chunks_by_cotangent_bytes_per_device_and_keeps_the_maps(
     x = torch.randn(2, 3, 8, 8, dtype=torch.float64)
     factored, _ = _token_targets(model, n=2, k=7)
     everything = GradCAMPlusPlus(model, "conv")(x, factored)  # all at once, the explainer's default
-    batches = []
-    grad = torch.autograd.grad
-
-    def recording(outputs, inputs, grad_outputs=None, **kwargs):
-        if kwargs.get("is_grads_batched"):
-            batches.append(grad_outputs.shape[0])
-        return grad(outputs, inputs, grad_outputs, **kwargs)
-
-    monkeypatch.setattr(torch.autograd, "grad", recording)
+    batches = record_vjp_batches(monkeypatch)
     # Three targets: the head-input cotangents (2, 16, 8) are larger than the gradients at "conv" (2, 6, 4, 4).
     monkeypatch.setitem(AUTO_CHUNK_BYTES, "cpu", 3 * 2 * 16 * 8 * 8)
     chunked = GradCAMPlusPlus(model, "conv", max_batch="auto")(x, factored)
-    assert batches == [3, 3]  # 3 + 3 batched, the 7th alone
+    assert batches == [3, 3, 1]
     torch.testing.assert_close(chunked.raw, everything.raw, atol=1e-12, rtol=1e-10)
     for wrong in (0, -2, 2.5, True, "all"):
         with pytest.raises(ValueError, match="max_batch must be a positive int"):

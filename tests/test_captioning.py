@@ -17,8 +17,7 @@ from multiexplain.adapters.captioning import CaptionExplanation, explain_caption
 from multiexplain.data.captioned_scenes import CAPTION_VOCABULARY, make_captioned_scene, make_captioned_scenes, word_kind
 from multiexplain.io import read_image
 from multiexplain.models import CaptionVocabulary, CellNorm, ShowAttendTell, load_show_and_tell
-
-import transformers
+from vjp_batches import record_vjp_batches
 
 BOTH = ("gradcam++", "gradcam")
 
@@ -428,14 +427,7 @@ def test_an_encoder_decoder_batches_all_words_whole_by_default_and_chunks_when_a
     model, processor = blip
     caption = "a green ring and three white crosses"
     monkeypatch.setitem(AUTO_CHUNK_BYTES, "cpu", 1)  # would put every word alone if "auto" chunked BLIP
-    batches, grad = [], torch.autograd.grad
-
-    def recording(outputs, inputs, grad_outputs=None, **kwargs):
-        if grad_outputs is not None:
-            batches.append(grad_outputs.shape[0] if kwargs.get("is_grads_batched") else 1)
-        return grad(outputs, inputs, grad_outputs, **kwargs)
-
-    monkeypatch.setattr(torch.autograd, "grad", recording)
+    batches = record_vjp_batches(monkeypatch)
     whole = explain_caption(model, _pil(scenes.images[2]), caption, processor=processor, token_maps=False)
     assert batches == [len(caption.split()) + 1]  # the 7 words and the caption in one pass
     batches.clear()
