@@ -300,6 +300,17 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return EXIT_FAILED if "failed" in result.status.values() else EXIT_OK
 
 
+def _max_batch(text: str | None) -> int | str | None:
+    """``--max-batch``: a positive count, ``all`` (one batched pass, ``None``) or ``auto`` (the default)."""
+    if text is None or text == "auto":
+        return "auto"
+    if text == "all":
+        return None
+    if not text.isdigit() or int(text) < 1:
+        raise CommandError(f"--max-batch takes a whole number of words of at least 1, 'all' or 'auto', got {text!r}")
+    return int(text)
+
+
 def _generation_arguments(args: argparse.Namespace) -> dict[str, int]:
     """``num_beams`` / ``max_new_tokens`` / ``min_new_tokens`` the user set (only for generated captions)."""
     given = {name: getattr(args, name) for name in ("num_beams", "max_new_tokens", "min_new_tokens") if getattr(args, name) is not None}
@@ -312,8 +323,6 @@ def _generation_arguments(args: argparse.Namespace) -> dict[str, int]:
         if not args.caption.strip():
             raise CommandError(f"--caption {args.caption!r} is empty; give the text to explain, or omit --caption to "
                                "explain the caption the model generates")
-    if args.max_batch is not None and args.max_batch < 1:
-        raise CommandError(f"--max-batch must be at least 1, got {args.max_batch}")
     if given.get("min_new_tokens", 0) > given.get("max_new_tokens", 10**9):
         raise CommandError("--min-new-tokens is larger than --max-new-tokens")
     return given
@@ -324,6 +333,7 @@ def cmd_caption(args: argparse.Namespace) -> int:
     from .report import Figure, Report, WordMaps
 
     generation = _generation_arguments(args)
+    max_batch = _max_batch(args.max_batch)
     loaded = _load(args.model, args.arch, "captioning", args.device)
     images, unreadable = read_images(args.images)
     if not images:
@@ -341,7 +351,7 @@ def cmd_caption(args: argparse.Namespace) -> int:
         index, (path, image) = item
         both = explain_caption(loaded.model, image, args.caption, prompt=args.prompt, processor=processor, tokenizer=tokenizer,
                                methods=tuple(method_titles), target_layer=layer,
-                               max_batch="auto" if args.max_batch is None else args.max_batch, **generation)
+                               max_batch=max_batch, **generation)
         explanation = both["gradcam++"]
         entry = {"image": path, "prompt": args.prompt, "caption": explanation.caption, "generated": explanation.generated,
                  "layer": explanation.layer, "words": explanation.words, "tokens": explanation.tokens,
@@ -378,7 +388,8 @@ def cmd_caption(args: argparse.Namespace) -> int:
     if skipped:
         section.add_note("Skipped: " + "; ".join(f"{p} ({r})" for p, r in skipped))
     settings = {"model": args.model, "prompt": args.prompt, "caption": args.caption or "generated", "layer": results[0]["layer"],
-                "device": args.device, "colormap": args.colormap, "alpha": args.alpha, **generation}
+                "device": args.device, "colormap": args.colormap, "alpha": args.alpha,
+                "max_batch": "all" if max_batch is None else max_batch, **generation}
     section.add_settings(settings)
     (out / "captions.json").write_text(json.dumps({"settings": settings, "results": results,
                                                    "skipped": [p for p, _ in skipped]}, indent=2))
@@ -1020,7 +1031,8 @@ def build_parser() -> argparse.ArgumentParser:
     caption.add_argument("--num-beams", type=int, metavar="N", help="beam search with N beams for the generated caption (default greedy)")
     caption.add_argument("--max-new-tokens", type=int, metavar="N", help="at most N generated tokens (default 20)")
     caption.add_argument("--min-new-tokens", type=int, metavar="N", help="at least N generated tokens (e.g. when a model ends at once)")
-    caption.add_argument("--max-batch", type=int, metavar="K", help="at most K words' gradients per backward pass (bounds memory; default: sized by their bytes)")
+    caption.add_argument("--max-batch", metavar="K", help="at most K words' gradients per backward pass (bounds memory); "
+                         "'all': one pass; default 'auto': the model family's choice")
     _common(caption, "multiexplain-caption")
     caption.set_defaults(handler=cmd_caption)
 

@@ -72,6 +72,10 @@ def test_generation_options_and_layer(tmp_path, picture, one_torch_thread):
     result = payload["results"][0]
     assert result["generated"] and 1 <= len(result["tokens"]) <= 4 and result["layer"] == "model.vision_tower.encoder.layers.0"
     assert payload["settings"]["num_beams"] == 2 and payload["settings"]["max_new_tokens"] == 4
+    assert payload["settings"]["max_batch"] == 2
+    assert _run(picture, "--model", f"hf:{directory}", "--prompt", "describe the scene.", "--caption", ANSWER,
+                "--max-batch", "all", "--out", str(out)) == 0
+    assert json.loads((out / "captions.json").read_text())["settings"]["max_batch"] == "all"
 
 
 def _error_lines(capsys) -> list[str]:
@@ -92,6 +96,10 @@ def test_bad_captions_are_one_line_errors(tmp_path, picture, capsys, one_torch_t
     assert len(lines) == 1 and "unknown token: ['pink']" in lines[0] and Path(picture).name not in lines[0]
     assert _run(picture, "--caption", "a red circle", "--num-beams", "3", "--out", out) == 2
     assert "--num-beams applies to generated captions" in _error_lines(capsys)[0]
+    for wrong in ("0", "many", "-3"):
+        assert _run(picture, "--caption", "a red circle", "--max-batch", wrong, "--out", out) == 2
+        lines = _error_lines(capsys)
+        assert len(lines) == 1 and f"--max-batch takes a whole number of words of at least 1, 'all' or 'auto', got '{wrong}'" in lines[0]
     # A captioner that writes nothing but its end token.
     directory = tiny_vlms.BUILDERS["ved-swin"](tmp_path / "ved")
     from transformers import GenerationConfig
