@@ -41,8 +41,8 @@ import torch
 from torch import Tensor, nn
 
 from multiexplain.core import normalize_maps
-from multiexplain.explain import ExplainRequest, Explanation, MaxBatch, PositionScores, explain_request, method_names, model_logits
-from multiexplain.explain.explainer import check_max_batch
+from multiexplain.explain import (ExplainRequest, Explanation, MaxBatch, PositionScores, check_max_batch, explain_request,
+                                  method_names, model_logits)
 from multiexplain.explain.capture import Element
 from multiexplain.explain.layers import LayerSpec, Reshape
 

@@ -14,6 +14,7 @@ from .explainer import (
     GradCAMPlusPlus,
     MaxBatch,
     auto_chunk,
+    check_max_batch,
     explain_request,
     method_names,
     register_method,
@@ -23,7 +24,7 @@ from .targets import Inputs, PositionScores, Targets, call_model, model_logits, 
 
 __all__ = [
     "AUTO_CHUNK_BYTES", "BaseCAM", "ChannelsLast", "ExplainRequest", "Explanation", "GradCAM", "GradCAMPlusPlus", "Inputs",
-    "LayerCapture", "LayerChoice", "METHODS", "MaxBatch", "MergedPatches", "PositionScores", "Targets", "TileTokens", "TokenReshape", "auto_chunk", "call_model", "explain_request",
+    "LayerCapture", "LayerChoice", "METHODS", "MaxBatch", "MergedPatches", "PositionScores", "Targets", "TileTokens", "TokenReshape", "auto_chunk", "call_model", "check_max_batch", "explain_request",
     "feature_element", "layer_name", "method_names", "model_logits", "primary_input", "register_method",
     "resolve_layer", "target_scores",
 ]

@@ -40,6 +40,7 @@ __all__ = [
     "METHODS",
     "MaxBatch",
     "auto_chunk",
+    "check_max_batch",
     "explain_request",
     "method_names",
     "register_method",
@@ -51,10 +52,12 @@ MaxBatch = int | Literal["auto"] | None
 
 # Bytes per target times targets per batched backward pass under max_batch="auto" (auto_chunk), by
 # device type ("cpu", "cuda", ...; "default" for the others). CPU: 1 MiB, 3-5 words of the decoder-only
-# VLMs of benchmarks/speed_captioning.py (a 197-257 token tower at width 256): there, batches of all 16
-# words of a caption ran 5-15% slower than such chunks in repeated runs (the caches overflow). Elsewhere
-# a memory bound only: 256 MiB keeps a few hundred words on a 7B LLaVA (577 x 1024 CLIP-L features
-# in half precision, ~1.2 MB a word) in one pass; not yet measured on a GPU.
+# VLMs of benchmarks/speed_captioning.py (a 197-257 token tower at width 256). A modest gain, within the
+# machine's noise run by run: over three runs on the development machine, all 16 words of a caption at
+# once took on average ~7% longer than such chunks on GIT and ~4% on LLaVA, ~3% less on Qwen2-VL (the
+# caches overflow on the longer sequences). Elsewhere a memory bound only: 256 MiB keeps a few hundred
+# words on a 7B LLaVA (577 x 1024 CLIP-L features in half precision, ~1.2 MB a word) in one pass; not
+# yet measured on a GPU.
 AUTO_CHUNK_BYTES = {"cpu": 1 << 20, "default": 256 << 20}
 
 
