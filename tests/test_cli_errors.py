@@ -79,7 +79,7 @@ def test_a_layer_without_spatial_axes_is_one_line(image, resnet_state, tmp_path,
 def test_topk_below_one_is_one_line_without_a_dtype_message(k, image, resnet_state, tmp_path, capsys):
     code, _, err = run(capsys, *classify(image, resnet_state, tmp_path, "--topk", k))
     line = one_error_line(err, "classify")
-    assert code == 2 and f"--topk must be at least 1" in line and "dtype" not in line
+    assert code == 2 and "--topk must be at least 1" in line and "dtype" not in line
 
 
 def test_a_state_dict_for_another_architecture_is_capped_at_its_first_keys(image, resnet_state, tmp_path, capsys):

@@ -19,7 +19,6 @@ from torchdistill.losses.registry import MIDDLE_LEVEL_LOSS_DICT, get_mid_level_l
 
 from multiexplain import losses, models  # noqa: E402
 from multiexplain import torchdistill_losses as td  # noqa: E402
-from multiexplain.adapters.distillation import ExplanationLoss  # noqa: E402
 from multiexplain.data.distill_data import make_distill_dataset  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
