@@ -24,6 +24,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from multiexplain.explain import MaxBatch
+
 __all__ = ["Captioner", "Prepared", "View", "captioner_for", "place_on_image", "SUPPORTED_FAMILIES"]
 
 
@@ -213,7 +215,7 @@ class Captioner:
     #: What ``max_batch="auto"`` runs as: all of a caption's words in one batched backward pass. The
     #: gradient of a word reaches the image through a head, an LSTM or cross-attention projections,
     #: which batch well (on BLIP, CPU-sized chunks ran slower than whole batches in quick checks).
-    default_max_batch: Any = None
+    default_max_batch: MaxBatch = None
 
     def __init__(self, model: nn.Module, processor: Any, tokenizer: Any):
         self.model, self.processor = model, processor
@@ -552,7 +554,7 @@ class _VisionLanguage(_HuggingFace):
     #: Each word's gradient crosses self-attention over every image and text position of the language
     #: model, and on a CPU a batch of all of them outgrows the caches (benchmarks/speed_captioning.py
     #: times all at once beside it): batches sized by the explainer's byte budget (auto_chunk).
-    default_max_batch = "auto"
+    default_max_batch: MaxBatch = "auto"
 
     def __init__(self, model: nn.Module, processor: Any, tokenizer: Any):
         super().__init__(model, processor, tokenizer)

@@ -225,7 +225,7 @@ def test_position_scores_the_head_cannot_carry_are_differentiated_plainly_with_t
     assert _all_hooks(model) == 0
 
 
-def test_auto_max_batch_chunks_by_cotangent_bytes_per_device_and_keeps_the_maps(monkeypatch):
+def test_auto_max_batch_chunks_by_gradient_bytes_per_device_and_keeps_the_maps(monkeypatch):
     from multiexplain.explain import AUTO_CHUNK_BYTES, auto_chunk
 
     # K = 7 float64 cotangents at a (2, 16, 8) head input, 2 KiB each, into a 1 KiB layer: 2 KiB a target.
@@ -492,6 +492,9 @@ def test_clear_errors(tiny):
         GradCAMPlusPlus(tiny, "conv2")(torch.randn(16, 16))
     with pytest.raises(TypeError, match="class indices"):
         GradCAMPlusPlus(tiny, "conv2")(x, targets=torch.tensor([0.5, 1.0]))
+    for max_batch in (None, "auto", 2):  # no targets: no empty chunking of zero products
+        with pytest.raises(ValueError, match=r"returned no scores \(shape \(2, 0\)\).*K >= 1"):
+            GradCAMPlusPlus(tiny, "conv2", max_batch=max_batch)(x, lambda logits: logits[:, :0])
     assert _all_hooks(tiny) == 0
 
 

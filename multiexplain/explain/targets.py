@@ -144,6 +144,9 @@ def target_scores(
         if not isinstance(scores, Tensor) or scores.ndim not in (1, 2) or scores.shape[0] != n:
             shape = tuple(scores.shape) if isinstance(scores, Tensor) else type(scores).__name__
             raise ValueError(f"a target callable must return scores of shape (N,) or (N, K) with N={n}, got {shape}")
+        if scores.ndim == 2 and scores.shape[1] == 0:
+            raise ValueError(f"the target callable returned no scores (shape {tuple(scores.shape)}); return at least one "
+                             "score per sample, (N,) or (N, K) with K >= 1")
         multi = scores.ndim == 2
         return (scores if multi else scores.unsqueeze(1)), None, multi
     found = logits(output)
