@@ -517,3 +517,47 @@ def test_the_vlm_recipes_tower_pretraining_reads_clip_patch_tokens_without_the_c
     cells = script.tower_cells(model, pixels)
     tokens = model.model.vision_tower(pixels).last_hidden_state
     assert cells.shape == (2, 16, 64) and torch.equal(cells, tokens[:, 1:].transpose(1, 2))
+
+
+def test_the_vlm_recipes_attention_entropy_reads_only_answer_queries_over_image_keys():
+    """``--attention-entropy``: the mean entropy of each answer query's attention renormalised over
+    the image keys, against a loop over rows, layers, heads and queries in float64. Uniform over the
+    image is log(image tokens), one image key is 0, and what a query gives the text keys, or what a
+    prompt query does, changes nothing."""
+    import math
+
+    script = _training_script()
+    generator = torch.Generator().manual_seed(0)
+    n, heads, length = 2, 3, 12
+    image = torch.zeros(n, length, dtype=torch.bool)
+    image[:, 1:6] = True  # five image tokens after a start token, as in every row's context
+    answer = torch.zeros(n, length, dtype=torch.bool)
+    answer[0, 8:12], answer[1, 8:10] = True, True  # the second row's answer is shorter (padding)
+    attentions = tuple(torch.rand(n, heads, length, length, generator=generator).softmax(-1) for _ in range(2))
+
+    expected, count = 0.0, 0
+    for weights in attentions:
+        terms = []
+        for row in range(n):
+            for head in range(heads):
+                for query in answer[row].nonzero().flatten().tolist():
+                    share = weights[row, head, query, image[row]].double()
+                    share = share / share.sum()
+                    terms.append(float(-(share * share.log()).sum()))
+        expected += sum(terms) / len(terms)
+        count += 1
+    penalty = script.image_attention_entropy(attentions, image, answer)
+    assert math.isclose(float(penalty), expected / count, rel_tol=1e-5)
+
+    changed = tuple(w.clone() for w in attentions)
+    for w in changed:
+        w[:, :, :, 6:] *= 3.0  # more on the text keys
+        w[:, :, :8] = torch.rand(n, heads, 8, length, generator=generator)  # the prompt's queries
+    assert math.isclose(float(script.image_attention_entropy(changed, image, answer)), float(penalty), rel_tol=1e-5)
+
+    uniform = torch.zeros(n, heads, length, length)
+    uniform[:, :, :, 1:6] = 0.1
+    assert math.isclose(float(script.image_attention_entropy((uniform,), image, answer)), math.log(5), rel_tol=1e-6)
+    one_key = torch.zeros(n, heads, length, length)
+    one_key[:, :, :, 3] = 0.5
+    assert float(script.image_attention_entropy((one_key,), image, answer)) == 0.0
