@@ -504,6 +504,13 @@ def _batched_vjp(outputs: Tensor, inputs: Tensor, cotangents: Tensor, create_gra
     They run as batched backward passes (``is_grads_batched``) of at most ``max_batch`` cotangents
     each (all at once for ``None``, :func:`auto_chunk` for ``"auto"``); one pass per cotangent is
     only the fallback for ops that vmap cannot batch.
+
+    ``is_grads_batched`` runs autograd under PyTorch's legacy vmap, which has no batching rule for
+    some backward ops (on a CPU: ``scaled_dot_product_attention``'s, SiLU's, GELU's and
+    ``masked_scatter``'s, as of torch 2.14) and runs those once per cotangent, stacking the results.
+    The matrix products batch, so a batched pass beats K passes where they dominate (a GPU, wide
+    layers), while through a small language model on one CPU thread it costs about what K passes
+    do, give or take the stacking (the decoder-only rows of ``benchmarks/speed_captioning.py``).
     """
     def vjp(grad_outputs: Tensor, batched: bool) -> Tensor:
         (grad,) = torch.autograd.grad(
