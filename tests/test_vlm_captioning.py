@@ -492,10 +492,11 @@ def test_the_vlm_recipes_tower_pretraining_reads_labels_off_captions_trains_and_
                 12 + 6 * colours.index("red") + shapes.index("circle"), 12 + 6 * colours.index("blue") + shapes.index("square")}
     assert labels.shape == (1, 48) and set(labels[0].nonzero().flatten().tolist()) == expected
 
-    args = argparse.Namespace(tower="regnet", width=32, layers=1, vision_width=16, regnet_layers=2, patch=8, vision_layers=1,
+    args = argparse.Namespace(tower="regnet", width=32, layers=1, heads=2, vision_width=16, regnet_layers=2, patch=8, vision_layers=1,
                               lr=2e-3, batch=4, pretrain_steps=3)
     torch.manual_seed(0)
     model, processor = script.build(args)
+    assert model.config.text_config.num_attention_heads == model.config.text_config.num_key_value_heads == 2  # --heads
     before = {k: v.clone() for k, v in model.model.vision_tower.state_dict().items()}
     script.pretrain_tower(model, processor, make_captioned_scenes(8, seed=1), args, torch.Generator().manual_seed(0))
     after = model.model.vision_tower.state_dict()
@@ -510,7 +511,7 @@ def test_the_vlm_recipes_tower_pretraining_reads_clip_patch_tokens_without_the_c
     import argparse
 
     script = _training_script()
-    args = argparse.Namespace(tower="clip", width=32, layers=1, vision_width=16, regnet_layers=1, patch=8, vision_layers=1)
+    args = argparse.Namespace(tower="clip", width=32, layers=1, heads=4, vision_width=16, regnet_layers=1, patch=8, vision_layers=1)
     torch.manual_seed(0)
     model, _ = script.build(args)
     pixels = torch.randn(2, 3, 64, 64)
