@@ -280,6 +280,8 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--out", help="the model directory (default: the shipped one of --tower)")
     args = parser.parse_args()
+    if args.heads < 1 or args.width % args.heads:
+        parser.error(f"--heads must be a positive divisor of the language model's --width {args.width}, got {args.heads}")
 
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
