@@ -553,7 +553,8 @@ class _VisionLanguage(_HuggingFace):
     image_token: str | None = "<image>"
     #: Each word's gradient crosses self-attention over every image and text position of the language
     #: model, and on a CPU a batch of all of them outgrows the caches (benchmarks/speed_captioning.py
-    #: times all at once beside it): batches sized by the explainer's byte budget (auto_chunk).
+    #: times all at once beside it): batches sized by the explainer's byte budget (auto_chunk), or
+    #: single passes where a timed batch is slower per word (through vmap's per-cotangent fallbacks).
     default_max_batch: MaxBatch = "auto"
 
     def __init__(self, model: nn.Module, processor: Any, tokenizer: Any):

@@ -262,7 +262,8 @@ def explain_caption(
             for long answers on large models, and the maps do not change. ``None``: all words at
             once. ``"auto"`` (default): the family's choice (``Captioner.default_max_batch``): for a
             decoder-only vision-language model, batches sized by a word's gradient bytes and the
-            device (:func:`multiexplain.explain.auto_chunk`; small on a CPU); else all at once.
+            device (:func:`multiexplain.explain.auto_chunk`; small on a CPU), or one word per pass
+            where one such batch, timed against single passes, is slower per word; else all at once.
     """
     if score not in SCORES:
         raise ValueError(f"unknown score {score!r}; choose one of {SCORES}")

@@ -10,7 +10,10 @@ from torch import nn
 
 from multiexplain import GradCAM, GradCAMPlusPlus, TokenReshape, core
 from multiexplain.explain import BaseCAM
+from multiexplain.explain import explainer as explainer_module
 from vjp_batches import record_vjp_batches
+
+_GRAD = torch.autograd.grad  # restored between recordings of the batches a call ran
 
 
 def _all_hooks(model: nn.Module) -> int:
@@ -255,12 +258,27 @@ def test_auto_max_batch_chunks_by_gradient_bytes_per_device_and_keeps_the_maps(m
     x = torch.randn(2, 3, 8, 8, dtype=torch.float64)
     factored, _ = _token_targets(model, n=2, k=7)
     everything = GradCAMPlusPlus(model, "conv")(x, factored)  # all at once, the explainer's default
-    batches = record_vjp_batches(monkeypatch)
     # Three targets: the head-input cotangents (2, 16, 8) are larger than the gradients at "conv" (2, 6, 4, 4).
     monkeypatch.setitem(AUTO_CHUNK_BYTES, "cpu", 3 * 2 * 16 * 8 * 8)
-    chunked = GradCAMPlusPlus(model, "conv", max_batch="auto")(x, factored)
-    assert batches == [3, 3, 1]
-    torch.testing.assert_close(chunked.raw, everything.raw, atol=1e-12, rtol=1e-10)
+    # "auto" times one target alone, a batch of three, one alone, then runs the other two the faster
+    # way; a fake clock decides which (seconds of each pass: alone, batched, alone).
+    for passes, expected in (((1.0, 2.9, 1.2), [1, 3, 1, 2]),  # 0.97 s a target batched: batches
+                             ((1.0, 3.3, 1.2), [1, 3, 1, 1, 1]),  # 1.1 s a target batched: alone
+                             ((1.5, 3.3, 1.0), [1, 3, 1, 1, 1])):  # the faster single pass is the yardstick
+        ticks = iter(value for seconds in passes for value in (0.0, seconds))
+        monkeypatch.setattr(explainer_module, "_clock", lambda device: next(ticks))
+        batches = record_vjp_batches(monkeypatch)
+        chunked = GradCAMPlusPlus(model, "conv", max_batch="auto")(x, factored)
+        assert batches == expected
+        torch.testing.assert_close(chunked.raw, everything.raw, atol=1e-12, rtol=1e-10)
+        monkeypatch.setattr(torch.autograd, "grad", _GRAD)
+    # Too few targets to time both ways and profit (K < chunk + 3): plain batches, no clock read.
+    monkeypatch.setattr(explainer_module, "_clock", lambda device: pytest.fail("timed although K < chunk + 3"))
+    few, _ = _token_targets(model, n=2, k=5)
+    batches = record_vjp_batches(monkeypatch)
+    chunked = GradCAMPlusPlus(model, "conv", max_batch="auto")(x, few)
+    assert batches == [3, 2]
+    torch.testing.assert_close(chunked.raw, GradCAMPlusPlus(model, "conv")(x, few).raw, atol=1e-12, rtol=1e-10)
     for wrong in (0, -2, 2.5, True, "all"):
         with pytest.raises(ValueError, match="max_batch must be a positive int"):
             GradCAMPlusPlus(model, "conv", max_batch=wrong)

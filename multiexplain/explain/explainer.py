@@ -14,6 +14,7 @@ input size) and run it with :func:`explain_request`; every task's result is an
 from __future__ import annotations
 
 import threading
+import time
 import warnings
 from contextlib import nullcontext
 from dataclasses import dataclass, replace
@@ -48,7 +49,8 @@ __all__ = [
 
 
 MaxBatch = int | Literal["auto"] | None
-"""Targets per batched backward pass: a positive int, ``"auto"`` (:func:`auto_chunk`) or ``None`` (all)."""
+"""Targets per batched backward pass: a positive int, ``"auto"`` (:func:`auto_chunk`'s batches, or one
+target per pass where that times faster) or ``None`` (all)."""
 
 # Bytes per target times targets per batched backward pass under max_batch="auto" (auto_chunk), by
 # device type ("cpu", "cuda", ...; "default" for the others). CPU: 1 MiB, 3-5 words of the decoder-only
@@ -57,7 +59,9 @@ MaxBatch = int | Literal["auto"] | None
 # once took on average ~7% longer than such chunks on GIT and ~4% on LLaVA, ~3% less on Qwen2-VL (the
 # caches overflow on the longer sequences). Elsewhere a memory bound only: 256 MiB keeps a few hundred
 # words on a 7B LLaVA (577 x 1024 CLIP-L features in half precision, ~1.2 MB a word) in one pass; not
-# yet measured on a GPU.
+# yet measured on a GPU. Where K leaves room, "auto" also times one such batch against single passes
+# and runs the rest the faster way (_faster_batch): on a CPU a batch can cost more than its targets
+# one by one (vmap's fallbacks), and which way wins varies by model (GIT, LLaVA: single; Qwen2-VL: batches).
 AUTO_CHUNK_BYTES = {"cpu": 1 << 20, "default": 256 << 20}
 
 
@@ -502,16 +506,34 @@ def _batched_vjp(outputs: Tensor, inputs: Tensor, cotangents: Tensor, create_gra
     ``(K, *outputs.shape)``: ``(K, *inputs.shape)``.
 
     They run as batched backward passes (``is_grads_batched``) of at most ``max_batch`` cotangents
-    each (all at once for ``None``, :func:`auto_chunk` for ``"auto"``); one pass per cotangent is
-    only the fallback for ops that vmap cannot batch.
+    each (all at once for ``None``; for ``"auto"``, :func:`auto_chunk`'s batches or one cotangent
+    per pass, whichever :func:`_faster_batch` times as faster); one pass per cotangent is also the
+    fallback for ops that vmap cannot batch.
 
-    ``is_grads_batched`` runs autograd under PyTorch's legacy vmap, which has no batching rule for
-    some backward ops (on a CPU: ``scaled_dot_product_attention``'s, SiLU's, GELU's and
-    ``masked_scatter``'s, as of torch 2.14) and runs those once per cotangent, stacking the results.
-    The matrix products batch, so a batched pass beats K passes where they dominate (a GPU, wide
-    layers), while through a small language model on one CPU thread it costs about what K passes
-    do, give or take the stacking (the decoder-only rows of ``benchmarks/speed_captioning.py``).
+    ``is_grads_batched`` runs autograd under vmap, which has no batching rule for some backward ops
+    (on a CPU: ``scaled_dot_product_attention``'s, SiLU's, GELU's and ``masked_scatter``'s, as of
+    torch 2.14) and runs those once per cotangent, stacking the results. The matrix products batch,
+    so a batched pass beats K passes where they dominate (a GPU, wide layers), while through a small
+    language model on one CPU thread it can cost more than the K passes, by the stacking (the
+    decoder-only rows of ``benchmarks/speed_captioning.py``).
     """
+    def vjp(rows: Tensor) -> Tensor:
+        return _vjp_rows(outputs, inputs, rows, create_graph)
+
+    k = cotangents.shape[0]
+    chunk = k if max_batch is None else auto_chunk(cotangents, inputs) if max_batch == "auto" else max_batch
+    parts, start = [], 0
+    if max_batch == "auto" and 1 < chunk and k >= chunk + 3:  # room to time both ways and use the faster
+        chunk, parts = _faster_batch(vjp, cotangents, chunk)
+        start = sum(part.shape[0] for part in parts)
+    for begin in range(start, k, chunk):
+        parts.append(vjp(cotangents[begin : begin + chunk]))
+    return parts[0] if len(parts) == 1 else torch.cat(parts)
+
+
+def _vjp_rows(outputs: Tensor, inputs: Tensor, rows: Tensor, create_graph: bool) -> Tensor:
+    """``(B, *inputs.shape)`` products for ``B`` cotangents ``rows``: one batched backward pass, or
+    a plain one for a single row (or, where vmap cannot batch the backward, one per row)."""
     def vjp(grad_outputs: Tensor, batched: bool) -> Tensor:
         (grad,) = torch.autograd.grad(
             outputs, inputs, grad_outputs, retain_graph=True, create_graph=create_graph,
@@ -522,20 +544,40 @@ def _batched_vjp(outputs: Tensor, inputs: Tensor, cotangents: Tensor, create_gra
             grad = torch.zeros(shape, dtype=inputs.dtype, device=inputs.device)
         return grad
 
-    k = cotangents.shape[0]
-    chunk = k if max_batch is None else auto_chunk(cotangents, inputs) if max_batch == "auto" else max_batch
-    parts = []
-    for start in range(0, k, chunk):
-        rows = cotangents[start : start + chunk]
-        if rows.shape[0] == 1:
-            parts.append(vjp(rows[0], False).unsqueeze(0))
-            continue
-        try:
-            parts.append(vjp(rows, True))
-        except RuntimeError as error:
-            warnings.warn(f"batched gradients failed ({error}); falling back to one pass per target", RuntimeWarning)
-            parts.append(torch.stack([vjp(row, False) for row in rows]))
-    return parts[0] if len(parts) == 1 else torch.cat(parts)
+    if rows.shape[0] == 1:
+        return vjp(rows[0], False).unsqueeze(0)
+    try:
+        return vjp(rows, True)
+    except RuntimeError as error:
+        warnings.warn(f"batched gradients failed ({error}); falling back to one pass per target", RuntimeWarning)
+        return torch.stack([vjp(row, False) for row in rows])
+
+
+def _faster_batch(vjp: Callable[[Tensor], Tensor], cotangents: Tensor, chunk: int) -> tuple[int, list[Tensor]]:
+    """``(batch size for the remaining cotangents, the products computed while timing)``.
+
+    Times the first cotangent alone, the next ``chunk`` in one batched pass and the one after alone
+    (all of them work the caller needs), and keeps ``chunk`` unless a batched pass took longer per
+    cotangent than the faster single pass, then 1. Which one wins depends on the device, the model
+    and the sizes (a batched pass pays for vmap's per-cotangent fallbacks and their stacking, and
+    gains where matrix products dominate), so ``"auto"`` measures rather than guesses. The
+    products do not depend on the choice, only the time does.
+    """
+    device = cotangents.device
+    parts, seconds = [], []
+    for rows in (cotangents[:1], cotangents[1 : 1 + chunk], cotangents[1 + chunk : 2 + chunk]):
+        began = _clock(device)
+        parts.append(vjp(rows))
+        seconds.append(_clock(device) - began)
+    batched_per_row = seconds[1] / chunk
+    return (chunk if batched_per_row <= min(seconds[0], seconds[2]) else 1), parts
+
+
+def _clock(device: torch.device) -> float:
+    """Seconds, after the device has finished the work queued on it (a CUDA device runs asynchronously)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter()
 
 
 @register_method
