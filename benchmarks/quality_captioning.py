@@ -395,6 +395,19 @@ def quality_lines(report: dict) -> list[str]:
 SPEED_TARGETS = {"encoder-decoder": 6.0, "decoder-only": 1.1}
 
 
+def chunk_sizes(chunks: list[int]) -> str:
+    """``[1, 3, 1, 1, 1, 1]`` as ``1 + 3 + 1 (x4)``: the products each backward pass carried, runs of three or
+    more passes of one size written once with their count."""
+    runs: list[list[int]] = []
+    for size in chunks:
+        if runs and runs[-1][0] == size:
+            runs[-1][1] += 1
+        else:
+            runs.append([size, 1])
+    return " + ".join(str(size) if count < 3 else f"{size} (x{count})" for size, count in runs
+                      for _ in range(1 if count >= 3 else count))
+
+
 def speed_lines(speed: dict) -> list[str]:
     lines = [
         "## Speed: per-word maps, one forward + batched VJPs vs a loop of single-word explanations",
@@ -406,8 +419,10 @@ def speed_lines(speed: dict) -> list[str]:
         "reading only its own position (`PositionScores`); the loop crosses it once per word. Forward + K backward: ours with "
         "`max_batch=1` (the K products one after another, below the head), measured in the same run: a stricter yardstick "
         "than K full backward passes. Ours runs the default `max_batch=\"auto\"`, which splits the K products into batches "
-        "by their bytes and device for decoder-only models and runs an encoder-decoder's all at once (chunks: the batched "
-        "backward passes it ran, recorded); all at once: a decoder-only model with `max_batch=None`, in the same run. "
+        "by their bytes and device for decoder-only models, times one such batch against single passes (the first and "
+        "third passes) and runs the rest the faster way, and runs an encoder-decoder's all at once (chunks: the "
+        "backward passes its first call ran and how many products each carried; as it times them, later calls may split "
+        "them the other way); all at once: a decoder-only model with `max_batch=None`, in the same run. "
         f"Median of {speed['repeats']} turns after a warm-up; the variants take turns, each running twice per turn with the "
         "second call timed. Targets (the issue's): encoder-decoder >= 6x the loop; decoder-only at most 1.1x forward + K "
         "backward and faster than the loop. Single runs on the 2-core development machine (a virtual machine): the same "
@@ -432,7 +447,7 @@ def speed_lines(speed: dict) -> list[str]:
             chunks, together = row.get("ours_chunks"), row.get("all_at_once_s")
             lines.append(
                 f"| {device} | {row['model']} | {kind} | {row['words']} | {row['tokens']} | {row['ours_s']:.3f} | "
-                f"{'' if chunks is None else ' + '.join(map(str, chunks))} | {row['loop_s']:.3f} | {row['speedup']:.1f}x | "
+                f"{'' if chunks is None else chunk_sizes(chunks)} | {row['loop_s']:.3f} | {row['speedup']:.1f}x | "
                 f"{'' if together is None else f'{together:.3f}'} | {'' if sequential is None else f'{sequential:.3f}'} | "
                 f"{'' if ratio is None else f'{ratio:.2f}'} | {verdict} |")
     return lines + [""]

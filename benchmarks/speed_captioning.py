@@ -10,7 +10,8 @@ log-probability (W forwards, W backwards). Both give the same maps (checked).
 "forward + K backward": for the decoder-only models, the same explanation with ``max_batch=1``
 (one forward, then the K vector-Jacobian products one after another) -- the issue's yardstick for
 models where every word's gradient crosses the whole language model. "ours" runs the default
-``max_batch="auto"``, whose split of the K products into batched backward passes is recorded; for
+``max_batch="auto"`` (for the decoder-only models: batches by bytes, or single passes where one timed
+batch is slower per word), whose split of the K products into backward passes is recorded; for
 the decoder-only models (chunked on a CPU) "all at once" times ``max_batch=None`` beside it.
 
 Captions have >= 15 words. Models (random weights, fixed seeds; sizes scaled down from hub
