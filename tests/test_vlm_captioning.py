@@ -562,3 +562,40 @@ def test_the_vlm_recipes_attention_entropy_reads_only_answer_queries_over_image_
     one_key = torch.zeros(n, heads, length, length)
     one_key[:, :, :, 3] = 0.5
     assert float(script.image_attention_entropy((one_key,), image, answer)) == 0.0
+
+
+def test_the_vlm_recipes_convnext_tower_gives_equal_length_cells_on_a_16x16_grid_and_reloads(one_torch_thread, tmp_path):
+    """``--tower convnext``: a FastVLM with a timm ConvNeXt tower (TimmWrapper) whose output cells
+    are LayerNorm-ed (zero mean, unit variance over the channels in every cell, at initialisation)
+    on a 16 x 16 grid: the 64 px scenes are resized to the processor's 128 px, in training as by the
+    processor, and the chat context holds 256 image tokens. The directory reloads through the Auto
+    classes without the hub and explains."""
+    import argparse
+
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    from multiexplain.data.captioned_scenes import make_captioned_scenes
+
+    script = _training_script()
+    args = argparse.Namespace(tower="convnext", width=32, layers=1, heads=2, vision_width=16, regnet_layers=1, patch=8, vision_layers=1)
+    torch.manual_seed(0)
+    model, processor = script.build(args)
+    scenes = make_captioned_scenes(2, seed=1)
+    pixels = script.normalise(processor, scenes.images)
+    assert pixels.shape == (2, 3, 128, 128)
+    expected = (torch.nn.functional.interpolate(scenes.images, size=(128, 128), mode="bicubic", align_corners=False).clamp(0, 1) - 0.5) / 0.25
+    torch.testing.assert_close(pixels, expected)
+    cells = model.model.vision_tower(pixels).last_hidden_state
+    assert cells.shape == (2, 16, 16, 16)
+    torch.testing.assert_close(cells.mean(dim=1), torch.zeros(2, 16, 16), atol=1e-5, rtol=0)
+    torch.testing.assert_close(cells.var(dim=1, unbiased=False), torch.ones(2, 16, 16), atol=1e-3, rtol=0)
+    context = script.prompt_ids(processor)
+    assert context.count(model.config.image_token_id) == 256
+
+    model.eval().save_pretrained(tmp_path)
+    processor.save_pretrained(tmp_path)
+    loaded = AutoModelForImageTextToText.from_pretrained(tmp_path).eval()
+    result = explain_caption(loaded, scenes.images[0], scenes.captions[0], prompt=script.PROMPT,
+                             processor=AutoProcessor.from_pretrained(tmp_path))
+    assert result.layer == "model.vision_tower" and result.maps.shape == (len(scenes[0].words), 64, 64)
+    assert torch.isfinite(result.maps).all()
