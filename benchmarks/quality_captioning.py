@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import argparse
 import hashlib
+import itertools
 import json
 import os
 import subprocess
@@ -398,14 +399,11 @@ SPEED_TARGETS = {"encoder-decoder": 6.0, "decoder-only": 1.1}
 def chunk_sizes(chunks: list[int]) -> str:
     """``[1, 3, 1, 1, 1, 1]`` as ``1 + 3 + 1 (x4)``: the products each backward pass carried, runs of three or
     more passes of one size written once with their count."""
-    runs: list[list[int]] = []
-    for size in chunks:
-        if runs and runs[-1][0] == size:
-            runs[-1][1] += 1
-        else:
-            runs.append([size, 1])
-    return " + ".join(str(size) if count < 3 else f"{size} (x{count})" for size, count in runs
-                      for _ in range(1 if count >= 3 else count))
+    parts = []
+    for size, run in itertools.groupby(chunks):
+        count = len(list(run))
+        parts += [f"{size} (x{count})"] if count >= 3 else [str(size)] * count
+    return " + ".join(parts)
 
 
 def speed_lines(speed: dict) -> list[str]:

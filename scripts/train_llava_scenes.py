@@ -98,53 +98,34 @@ def build(args: argparse.Namespace):
     """``(model, processor)``: the word-level tokenizer, the CLIP image processor and a fresh model."""
     from tokenizers import Tokenizer, models, pre_tokenizers
     from transformers import (CLIPImageProcessor, CLIPVisionConfig, FastVlmConfig, FastVlmForConditionalGeneration, LlamaConfig,
-                              LlavaConfig, LlavaForConditionalGeneration, LlavaProcessor, PreTrainedTokenizerFast, RegNetConfig)
+                              LlavaConfig, LlavaForConditionalGeneration, LlavaProcessor, PreTrainedTokenizerFast)
 
     words = list(SPECIALS) + list(PROMPT_WORDS) + [w for w in CAPTION_VOCABULARY if w not in PROMPT_WORDS]
     backend = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<unk>"))
     backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
     tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, bos_token="<s>", eos_token="</s>", pad_token="<pad>",
                                         unk_token="<unk>", extra_special_tokens={"image_token": "<image>"})
-    # The scenes are 64 x 64 in [0, 1]; the processor only rescales and normalises them.
-    image_processor = CLIPImageProcessor(size={"height": 64, "width": 64}, do_center_crop=False,
-                                         image_mean=[0.5, 0.5, 0.5], image_std=[0.25, 0.25, 0.25])
+    # The scenes are 64 x 64 in [0, 1]; the processor only rescales and normalises them (and resizes
+    # them for a tower that wants more pixels).
+    def image_processor(side: int = 64):
+        return CLIPImageProcessor(size={"height": side, "width": side}, do_center_crop=False,
+                                  image_mean=[0.5, 0.5, 0.5], image_std=[0.25, 0.25, 0.25])
+
     text = LlamaConfig(vocab_size=len(tokenizer), hidden_size=args.width, num_hidden_layers=args.layers, num_attention_heads=args.heads,
                        num_key_value_heads=args.heads, intermediate_size=2 * args.width,
                        max_position_embeddings=128 if args.tower == "clip" else 320,  # 256 image tokens with a convolutional tower
                        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
                        tie_word_embeddings=True)
     image_token_id = tokenizer.convert_tokens_to_ids("<image>")
-    if args.tower == "regnet":
-        # FastVLM's layout (LLaVA with a convolutional tower whose grid cells are the image tokens): a
-        # two-stage RegNet, stride 4 (a 16 x 16 grid, 256 tokens), receptive field 11 px (19 px with
-        # --regnet-layers 2), ending in a ReLU. Cells that see no more than an object and are zero where
-        # nothing is are what a channel-weighted map needs (the Show-Attend-Tell encoder's lesson).
-        vision = RegNetConfig(num_channels=3, embedding_size=32, hidden_sizes=[48, args.vision_width], depths=[1, args.regnet_layers],
-                              groups_width=16, layer_type="x", hidden_act="relu", downsample_in_first_stage=False)
-        vision.hidden_size = args.vision_width  # FastVLM's projector reads the tower's width from here
-        processor = LlavaProcessor(image_processor=image_processor, tokenizer=tokenizer, patch_size=4,
-                                   vision_feature_select_strategy="full", num_additional_image_tokens=0, chat_template=CHAT_TEMPLATE)
-        config = FastVlmConfig(vision_config=vision, text_config=text, image_token_id=image_token_id)
-        model = FastVlmForConditionalGeneration(config)
-    elif args.tower == "convnext":
-        # FastVLM's layout with a timm ConvNeXt tower (transformers' TimmWrapper) ending in a per-cell
-        # LayerNorm (head_norm_first): every cell's feature vector has the same length, the
-        # Show-Attend-Tell encoder's CellNorm lesson. timm's ConvNeXt has four stages and an output
-        # stride of at least 8, so the scenes are resized to 128 px for a 16 x 16 grid of 4 px cells.
-        from transformers import TimmWrapperConfig
-
-        width = args.vision_width
-        vision = TimmWrapperConfig(architecture="convnext_atto", hidden_size=width, do_pooling=False,
-                                   model_args={"depths": [1, args.regnet_layers, 0, 0], "dims": [32, width, width, width],
-                                               "kernel_sizes": 3, "patch_size": 4, "output_stride": 8, "head_norm_first": True})
-        image_processor = CLIPImageProcessor(size={"height": 128, "width": 128}, do_center_crop=False,
-                                             image_mean=[0.5, 0.5, 0.5], image_std=[0.25, 0.25, 0.25])
-        processor = LlavaProcessor(image_processor=image_processor, tokenizer=tokenizer, patch_size=8,
+    if args.tower in ("regnet", "convnext"):
+        vision, side, cell = convolutional_tower(args)
+        # FastVLM's layout: LLaVA with a convolutional tower whose grid cells are the image tokens.
+        processor = LlavaProcessor(image_processor=image_processor(side), tokenizer=tokenizer, patch_size=cell,
                                    vision_feature_select_strategy="full", num_additional_image_tokens=0, chat_template=CHAT_TEMPLATE)
         config = FastVlmConfig(vision_config=vision, text_config=text, image_token_id=image_token_id)
         model = FastVlmForConditionalGeneration(config)
     else:
-        processor = LlavaProcessor(image_processor=image_processor, tokenizer=tokenizer, patch_size=args.patch,
+        processor = LlavaProcessor(image_processor=image_processor(), tokenizer=tokenizer, patch_size=args.patch,
                                    vision_feature_select_strategy="default", num_additional_image_tokens=1,
                                    chat_template=CHAT_TEMPLATE)
         vision = CLIPVisionConfig(image_size=64, patch_size=args.patch, hidden_size=args.vision_width,
@@ -155,6 +136,29 @@ def build(args: argparse.Namespace):
     model.generation_config.bos_token_id, model.generation_config.eos_token_id = tokenizer.bos_token_id, tokenizer.eos_token_id
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     return model, processor
+
+
+def convolutional_tower(args: argparse.Namespace):
+    """``(vision config, input side in pixels, input pixels per grid cell)`` of FastVLM's tower for ``--tower``."""
+    from transformers import RegNetConfig, TimmWrapperConfig
+
+    width = args.vision_width
+    if args.tower == "regnet":
+        # A two-stage RegNet, stride 4 (a 16 x 16 grid, 256 tokens), receptive field 11 px (19 px with
+        # --regnet-layers 2), ending in a ReLU. Cells that see no more than an object and are zero where
+        # nothing is are what a channel-weighted map needs (the Show-Attend-Tell encoder's lesson).
+        vision = RegNetConfig(num_channels=3, embedding_size=32, hidden_sizes=[48, width], depths=[1, args.regnet_layers],
+                              groups_width=16, layer_type="x", hidden_act="relu", downsample_in_first_stage=False)
+        vision.hidden_size = width  # FastVLM's projector reads the tower's width from here
+        return vision, 64, 4
+    # A timm ConvNeXt (transformers' TimmWrapper) ending in a per-cell LayerNorm (head_norm_first):
+    # every cell's feature vector has the same length, the Show-Attend-Tell encoder's CellNorm lesson.
+    # timm's ConvNeXt has four stages and an output stride of at least 8, so the scenes are resized to
+    # 128 px for a 16 x 16 grid of 4 px cells.
+    vision = TimmWrapperConfig(architecture="convnext_atto", hidden_size=width, do_pooling=False,
+                               model_args={"depths": [1, args.regnet_layers, 0, 0], "dims": [32, width, width, width],
+                                           "kernel_sizes": 3, "patch_size": 4, "output_stride": 8, "head_norm_first": True})
+    return vision, 128, 8
 
 
 def prompt_ids(processor) -> list[int]:
@@ -301,10 +305,12 @@ def main() -> None:
                         help="clip: LLaVA with a CLIP ViT tower; regnet: FastVLM's layout with a small RegNet tower; "
                              "convnext: FastVLM's layout with a timm ConvNeXt tower ending in a per-cell LayerNorm")
     parser.add_argument("--patch", type=int, default=8, help="CLIP's patch size in pixels (8: an 8 x 8 token grid; the RegNet's cells are 4 px)")
-    parser.add_argument("--vision-width", type=int, default=64, help="the tower's output width (CLIP's width, the RegNet's last stage)")
+    parser.add_argument("--vision-width", type=int, default=64,
+                        help="the tower's output width (CLIP's width, the RegNet's or ConvNeXt's last stage)")
     parser.add_argument("--vision-layers", type=int, default=1, help="CLIP's layers (the RegNet's: --regnet-layers)")
     parser.add_argument("--regnet-layers", type=int, default=1,
-                        help="layers of the RegNet's second (stride-4) stage: each adds 8 px to a cell's receptive field (1: 11 px)")
+                        help="layers of the RegNet's second (stride-4) stage: each adds 8 px to a cell's receptive field (1: 11 px); "
+                             "with --tower convnext, the blocks of the ConvNeXt's second stage")
     parser.add_argument("--width", type=int, default=96, help="the language model's width")
     parser.add_argument("--layers", type=int, default=2, help="the language model's layers")
     parser.add_argument("--heads", type=int, default=4, help="the language model's attention heads")
