@@ -23,6 +23,9 @@ same gradients). Reported for Grad-CAM++ and Grad-CAM side by side:
   whole-caption Average Drop % / % Increase in Confidence / Win % (paper eq. 25 with the
   confidence ``Y`` = the caption's probability on the full image and ``O`` = the same on
   ``E = map * image``);
+* where each model really read the word: its own attention at the position predicting it, over the
+  image cells (Show-Attend-Tell's one attention; for a vision-language model the mean of all layers'
+  and heads' attention and the best single head, chosen on the same scenes), pointing within 2 px;
 * a reference: the pointing accuracy a uniformly random peak would get (mean mask area share).
 
 Metrics come from :mod:`multiexplain.metrics`. Results: ``benchmarks/results/captioning.md`` and
@@ -154,11 +157,13 @@ def seed_row(recipe: str, location: Path, scenes, batch: int) -> dict:
         checkpoint = load_checkpoint(location)
         model, vocabulary = checkpoint.model, CaptionVocabulary(checkpoint.vocabulary or [])
         training = checkpoint.meta
+        attention = attention_maps(model, vocabulary, scenes)
         for start in range(0, len(scenes), batch):
             stop = min(start + batch, len(scenes))
             both = explain_caption(model, scenes.images[start:stop], scenes.captions[start:stop], tokenizer=vocabulary, methods=METHODS)
             for offset in range(stop - start):
-                words += word_entries(scenes[start + offset], {m: both[m][offset] for m in METHODS})
+                words += with_attention(word_entries(scenes[start + offset], {m: both[m][offset] for m in METHODS}),
+                                        scenes[start + offset], attention[start + offset])
     else:
         from transformers import AutoModelForImageTextToText, AutoProcessor
 
@@ -168,11 +173,32 @@ def seed_row(recipe: str, location: Path, scenes, batch: int) -> dict:
         for index in range(len(scenes)):
             scene = scenes[index]
             both = explain_caption(model, scene.image, scene.caption, prompt=VLM_PROMPT, processor=processor, methods=METHODS)
-            words += word_entries(scene, both)
+            heads = vlm_attention(model, processor, scene)
+            entries = with_attention(word_entries(scene, both), scene, heads.mean(dim=1))
+            for entry, j in zip(entries, content_words(scene)):
+                entry["head_hits_tol2"] = metrics.pointing_game(heads[j], entry["mask"].expand_as(heads[j]), tolerance=2)
+            words += entries
     row = {kind: localisation_row([w for w in words if w["kind"] == kind]) for kind in KINDS}
+    if recipe != "show-attend-tell":
+        heads = model.config.get_text_config().num_attention_heads
+        for kind in KINDS:
+            best = row[kind]["best_head"]
+            row[kind]["best_head_label"] = f"layer {best // heads}, head {best % heads}"
     row["model"] = {"path": str(location.relative_to(ROOT) if location.is_relative_to(ROOT) else location),
                     "sha256": fingerprint(location), "held_out": training.get("held_out")}
     return row
+
+
+def content_words(scene) -> list[int]:
+    """Positions of the words :func:`word_entries` scores, in its order."""
+    return [j for j, kind in enumerate(scene.word_kinds) if kind in KINDS]
+
+
+def with_attention(entries: list[dict], scene, attention: torch.Tensor) -> list[dict]:
+    """``entries`` with each word's attention map (``attention``: ``(T, H, W)``, one per caption word)."""
+    for entry, j in zip(entries, content_words(scene)):
+        entry["attention"] = attention[j]
+    return entries
 
 
 def word_entries(scene, explained: dict) -> list[dict]:
@@ -210,11 +236,7 @@ def shipped_show_and_tell(scenes, batch: int) -> dict:
                                    target_layer=layer, score=score, methods=METHODS)
             for offset, result in enumerate(both[METHODS[0]]):
                 scene = scenes[start + offset]
-                entries = word_entries(scene, {m: both[m][offset] for m in METHODS})
-                content = [j for j, kind in enumerate(scene.word_kinds) if kind in KINDS]
-                for entry, j in zip(entries, content):
-                    entry["attention"] = attention[start + offset][j]
-                words += entries
+                words += with_attention(word_entries(scene, {m: both[m][offset] for m in METHODS}), scene, attention[start + offset])
                 if label == CONFIGS[0][0]:
                     for method in METHODS:
                         caption_maps.setdefault(method, []).append(both[method][offset].caption_map)
@@ -251,6 +273,37 @@ def attention_maps(model, vocabulary, scenes) -> list[torch.Tensor]:
     return [upsampled[i, : len(words)] for i, words in enumerate(scenes.words)]
 
 
+def vlm_attention(model, processor, scene) -> torch.Tensor:
+    """Where a vision-language model read each word from: ``(words, layers * heads, H, W)``, the
+    attention of the position predicting the word over the image tokens (renormalised among them),
+    every layer and head, upsampled to the image. The teacher-forced input is the one the maps are made
+    from (the chat template with the image and the prompt, then the caption); eager attention for this one
+    forward, restored after. A reference for the maps, as Show-Attend-Tell's own attention is."""
+    text = processor.apply_chat_template([{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": VLM_PROMPT}]}],
+                                         add_generation_prompt=True)
+    pixels = (scene.image.clamp(0, 1).permute(1, 2, 0) * 255).round().to(torch.uint8).numpy()
+    inputs = processor(images=pixels, text=text, return_tensors="pt")
+    answer = processor.tokenizer(scene.caption, add_special_tokens=False)["input_ids"]
+    if len(answer) != len(scene.words):
+        raise ValueError(f"expected one token per word (a word-level tokenizer), got {len(answer)} for {len(scene.words)} words")
+    context = inputs["input_ids"].shape[1]
+    ids = torch.cat([inputs["input_ids"], torch.tensor([answer[:-1]])], dim=1)
+    image = (ids[0] == model.config.image_token_id).nonzero().flatten()
+    implementation = model.config.get_text_config()._attn_implementation
+    model.set_attn_implementation({"text_config": "eager"})  # only eager attention returns its weights
+    try:
+        with torch.no_grad():
+            attentions = model(input_ids=ids, pixel_values=inputs["pixel_values"], output_attentions=True).attentions
+    finally:
+        model.set_attn_implementation({"text_config": implementation})
+    # Position context - 1 + j predicts word j.
+    read = torch.cat([a[0, :, context - 1 : context - 1 + len(answer)][:, :, image] for a in attentions])  # (L*heads, words, cells)
+    read = read / read.sum(dim=2, keepdim=True).clamp_min(1e-12)
+    side = int(round(read.shape[-1] ** 0.5))
+    grid = read.transpose(0, 1).reshape(len(answer), -1, side, side)
+    return torch.nn.functional.interpolate(grid, size=tuple(scene.image.shape[1:]), mode="bilinear", align_corners=False)
+
+
 def has_look_alike(scene, j: int) -> bool:
     """Whether the scene has an object the word does NOT name that shares the word's attribute:
     the same shape in another colour for a shape word, the same colour on another shape for a
@@ -274,6 +327,10 @@ def localisation_row(words: list[dict]) -> dict:
         attention = torch.stack([w["attention"] for w in words])
         row["attention_pointing"] = float(metrics.pointing_game(attention, mask).float().mean())
         row["attention_pointing_tol2"] = float(metrics.pointing_game(attention, mask, tolerance=2).float().mean())
+    if all("head_hits_tol2" in w for w in words):  # a vision-language model: each layer's and head's own attention
+        per_head = torch.stack([w["head_hits_tol2"] for w in words]).float().mean(dim=0)
+        row["best_head_attention_pointing_tol2"] = float(per_head.max())
+        row["best_head"] = int(per_head.argmax())
     for method in METHODS:
         stacked = torch.stack([w[method] for w in words])
         row[method] = {
@@ -326,8 +383,8 @@ def recipe_lines(report: dict) -> list[str]:
         f"(the vision-language model answers \"{VLM_PROMPT}\"; its prompt tokens are not explained). Seed 0 is the shipped "
         "model. Pointing game within 2 px and exactly (0 px), Grad-CAM++ / Grad-CAM; energy-in-mask Grad-CAM++.",
         "",
-        "| recipe | seed | model (sha256) | exact captions on validation scenes (training script) | shape 2 px GC++ / GC | shape 0 px GC++ / GC | colour 2 px GC++ | count 2 px GC++ | shape energy GC++ |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| recipe | seed | model (sha256) | exact captions on validation scenes (training script) | shape 2 px GC++ / GC | shape 0 px GC++ / GC | colour 2 px GC++ | count 2 px GC++ | shape energy GC++ | shape: the model's attention 2 px (mean of heads / best head) |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for recipe, entry in report["recipes"].items():
         for seed, row in entry["seeds"].items():
@@ -338,12 +395,29 @@ def recipe_lines(report: dict) -> list[str]:
                 f"{100 * shape['pointing_tol2']:.1f}% / {100 * plain['pointing_tol2']:.1f}% | "
                 f"{100 * shape['pointing']:.1f}% / {100 * plain['pointing']:.1f}% | "
                 f"{100 * row['colour']['gradcam++']['pointing_tol2']:.1f}% | {100 * row['count']['gradcam++']['pointing_tol2']:.1f}% | "
-                f"{shape['energy_in_mask']:.3f} |")
+                f"{shape['energy_in_mask']:.3f} | {attention_cell(row['shape'])} |")
         verdict = "met" if entry["met"] else ("MISSED" if entry["complete"] else "incomplete: seeds missing")
         lines.append(
             f"| **{RECIPE_NAMES[recipe]}** | **mean of {len(entry['seeds'])}** | | | **{100 * entry['mean_shape_pointing_tol2']:.1f}%** | "
-            f"{100 * entry['mean_shape_pointing']:.1f}% | | | target >= {100 * entry['target']:.0f}% at 2 px: **{verdict}** |")
-    return lines + [""]
+            f"{100 * entry['mean_shape_pointing']:.1f}% | | | target >= {100 * entry['target']:.0f}% at 2 px: **{verdict}** | |")
+    return lines + [
+        "",
+        "The model's attention: where the position predicting the word attends among the image cells (Show-Attend-Tell: its one "
+        "attention; a vision-language model: each layer's and head's, renormalised over the image tokens), upsampled to the image, "
+        "pointing within 2 px. Mean of heads: all layers' and heads' attention averaged; best head: the one layer and head (layer, "
+        "head) that points best, chosen on these same scenes (an upper reference, not a held-out figure). A map from the gradients "
+        "can only be as local as what the model reads.",
+        ""]
+
+
+def attention_cell(row: dict) -> str:
+    """The recipe table's attention column for one seed's shape words ('' where not recorded)."""
+    if "attention_pointing_tol2" not in row:
+        return ""
+    cell = f"{100 * row['attention_pointing_tol2']:.1f}%"
+    if "best_head" in row:
+        cell += f" / {100 * row['best_head_attention_pointing_tol2']:.1f}% ({row['best_head_label']})"
+    return cell
 
 
 def quality_lines(report: dict) -> list[str]:

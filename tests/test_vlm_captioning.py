@@ -10,6 +10,8 @@ ramp through the processor), and the layer each family rule picks.
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 
@@ -599,3 +601,57 @@ def test_the_vlm_recipes_convnext_tower_gives_equal_length_cells_on_a_16x16_grid
                              processor=AutoProcessor.from_pretrained(tmp_path))
     assert result.layer == "model.vision_tower" and result.maps.shape == (len(scenes[0].words), 64, 64)
     assert torch.isfinite(result.maps).all()
+
+
+def test_the_captioning_benchmarks_vlm_attention_is_the_reading_of_the_position_before_each_word(one_torch_thread):
+    """``benchmarks/quality_captioning.py``'s reference for a vision-language model: each layer's and
+    head's attention from the position PREDICTING word j over the image tokens. Checked on the shipped
+    FastVLM against an independent forward built the training script's way (its context ids, the
+    caption's ids, float pixel values), and causally: word j's reading cannot depend on word j itself
+    (an off-by-one query position would), but does on the word before it. The model keeps its
+    attention implementation."""
+    from pathlib import Path
+
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    import multiexplain
+    from multiexplain.data.captioned_scenes import PLURALS, make_captioned_scenes
+    from multiexplain.data.synthetic import COLOURS, SHAPES
+
+    benchmark = load_repo_module("benchmarks/quality_captioning.py")
+    recipe = load_repo_module("scripts/train_llava_scenes.py")
+    directory = Path(multiexplain.__file__).parent / "checkpoints" / "fastvlm_scenes"
+    model = AutoModelForImageTextToText.from_pretrained(directory).eval()
+    processor = AutoProcessor.from_pretrained(directory)
+    implementation = model.config.get_text_config()._attn_implementation
+    scene = make_captioned_scenes(1, seed=2, start=7)[0]
+    heads = benchmark.vlm_attention(model, processor, scene)
+    words, layers, per_layer = len(scene.words), model.config.text_config.num_hidden_layers, model.config.text_config.num_attention_heads
+    assert heads.shape == (words, layers * per_layer, 64, 64) and torch.isfinite(heads).all()
+    assert model.config.get_text_config()._attn_implementation == implementation
+
+    context = recipe.prompt_ids(processor)
+    ids, _ = recipe.encode(processor, [scene.caption], context)
+    image = [i for i, token in enumerate(context) if token == model.config.image_token_id]
+    model.set_attn_implementation({"text_config": "eager"})
+    try:
+        with torch.no_grad():
+            attentions = model(input_ids=ids[:, :-2], pixel_values=recipe.normalise(processor, scene.image[None]), output_attentions=True).attentions
+    finally:
+        model.set_attn_implementation({"text_config": implementation})
+    for j in (0, words // 2, words - 1):
+        cells = torch.stack([a[0, h, len(context) - 1 + j, image[0] : image[-1] + 1] for a in attentions for h in range(per_layer)])
+        cells = (cells / cells.sum(dim=1, keepdim=True)).reshape(-1, 1, 16, 16)
+        expected = torch.nn.functional.interpolate(cells, size=(64, 64), mode="bilinear", align_corners=False)[:, 0]
+        # uint8 pixels through the processor vs float pixels: equal to the 8-bit rounding.
+        assert torch.allclose(heads[j], expected, atol=2e-3), (j, float((heads[j] - expected).abs().max()))
+
+    def with_words(new_words):
+        return dataclasses.replace(scene, caption=" ".join(new_words), words=new_words)
+
+    last, before = scene.words[-1], scene.words[-2]
+    assert scene.word_kinds[-2:] == ["colour", "shape"], scene.words
+    other_shape = next(PLURALS[shape] for shape in SHAPES if PLURALS[shape] != last)
+    assert torch.equal(benchmark.vlm_attention(model, processor, with_words(scene.words[:-1] + [other_shape]))[-1], heads[-1])
+    other_colour = next(colour for colour in COLOURS if colour != before)
+    assert not torch.equal(benchmark.vlm_attention(model, processor, with_words(scene.words[:-2] + [other_colour, last]))[-1], heads[-1])
