@@ -655,3 +655,17 @@ def test_the_captioning_benchmarks_vlm_attention_is_the_reading_of_the_position_
     assert torch.equal(benchmark.vlm_attention(model, processor, with_words(scene.words[:-1] + [other_shape]))[-1], heads[-1])
     other_colour = next(colour for colour in COLOURS if colour != before)
     assert not torch.equal(benchmark.vlm_attention(model, processor, with_words(scene.words[:-2] + [other_colour, last]))[-1], heads[-1])
+
+    # The reading head: the one whose attention peaks within 2 px of the named object for the most shape words.
+    from multiexplain import metrics
+
+    scenes = make_captioned_scenes(6, seed=2)
+    hits = torch.zeros(layers * per_layer)
+    for i in range(len(scenes)):
+        maps = benchmark.vlm_attention(model, processor, scenes[i])
+        for j, kind in enumerate(scenes[i].word_kinds):
+            if kind == "shape":
+                for h in range(layers * per_layer):
+                    hits[h] += float(metrics.pointing_game(maps[j, h][None], scenes[i].word_masks[j][None], tolerance=2)[0])
+    assert hits.max() > hits.min()
+    assert benchmark.reading_head(model, processor, scenes) == int(hits.argmax())
