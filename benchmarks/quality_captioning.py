@@ -47,6 +47,7 @@ from pathlib import Path
 import torch
 
 from multiexplain import metrics
+from multiexplain.adapters.caption_models import captioner_for
 from multiexplain.adapters.captioning import caption_scores, explain_caption
 from multiexplain.data.captioned_scenes import PLURALS, make_captioned_scenes
 from multiexplain.models import CaptionVocabulary, load_checkpoint, load_show_and_tell
@@ -280,24 +281,25 @@ def attention_maps(model, vocabulary, scenes) -> list[torch.Tensor]:
 def vlm_attention(model, processor, scene) -> torch.Tensor:
     """Where a vision-language model read each word from: ``(words, layers * heads, H, W)``, the
     attention of the position predicting the word over the image tokens (renormalised among them),
-    every layer and head, upsampled to the image. The teacher-forced input is the one the maps are made
-    from (the chat template with the image and the prompt, then the caption); eager attention for this one
-    forward, restored after. A reference for the maps, as Show-Attend-Tell's own attention is."""
-    text = processor.apply_chat_template([{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": VLM_PROMPT}]}],
-                                         add_generation_prompt=True)
-    pixels = (scene.image.clamp(0, 1).permute(1, 2, 0) * 255).round().to(torch.uint8).numpy()
-    inputs = processor(images=pixels, text=text, return_tensors="pt")
-    answer = processor.tokenizer(scene.caption, add_special_tokens=False)["input_ids"]
+    every layer and head, upsampled to the image. The teacher-forced inputs are the ones the maps are
+    made from (the captioning adapter's own preparation: the chat template with the image and the
+    prompt, then the caption); eager attention for this one forward, restored after. A reference for
+    the maps, as Show-Attend-Tell's own attention is."""
+    captioner = captioner_for(model, processor, None)
+    prepared = captioner.prepare(scene.image, VLM_PROMPT)
+    answer = captioner.content_ids(scene.caption)
     if len(answer) != len(scene.words):
         raise ValueError(f"expected one token per word (a word-level tokenizer), got {len(answer)} for {len(scene.words)} words")
-    context = inputs["input_ids"].shape[1]
-    ids = torch.cat([inputs["input_ids"], torch.tensor([answer[:-1]])], dim=1)
-    image = (ids[0] == model.config.image_token_id).nonzero().flatten()
+    context = len(prepared.context)
+    ids = torch.tensor([prepared.context + answer])
+    inputs = captioner.forward_inputs([prepared], ids, torch.ones_like(ids))
+    inputs.pop("logits_to_keep", None)
+    image = (inputs["input_ids"][0] == model.config.image_token_id).nonzero().flatten()
     implementation = model.config.get_text_config()._attn_implementation
     model.set_attn_implementation({"text_config": "eager"})  # only eager attention returns its weights
     try:
         with torch.no_grad():
-            attentions = model(input_ids=ids, pixel_values=inputs["pixel_values"], output_attentions=True).attentions
+            attentions = model(**inputs, output_attentions=True).attentions
     finally:
         model.set_attn_implementation({"text_config": implementation})
     # Position context - 1 + j predicts word j.

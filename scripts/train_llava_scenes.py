@@ -45,12 +45,13 @@ A language model with one layer (``--layers 1``, so that no image token mixes wi
 the answer reads it) or fewer heads (``--heads``) did not help either: quick checks at 1500 steps
 (seed 0, two runs sharing the 2 cores, the first 60 held-out scenes) gave 51.1% at 2 px (one layer),
 49.6% (one layer, ``--regnet-layers 2``), 45.4% (one layer, one head) and 39.0% (one layer, two
-heads), against 46.8% for the shipped model on the same scenes. Where such a model reads (one layer, one head,
-``--tower regnet``, seed 0, ``--threads 2``; all 300 of the benchmark's scenes, its attention column): its one head
-points at the named object for 68.7% of shape words at 2 px (Grad-CAM++ 47.0%), and after 3000 steps (per-word
-accuracy 86.5%) for 52.8% (Grad-CAM++ 46.3%): reading better does not make it read one object.
-Nor is it only what the models read: the shipped model is unsure of the shape words (over 100
-held-out scenes it gives the right shape a mean probability of 0.33, never above 0.9; chance is 1/6), but twice its steps (``--steps 3000
+heads), against 46.8% for the shipped model on the same scenes. Where such a model reads (one
+layer, one head, ``--tower regnet``, seed 0, ``--threads 2``; all 300 of the benchmark's scenes, its
+attention column): its one head points at the named object for 68.7% of shape words at 2 px
+(Grad-CAM++ 47.0%), and after 3000 steps (per-word accuracy 86.5%) for 52.8% (Grad-CAM++ 46.3%):
+reading better does not make it read one object. Nor is it only what the models read: the shipped
+model is unsure of the shape words (over 100 held-out scenes it gives the right shape a mean
+probability of 0.33, never above 0.9; chance is 1/6), but twice its steps (``--steps 3000
 --threads 2``, 23 min) make a model that reads them (per-word accuracy 94.0%, exact captions 64.3%,
 the right shape's mean probability 0.87) and whose shape maps still hit the named object at 2 px in
 only 51.1% of the first 60 held-out scenes (55.7% of the words it gives a probability above 0.9).
@@ -65,12 +66,12 @@ for a 16 x 16 grid of 4 px cells. Also an option, not the shipped recipe: in a q
 1500 steps, ``--threads 2``, 8 min; per-word accuracy 74.2%, exact captions 6.3%; the first 60
 held-out scenes) shape words' Grad-CAM++ maps hit the named object at 2 px in 20.6% (Grad-CAM 14.2%)
 and peak on the background for 55.3%: equal-length cells take away what the peaks followed without
-making them follow the word. The Show-Attend-Tell encoder itself (receptive field 13 px, ReLU, ``CellNorm``)
-as FastVLM's tower did the same (a quick check swapping the module in, not an option here: seed 0, 1500 steps,
-the first 60 held-out scenes): 4.3% at 2 px with two language-model layers, 9.2% with one, peaks mostly on the
-background. What the models read is in ``benchmarks/results/captioning.md``'s attention column: one head
-points at the named object (55-91% of shape words at 2 px), the others elsewhere, and a word's gradient adds
-up all of them.
+making them follow the word. The Show-Attend-Tell encoder itself (receptive field 13 px, ReLU,
+``CellNorm``) as FastVLM's tower did the same (a quick check swapping the module in, not an option
+here: seed 0, 1500 steps, the first 60 held-out scenes): 4.3% at 2 px with two language-model
+layers, 9.2% with one, peaks mostly on the background. What the models read is in
+``benchmarks/results/captioning.md``'s attention column: one head points at the named object (55-91%
+of shape words at 2 px), the others elsewhere, and a word's gradient adds up all of them.
 """
 
 from __future__ import annotations
