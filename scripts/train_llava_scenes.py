@@ -292,13 +292,55 @@ def image_attention_entropy(attentions: tuple[Tensor, ...], image: Tensor, answe
     return total / len(attentions)
 
 
-def flipped(images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-    """Random horizontal and vertical flips of a batch (captions list groups in a canonical order, so they keep)."""
-    flips = torch.rand(2, generator=generator)
-    if flips[0] < 0.5:
-        images = images.flip(3)
-    if flips[1] < 0.5:
-        images = images.flip(2)
+def query_cells(scenes, context: int, length: int, grid: int) -> Tensor:
+    """``(N, length, grid * grid)`` bool: at each query position of the teacher-forced inputs, the
+    image cells (a ``grid`` x ``grid`` split of the scene, the image tokens' layout) holding any pixel
+    of the objects the predicted word names. The answer starts at position ``context``, and position
+    ``p`` predicts the token at ``p + 1``; queries predicting a prompt token, "and", the end token or
+    padding name no cell.
+
+    Only ``--attention-supervision`` reads the masks."""
+    cells = torch.zeros(len(scenes), length, grid * grid, dtype=torch.bool)
+    for row, masks in enumerate(scenes.word_masks):
+        pooled = F.adaptive_max_pool2d(masks[:, None].float(), grid)[:, 0] > 0  # (words, grid, grid)
+        cells[row, context - 1 : context - 1 + len(masks)] = pooled.flatten(1)
+    return cells
+
+
+def attention_off_mask(attentions: tuple[Tensor, ...], image: Tensor, answer: Tensor, named: Tensor) -> Tensor:
+    """Mean of ``-log`` of the share of the answer positions' attention over the image tokens that
+    falls on the cells the predicted word names: every layer's and head's attention ``(N, heads, T, T)``
+    at the query positions ``answer`` ``(N, T)``; ``named`` ``(N, T, cells)``: the cells the token
+    predicted at each query names (:func:`query_cells`; queries whose word names nothing are not counted).
+
+    Attention supervision (Liu et al. 2017, "Attention Correctness in Neural Image Captioning"):
+    where the model reads each word is then known, so a map can be judged against it."""
+    keys = image[0].nonzero().flatten()
+    first_query = int(answer.any(dim=0).nonzero()[0])
+    named = named[:, first_query:].to(attentions[0].dtype)
+    counted = (answer[:, first_query:] & (named.sum(dim=-1) > 0)).to(attentions[0].dtype)
+    total = counted.new_zeros(())
+    for weights in attentions:
+        on_image = weights[:, :, first_query:, int(keys[0]) : int(keys[-1]) + 1]
+        share = (on_image * named[:, None]).sum(dim=-1) / on_image.sum(dim=-1).clamp_min(1e-12)
+        loss = -share.clamp_min(1e-6).log()  # (N, heads, queries)
+        total = total + (loss * counted[:, None, :]).sum() / (counted.sum() * weights.shape[1]).clamp_min(1)
+    return total / len(attentions)
+
+
+def flips(generator: torch.Generator) -> tuple[bool, bool]:
+    """Whether to flip a batch horizontally and vertically (captions list groups in a canonical order, so they keep)."""
+    draw = torch.rand(2, generator=generator)
+    return bool(draw[0] < 0.5), bool(draw[1] < 0.5)
+
+
+def flipped(images: torch.Tensor, flip: torch.Generator | tuple[bool, bool]) -> torch.Tensor:
+    """A batch ``(..., H, W)`` flipped at random (a generator) or as :func:`flips` drew."""
+    horizontal, vertical = flips(flip) if isinstance(flip, torch.Generator) else flip
+    if horizontal:
+        images = images.flip(-1)
+    if vertical:
+        images = images.flip(-2)
     return images
 
 
@@ -326,6 +368,9 @@ def main() -> None:
     parser.add_argument("--label-smoothing", type=float, default=0.05)
     parser.add_argument("--attention-entropy", type=float, default=0.0,
                         help="weight of a penalty on the entropy of the answer's attention over the image tokens (eager attention)")
+    parser.add_argument("--attention-supervision", type=float, default=0.0,
+                        help="weight of a loss that puts each answer word's attention over the image tokens on the cells of the "
+                             "objects it names (the scenes' masks; eager attention)")
     parser.add_argument("--tower-pretraining", choices=("none", "captions"), default="none",
                         help="captions: train the tower first on the labels each caption names, then freeze it")
     parser.add_argument("--pretrain-steps", type=int, default=600, help="steps of --tower-pretraining captions")
@@ -360,32 +405,42 @@ def main() -> None:
         if frozen:
             model.model.vision_tower.eval()  # a frozen tower keeps its pretrained normalisation statistics
 
-    entropy_weight = args.attention_entropy
-    language_attention = model.config.get_text_config()._attn_implementation
-    if entropy_weight > 0:
-        model.set_attn_implementation({"text_config": "eager"})  # the attention weights are returned only by eager attention
+    entropy_weight, supervision_weight = args.attention_entropy, args.attention_supervision
+    eager = entropy_weight > 0 or supervision_weight > 0
     image_token = model.config.image_token_id
+    if supervision_weight > 0:
+        grid = round(context.count(image_token) ** 0.5)  # the image tokens are a square grid of cells
+        named_cells = query_cells(train, len(context), ids.shape[1] - 1, grid).view(len(train), -1, grid, grid)
+    language_attention = model.config.get_text_config()._attn_implementation
+    if eager:
+        model.set_attn_implementation({"text_config": "eager"})  # the attention weights are returned only by eager attention
     train_mode()
     for step in range(1, args.steps + 1):
         index = torch.randint(len(train), (args.batch,), generator=generator)
-        images = flipped(train.images[index], generator)
+        flip = flips(generator)
+        images = flipped(train.images[index], flip)
         rows, mask = ids[index], answer[index]
         length = int((rows != pad).sum(dim=1).max())
         rows, mask = rows[:, :length], mask[:, :length]
         outputs = model(input_ids=rows[:, :-1], attention_mask=(rows[:, :-1] != pad).long(),
-                        pixel_values=normalise(processor, images), output_attentions=entropy_weight > 0)
+                        pixel_values=normalise(processor, images), output_attentions=eager)
         logits = outputs.logits
         targets = torch.where(mask[:, 1:], rows[:, 1:], torch.full_like(rows[:, 1:], -100))
         loss = F.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=-100, label_smoothing=args.label_smoothing)
         if entropy_weight > 0:
             loss = loss + entropy_weight * image_attention_entropy(outputs.attentions, rows[:, :-1] == image_token, mask[:, 1:])
+        if supervision_weight > 0:
+            named = flipped(named_cells[index, : length - 1], flip).flatten(2)  # the cells flip with the scene
+            off_mask = attention_off_mask(outputs.attentions, rows[:, :-1] == image_token, mask[:, 1:], named)
+            loss = loss + supervision_weight * off_mask
         optimizer.zero_grad()
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()
         schedule.step()
         if step % 100 == 0:
-            print(f"step {step}  loss {loss.item():.3f}  {time.time() - began:.0f}s", flush=True)
+            supervised = f"  attention off the named cells {off_mask.item():.3f}" if supervision_weight > 0 else ""
+            print(f"step {step}  loss {loss.item():.3f}{supervised}  {time.time() - began:.0f}s", flush=True)
         if step % 500 == 0 and step < args.steps:
             print(evaluate(model, processor, held_out, context), flush=True)
             train_mode()
@@ -395,7 +450,7 @@ def main() -> None:
     print(f"held-out ({len(held_out)} scenes): {metrics}; total {seconds}s", flush=True)
     out = Path(args.out or DEFAULT_OUT[args.tower])
     out.mkdir(parents=True, exist_ok=True)
-    if entropy_weight > 0:
+    if eager:
         model.set_attn_implementation({"text_config": language_attention})  # the saved model runs as the untrained one would
     model.eval().save_pretrained(out)
     processor.save_pretrained(out)

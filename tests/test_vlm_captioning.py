@@ -566,6 +566,72 @@ def test_the_vlm_recipes_attention_entropy_reads_only_answer_queries_over_image_
     assert float(script.image_attention_entropy((one_key,), image, answer)) == 0.0
 
 
+def test_the_vlm_recipes_attention_supervision_names_each_querys_cells_and_scores_its_share_there():
+    """``--attention-supervision``: ``query_cells`` gives the query predicting word k (position
+    context - 1 + k) the grid cells holding any pixel of the word's objects, checked cell by cell
+    against the scene's masks; "and", the end token and the prompt's queries name none; flipping a
+    scene's masks flips its cells. ``attention_off_mask`` is -log of each counted query's attention
+    share on its cells among the image keys, against a float64 loop; what a query gives the text keys,
+    a prompt query, or a query naming nothing changes nothing; all on the named cells costs 0."""
+    import math
+
+    from multiexplain.data.captioned_scenes import make_captioned_scenes
+
+    script = _training_script()
+    scenes = make_captioned_scenes(3, seed=1)
+    context, grid, length = 5, 16, 5 + 12
+    cells = script.query_cells(scenes, context, length, grid)
+    assert cells.shape == (3, length, grid * grid)
+    for row in range(3):
+        words, masks = scenes.words[row], scenes.word_masks[row]
+        for query in range(length):
+            k = query - context + 1
+            if 0 <= k < len(words) and words[k] != "and":
+                expected = torch.tensor([bool(masks[k, 4 * (c // grid) : 4 * (c // grid) + 4, 4 * (c % grid) : 4 * (c % grid) + 4].any())
+                                         for c in range(grid * grid)])
+                assert expected.any() and torch.equal(cells[row, query], expected), (row, query)
+            else:
+                assert not cells[row, query].any(), (row, query)
+    flip = (True, True)
+    turned = dataclasses.replace(scenes, word_masks=[script.flipped(m, flip) for m in scenes.word_masks])
+    assert torch.equal(script.query_cells(turned, context, length, grid).view(3, length, grid, grid),
+                       script.flipped(cells.view(3, length, grid, grid), flip))
+
+    generator = torch.Generator().manual_seed(0)
+    n, heads, length = 2, 3, 12
+    image = torch.zeros(n, length, dtype=torch.bool)
+    image[:, 1:6] = True  # five image tokens after a start token
+    answer = torch.zeros(n, length, dtype=torch.bool)
+    answer[0, 8:12], answer[1, 8:10] = True, True
+    named = torch.zeros(n, length, 5, dtype=torch.bool)
+    named[0, 8, :2], named[0, 9, 4], named[0, 11, 1:4] = True, True, True  # query 10 names nothing ("and")
+    named[1, 8, 0], named[1, 9, 2:] = True, True
+    attentions = tuple(torch.rand(n, heads, length, length, generator=generator).softmax(-1) for _ in range(2))
+    expected = 0.0
+    for weights in attentions:
+        terms = []
+        for row in range(n):
+            for head in range(heads):
+                for query in answer[row].nonzero().flatten().tolist():
+                    if named[row, query].any():
+                        share = weights[row, head, query, image[row]].double()
+                        terms.append(-math.log(float(share[named[row, query]].sum() / share.sum())))
+        expected += sum(terms) / len(terms)
+    loss = script.attention_off_mask(attentions, image, answer, named)
+    assert math.isclose(float(loss), expected / len(attentions), rel_tol=1e-5)
+
+    changed = tuple(w.clone() for w in attentions)
+    for w in changed:
+        w[:, :, :, 6:] *= 3.0  # more on the text keys
+        w[:, :, :8] = torch.rand(n, heads, 8, length, generator=generator)  # the prompt's queries
+        w[0, :, 10] = torch.rand(heads, length, generator=generator)  # the query naming nothing
+    assert math.isclose(float(script.attention_off_mask(changed, image, answer, named)), float(loss), rel_tol=1e-5)
+    on_named = torch.zeros(n, heads, length, length)
+    on_named[:, :, :, 1:6] = named[:, None].float()
+    on_named[:, :, :, 6] = 1.0  # and some on a text key
+    assert float(script.attention_off_mask((on_named,), image, answer, named)) == 0.0
+
+
 def test_the_vlm_recipes_convnext_tower_gives_equal_length_cells_on_a_16x16_grid_and_reloads(one_torch_thread, tmp_path):
     """``--tower convnext``: a FastVLM with a timm ConvNeXt tower (TimmWrapper) whose output cells
     are LayerNorm-ed (zero mean, unit variance over the channels in every cell, at initialisation)
