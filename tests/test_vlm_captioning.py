@@ -735,3 +735,17 @@ def test_the_captioning_benchmarks_vlm_attention_is_the_reading_of_the_position_
                     hits[h] += float(metrics.pointing_game(maps[j, h][None], scenes[i].word_masks[j][None], tolerance=2)[0])
     assert hits.max() > hits.min()
     assert benchmark.reading_head(model, processor, scenes) == int(hits.argmax())
+
+
+def test_the_captioning_benchmark_reads_every_seed_of_an_unshipped_recipe_from_the_seeds_folder(tmp_path):
+    """The attention-supervised FastVLM recipe is not shipped: its seed 0 is read from the seeds folder
+    (missing there: None), while a shipped recipe's seed 0 is the shipped model; the command that
+    trains a missing seed is the recipe's, with the supervision option."""
+    benchmark = load_repo_module("benchmarks/quality_captioning.py")
+    assert benchmark.model_location("fastvlm", 0, tmp_path, train_missing=False) == benchmark.SHIPPED["fastvlm"]
+    assert benchmark.model_location("fastvlm-supervised", 0, tmp_path, train_missing=False) is None
+    (tmp_path / "fastvlm_supervised_scenes_s0").mkdir()
+    assert benchmark.model_location("fastvlm-supervised", 0, tmp_path, train_missing=False) == tmp_path / "fastvlm_supervised_scenes_s0"
+    command = benchmark.training_command("fastvlm-supervised", 2, tmp_path)
+    assert command[-6:] == ["--attention-supervision", "1", "--seed", "2", "--out", str(tmp_path / "fastvlm_supervised_scenes_s2")]
+    assert "regnet" in command and set(benchmark.RECIPES) == set(benchmark.TARGETS) == set(benchmark.RECIPE_NAMES)
