@@ -80,8 +80,8 @@ word names (``query_cells``; Liu et al. 2017, "Attention Correctness in Neural I
 This reads the masks, so it is not how the shipped models were made; the benchmark scores it as a
 recipe of its own (``fastvlm-supervised``, ``W = 1``, all seeds in ``benchmarks/seeds``). It reads the
 scenes about as well as the shipped recipe and every head reads the named object, yet the maps do not
-follow (``benchmarks/results/captioning.md``: every head ~91% at 2 px, the maps 45.2%, mean of 3 seeds). Why, in quick checks on its seed 0 (20 held-out scenes,
-the cells of the 16 x 16 grid): a shape word's gradient at the tower lies 76% (of its norm) on the
+follow (``benchmarks/results/captioning.md``: every head ~91% at 2 px, the maps 45.2%, mean of 3
+seeds). Why, in quick checks on its seed 0 (20 held-out scenes, the cells of the 16 x 16 grid): a shape word's gradient at the tower lies 76% (of its norm) on the
 named cells, and its largest cell is a named one for 98% of the words, but at the named cells it is
 orthogonal to the features: cosine -0.010 at the tower, -0.003 at the projector's output, and on 20
 validation scenes -0.10 at the first layer's normalised tokens and -0.07 at its values, where
@@ -316,16 +316,17 @@ def image_attention_entropy(attentions: tuple[Tensor, ...], image: Tensor, answe
     return total / len(attentions)
 
 
-def query_cells(scenes, context: int, length: int, grid: int) -> Tensor:
-    """``(N, length, grid * grid)`` bool: at each query position of the teacher-forced inputs, the
+def query_cells(word_masks: list[Tensor], context: int, length: int, grid: int) -> Tensor:
+    """``(N, length, grid * grid)`` bool: for each scene's ``word_masks`` ``(words, H, W)`` (the scenes'
+    field), at each query position of the teacher-forced inputs, the
     image cells (a ``grid`` x ``grid`` split of the scene, the image tokens' layout) holding any pixel
     of the objects the predicted word names. The answer starts at position ``context``, and position
     ``p`` predicts the token at ``p + 1``; queries predicting a prompt token, "and", the end token or
     padding name no cell.
 
     Only ``--attention-supervision`` reads the masks."""
-    cells = torch.zeros(len(scenes), length, grid * grid, dtype=torch.bool)
-    for row, masks in enumerate(scenes.word_masks):
+    cells = torch.zeros(len(word_masks), length, grid * grid, dtype=torch.bool)
+    for row, masks in enumerate(word_masks):
         pooled = F.adaptive_max_pool2d(masks[:, None].float(), grid)[:, 0] > 0  # (words, grid, grid)
         cells[row, context - 1 : context - 1 + len(masks)] = pooled.flatten(1)
     return cells
@@ -434,7 +435,6 @@ def main() -> None:
     image_token = model.config.image_token_id
     if supervision_weight > 0:
         grid = round(context.count(image_token) ** 0.5)  # the image tokens are a square grid of cells
-        named_cells = query_cells(train, len(context), ids.shape[1] - 1, grid).view(len(train), -1, grid, grid)
     language_attention = model.config.get_text_config()._attn_implementation
     if eager:
         model.set_attn_implementation({"text_config": "eager"})  # the attention weights are returned only by eager attention
@@ -454,7 +454,8 @@ def main() -> None:
         if entropy_weight > 0:
             loss = loss + entropy_weight * image_attention_entropy(outputs.attentions, rows[:, :-1] == image_token, mask[:, 1:])
         if supervision_weight > 0:
-            named = flipped(named_cells[index, : length - 1], flip).flatten(2)  # the cells flip with the scene
+            named = query_cells([train.word_masks[i] for i in index], len(context), length - 1, grid)
+            named = flipped(named.view(len(index), -1, grid, grid), flip).flatten(2)  # the cells flip with the scene
             off_mask = attention_off_mask(outputs.attentions, rows[:, :-1] == image_token, mask[:, 1:], named)
             loss = loss + supervision_weight * off_mask
         optimizer.zero_grad()

@@ -580,7 +580,7 @@ def test_the_vlm_recipes_attention_supervision_names_each_querys_cells_and_score
     script = _training_script()
     scenes = make_captioned_scenes(3, seed=1)
     context, grid, length = 5, 16, 5 + 12
-    cells = script.query_cells(scenes, context, length, grid)
+    cells = script.query_cells(scenes.word_masks, context, length, grid)
     assert cells.shape == (3, length, grid * grid)
     for row in range(3):
         words, masks = scenes.words[row], scenes.word_masks[row]
@@ -593,7 +593,7 @@ def test_the_vlm_recipes_attention_supervision_names_each_querys_cells_and_score
             else:
                 assert not cells[row, query].any(), (row, query)
     flip = (True, True)
-    turned = dataclasses.replace(scenes, word_masks=[script.flipped(m, flip) for m in scenes.word_masks])
+    turned = [script.flipped(m, flip) for m in scenes.word_masks]
     assert torch.equal(script.query_cells(turned, context, length, grid).view(3, length, grid, grid),
                        script.flipped(cells.view(3, length, grid, grid), flip))
 
