@@ -60,6 +60,11 @@ def _pooled_dims(activations: Tensor, spatial_ndim: int | None, pool_axes: Seque
     return _spatial_layout(activations, spatial_ndim, pool_axes)[2]
 
 
+def _sum_over(tensor: Tensor, dims: tuple[int, ...], keepdim: bool = False) -> Tensor:
+    # torch reads dim=() as "every dim": with no pooled axis (pool_axes=()) nothing is summed.
+    return tensor.sum(dim=dims, keepdim=keepdim) if dims else tensor
+
+
 def _compute_dtype(tensor: Tensor) -> torch.dtype:
     # g**3 overflows float16 and bfloat16 loses the alpha denominator: compute in >= float32.
     return torch.promote_types(tensor.dtype, torch.float32)
@@ -86,7 +91,7 @@ def grad_cam_weights(
     dims = _pooled_dims(activations, spatial_ndim, pool_axes)
     gradients = gradients.to(_compute_dtype(gradients))
     gradients = torch.broadcast_to(gradients, torch.broadcast_shapes(gradients.shape, activations.shape))
-    return gradients.mean(dim=dims)
+    return gradients.mean(dim=dims) if dims else gradients  # dim=() would average every dim
 
 
 def grad_cam_plus_plus_alpha(
@@ -107,7 +112,7 @@ def grad_cam_plus_plus_alpha(
     dtype = torch.promote_types(_compute_dtype(activations), _compute_dtype(gradients))
     activations = activations.to(dtype)
     gradients = gradients.to(dtype)
-    activation_sums = activations.sum(dim=dims, keepdim=True)
+    activation_sums = _sum_over(activations, dims, keepdim=True)
     # Wherever g != 0, g^2 / (2 g^2 + sum(A) g^3) = 1 / (2 + sum(A) g): the same alpha without
     # forming g^2 and g^3, which underflow to 0 (|g| < ~1e-19) or overflow to inf (|g| > ~1e12)
     # in float32 and turned alpha into 0 (a silently empty map) or NaN. The undefined set is the
@@ -135,7 +140,7 @@ def grad_cam_plus_plus_weights(
     dims = _pooled_dims(activations, spatial_ndim, pool_axes)
     if alpha is None:
         alpha = grad_cam_plus_plus_alpha(activations, gradients, spatial_ndim, pool_axes)
-    return (alpha * torch.relu(gradients.to(alpha.dtype))).sum(dim=dims)
+    return _sum_over(alpha * torch.relu(gradients.to(alpha.dtype)), dims)
 
 
 def weighted_activation_map(

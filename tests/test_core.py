@@ -106,6 +106,28 @@ def test_per_slice_weights_equal_independent_slices():
         torch.testing.assert_close(cam[:, t], cam_t)
 
 
+def test_no_pooled_axis_weighs_every_position_by_its_own_gradient():
+    """pool_axes=() pools nothing (torch reads dim=() as every dim, which once averaged the gradients
+    over the batch and channels too): Grad-CAM's weights are the gradients themselves (HiResCAM), and
+    Grad-CAM++'s alpha sums the activations over no position, 1 / (2 + A g) elementwise, against
+    float64 loops; the maps are ReLU(sum_c w_c A_c) at every position."""
+    gen = torch.Generator().manual_seed(5)
+    a = torch.rand(2, 3, 4, 5, generator=gen, dtype=torch.float64)
+    g = torch.randn(2, 3, 4, 5, generator=gen, dtype=torch.float64)
+    weights, cam = core.class_activation_map(a, g, pool_axes=(), weight_fn=core.grad_cam_weights)
+    assert weights.shape == (2, 3, 4, 5)
+    torch.testing.assert_close(weights, g)
+    torch.testing.assert_close(cam, torch.relu((a * g).sum(dim=1)))
+    weights, cam = core.class_activation_map(a, g, pool_axes=())
+    expected = torch.empty_like(g)
+    for index in itertools.product(*map(range, g.shape)):
+        gradient, activation = float(g[index]), float(a[index])
+        alpha = gradient ** 2 / (2 * gradient ** 2 + activation * gradient ** 3)
+        expected[index] = alpha * max(gradient, 0.0)
+    torch.testing.assert_close(weights, expected)
+    torch.testing.assert_close(cam, torch.relu((a * expected).sum(dim=1)))
+
+
 def test_multi_target_broadcasting_equals_separate_calls():
     gen = torch.Generator().manual_seed(4)
     a = torch.rand(2, 3, 4, 4, generator=gen)
