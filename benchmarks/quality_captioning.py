@@ -16,7 +16,8 @@ missing ones with the scripts, one thread each, a few minutes to an hour on a sh
 
 On ``--scenes`` held-out scenes (seed 3; training used seed 1, validation seed 2) every word of the
 ground-truth caption is explained (one teacher-forced forward per image; Grad-CAM comes from the
-same gradients). Reported for Grad-CAM++ and Grad-CAM side by side:
+same gradients). Reported for Grad-CAM++ and Grad-CAM side by side (and, on every recipe's
+seeds, HiResCAM: Grad-CAM without the spatial mean of the gradients, a reference, not a target):
 
 * per-word pointing game (the map's peak inside the union of the masks of the objects the word
   names), exactly (0 px) and within 2 px, and energy-in-mask, for colour, shape and count words,
@@ -53,11 +54,14 @@ from multiexplain import metrics
 from multiexplain.adapters.caption_models import captioner_for
 from multiexplain.adapters.captioning import caption_scores, explain_caption
 from multiexplain.data.captioned_scenes import PLURALS, make_captioned_scenes
+from multiexplain.explain import METHODS as REGISTERED, GradCAM, register_method
 from multiexplain.models import CaptionVocabulary, load_checkpoint, load_show_and_tell
 
 SINGULAR = {plural: singular for singular, plural in PLURALS.items()}
 
 METHODS = ("gradcam++", "gradcam")
+# Scored on the recipes' seeds beside them, not a target: is the gradient on the object where the pooled weights are not?
+REFERENCE_METHODS = ("hirescam",)
 KINDS = ("colour", "shape", "count")
 # (row label, layer, word score): the default layer (the encoder's output, 16x16) with the
 # default log-probability score, the same with pre-softmax logits, and an earlier layer (32x32).
@@ -168,9 +172,10 @@ def seed_row(recipe: str, location: Path, scenes, batch: int) -> dict:
         attention = attention_maps(model, vocabulary, scenes)
         for start in range(0, len(scenes), batch):
             stop = min(start + batch, len(scenes))
-            both = explain_caption(model, scenes.images[start:stop], scenes.captions[start:stop], tokenizer=vocabulary, methods=METHODS)
+            both = explain_caption(model, scenes.images[start:stop], scenes.captions[start:stop], tokenizer=vocabulary,
+                                   methods=METHODS + reference_methods())
             for offset in range(stop - start):
-                words += with_attention(word_entries(scenes[start + offset], {m: both[m][offset] for m in METHODS}),
+                words += with_attention(word_entries(scenes[start + offset], {m: both[m][offset] for m in both}),
                                         scenes[start + offset], attention[start + offset])
     else:
         from transformers import AutoModelForImageTextToText, AutoProcessor
@@ -180,7 +185,8 @@ def seed_row(recipe: str, location: Path, scenes, batch: int) -> dict:
         training = json.loads((location / "training.json").read_text()) if (location / "training.json").exists() else {}
         for index in range(len(scenes)):
             scene = scenes[index]
-            both = explain_caption(model, scene.image, scene.caption, prompt=VLM_PROMPT, processor=processor, methods=METHODS)
+            both = explain_caption(model, scene.image, scene.caption, prompt=VLM_PROMPT, processor=processor,
+                                   methods=METHODS + reference_methods())
             heads = vlm_attention(model, processor, scene)
             entries = with_attention(word_entries(scene, both), scene, heads.mean(dim=1))
             for entry, j in zip(entries, content_words(scene)):
@@ -200,6 +206,24 @@ def seed_row(recipe: str, location: Path, scenes, batch: int) -> dict:
     return row
 
 
+class HiResCAM(GradCAM):
+    """HiResCAM (Draelos & Carin 2020): every cell's features weighed by that cell's own gradient,
+    Grad-CAM without the spatial mean. A reference: a word's gradient on the named object shows here
+    even where weights pooled over all cells light other objects."""
+
+    method = "hirescam"
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **{**kwargs, "pool_axes": ()})
+
+
+def reference_methods() -> tuple[str, ...]:
+    """:data:`REFERENCE_METHODS`, registered once per process (the registry refuses a second class of one name)."""
+    if "hirescam" not in REGISTERED:
+        register_method(HiResCAM)
+    return REFERENCE_METHODS
+
+
 def content_words(scene) -> list[int]:
     """Positions of the words :func:`word_entries` scores, in its order."""
     return [j for j, kind in enumerate(scene.word_kinds) if kind in KINDS]
@@ -213,11 +237,11 @@ def with_attention(entries: list[dict], scene, attention: torch.Tensor) -> list[
 
 
 def word_entries(scene, explained: dict) -> list[dict]:
-    """The content words of a scene with their masks and each method's map."""
+    """The content words of a scene with their masks and each explained method's map."""
     first = explained[METHODS[0]]
     assert first.words == scene.words, (first.words, scene.words)
     return [{"kind": kind, "look_alike": has_look_alike(scene, j), "mask": scene.word_masks[j],
-             "objects": scene.object_masks.any(dim=0), **{m: explained[m].maps[j] for m in METHODS}}
+             "objects": scene.object_masks.any(dim=0), **{m: explained[m].maps[j] for m in explained}}
             for j, kind in enumerate(scene.word_kinds) if kind in KINDS]
 
 
@@ -344,7 +368,7 @@ def has_look_alike(scene, j: int) -> bool:
 
 
 def localisation_row(words: list[dict]) -> dict:
-    """Pointing / energy metrics of both methods (and the attention's pointing, when recorded) over ``words``."""
+    """Pointing / energy metrics of each method explained (and the attention's pointing, when recorded) over ``words``."""
     mask, objects = torch.stack([w["mask"] for w in words]), torch.stack([w["objects"] for w in words])
     row = {"count": len(words), "random_peak_pointing": float(mask.float().mean())}
     if all("attention" in w for w in words):
@@ -353,7 +377,7 @@ def localisation_row(words: list[dict]) -> dict:
         row["attention_pointing_tol2"] = float(metrics.pointing_game(attention, mask, tolerance=2).float().mean())
     if all("head_hits_tol2" in w for w in words):  # a vision-language model: each layer's and head's own attention
         row["head_attention_pointing_tol2"] = torch.stack([w["head_hits_tol2"] for w in words]).float().mean(dim=0).tolist()
-    for method in METHODS:
+    for method in [m for m in METHODS + REFERENCE_METHODS if all(m in w for w in words)]:
         stacked = torch.stack([w[method] for w in words])
         row[method] = {
             "pointing": float(metrics.pointing_game(stacked, mask).float().mean()),
@@ -406,8 +430,8 @@ def recipe_lines(report: dict) -> list[str]:
         f"(the vision-language model answers \"{VLM_PROMPT}\"; its prompt tokens are not explained). Seed 0 is the shipped "
         "model (the attention-supervised recipe is not shipped: its seed 0 is in `benchmarks/seeds`). Pointing game within 2 px and exactly (0 px), Grad-CAM++ / Grad-CAM; energy-in-mask Grad-CAM++.",
         "",
-        "| recipe | seed | model (sha256) | exact captions on validation scenes (training script) | shape 2 px GC++ / GC | shape 0 px GC++ / GC | colour 2 px GC++ | count 2 px GC++ | shape energy GC++ | shape: the model's attention 2 px (mean of heads / reading head) |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "| recipe | seed | model (sha256) | exact captions on validation scenes (training script) | shape 2 px GC++ / GC | shape 0 px GC++ / GC | colour 2 px GC++ | count 2 px GC++ | shape energy GC++ | shape: the model's attention 2 px (mean of heads / reading head) | shape 2 px HiResCAM (reference) |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for recipe, entry in report["recipes"].items():
         for seed, row in entry["seeds"].items():
@@ -418,11 +442,11 @@ def recipe_lines(report: dict) -> list[str]:
                 f"{100 * shape['pointing_tol2']:.1f}% / {100 * plain['pointing_tol2']:.1f}% | "
                 f"{100 * shape['pointing']:.1f}% / {100 * plain['pointing']:.1f}% | "
                 f"{100 * row['colour']['gradcam++']['pointing_tol2']:.1f}% | {100 * row['count']['gradcam++']['pointing_tol2']:.1f}% | "
-                f"{shape['energy_in_mask']:.3f} | {attention_cell(row['shape'])} |")
+                f"{shape['energy_in_mask']:.3f} | {attention_cell(row['shape'])} | {reference_cell(row['shape'])} |")
         verdict = "met" if entry["met"] else ("MISSED" if entry["complete"] else "incomplete: seeds missing")
         lines.append(
             f"| **{RECIPE_NAMES[recipe]}** | **mean of {len(entry['seeds'])}** | | | **{100 * entry['mean_shape_pointing_tol2']:.1f}%** | "
-            f"{100 * entry['mean_shape_pointing']:.1f}% | | | target >= {100 * entry['target']:.0f}% at 2 px: **{verdict}** | |")
+            f"{100 * entry['mean_shape_pointing']:.1f}% | | | target >= {100 * entry['target']:.0f}% at 2 px: **{verdict}** | | |")
     return lines + [
         "",
         "The model's attention: where the position predicting the word attends among the image cells (Show-Attend-Tell: its one "
@@ -430,8 +454,15 @@ def recipe_lines(report: dict) -> list[str]:
         "pointing within 2 px. Mean of heads: all layers' and heads' attention averaged; reading head: the one layer and head that "
         "points best on 100 validation scenes (seed 2), scored here on the held-out ones. A map from the gradients "
         "can only be as local as what the model reads, and the attention-supervised recipe shows that it is not enough for "
-        "the model to read the named object: all its heads do, and its maps land there hardly more often than the shipped FastVLM's.",
+        "the model to read the named object: all its heads do, and its maps land there hardly more often than the shipped FastVLM's. "
+        "HiResCAM, a reference and not the target: every cell's features weighed by that cell's own gradient (Grad-CAM without "
+        "the spatial mean), where the word's gradient itself lies.",
         ""]
+
+
+def reference_cell(row: dict) -> str:
+    """The recipe table's HiResCAM column for one seed's shape words ('' where not recorded)."""
+    return f"{100 * row['hirescam']['pointing_tol2']:.1f}%" if "hirescam" in row else ""
 
 
 def attention_cell(row: dict) -> str:

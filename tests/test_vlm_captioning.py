@@ -749,3 +749,27 @@ def test_the_captioning_benchmark_reads_every_seed_of_an_unshipped_recipe_from_t
     command = benchmark.training_command("fastvlm-supervised", 2, tmp_path)
     assert command[-6:] == ["--attention-supervision", "1", "--seed", "2", "--out", str(tmp_path / "fastvlm_supervised_scenes_s2")]
     assert "regnet" in command and set(benchmark.RECIPES) == set(benchmark.TARGETS) == set(benchmark.RECIPE_NAMES)
+
+
+def test_the_captioning_benchmarks_hirescam_weighs_each_cell_by_its_own_gradient(one_torch_thread):
+    """The benchmark's reference method, registered once however often it is asked for: its raw map is
+    ReLU(sum_c g_c A_c) at every cell, from the layer's own activations and gradients (float64 hooks),
+    where Grad-CAM's averages the gradients over the cells first."""
+    benchmark = load_repo_module("benchmarks/quality_captioning.py")
+    assert benchmark.reference_methods() == benchmark.reference_methods() == ("hirescam",)
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3, padding=1), torch.nn.ReLU(), torch.nn.Conv2d(4, 5, 3, padding=1),
+                                torch.nn.ReLU(), torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(), torch.nn.Linear(5, 3)).double()
+    images = torch.rand(2, 3, 8, 8, dtype=torch.float64)
+    with benchmark.HiResCAM(model, model[2]) as cam:  # the conv before a ReLU: its gradient varies over the cells
+        result = cam(images, torch.tensor([0, 2]))
+    store = {}
+    handle = model[2].register_forward_hook(lambda module, inputs, output: store.update(a=output))
+    try:
+        scores = model(images)[[0, 1], [0, 2]]
+    finally:
+        handle.remove()
+    gradients = torch.autograd.grad(scores.sum(), store["a"])[0]
+    torch.testing.assert_close(result.raw, torch.relu((store["a"] * gradients).sum(dim=1)))
+    pooled = torch.relu((store["a"] * gradients.mean(dim=(2, 3), keepdim=True)).sum(dim=1))
+    assert not torch.allclose(result.raw, pooled)
