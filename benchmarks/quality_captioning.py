@@ -61,7 +61,7 @@ SINGULAR = {plural: singular for singular, plural in PLURALS.items()}
 
 METHODS = ("gradcam++", "gradcam")
 # Scored on the recipes' seeds beside them, not a target: is the gradient on the object where the pooled weights are not?
-REFERENCE_METHODS = ("hirescam",)
+REFERENCE_METHODS = ("hirescam",)  # HiResCAM.method, below
 KINDS = ("colour", "shape", "count")
 # (row label, layer, word score): the default layer (the encoder's output, 16x16) with the
 # default log-probability score, the same with pre-softmax logits, and an earlier layer (32x32).
@@ -219,7 +219,7 @@ class HiResCAM(GradCAM):
 
 def reference_methods() -> tuple[str, ...]:
     """:data:`REFERENCE_METHODS`, registered once per process (the registry refuses a second class of one name)."""
-    if "hirescam" not in REGISTERED:
+    if HiResCAM.method not in REGISTERED:
         register_method(HiResCAM)
     return REFERENCE_METHODS
 
